@@ -1,0 +1,279 @@
+"""Reading and validating event logs (CSV or Parquet), one bounded batch at a time.
+
+An event log has four columns, whose names are configurable:
+
+    id          customer id (string or integer; kept as text in ids.npy)
+    timestamp   unix seconds (int or float) or ISO 8601 text with any offset
+    event_type  text
+    event_value float; empty / NaN where it means nothing
+
+Every batch is normalised to plain numpy arrays: customer ids and event types
+arrive as (codes, uniques) pairs so callers can map them to global integer codes
+without touching one Python object per event, timestamps as int64 UTC seconds
+and values as float64 (NaN where missing). Errors name the file, the column and
+what to do, and are raised as `DataError`.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pserver.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400
+BATCH_ROWS = 1 << 20  # ~1M events per batch: ~30 MB of arrays, well under the output size
+CSV_BLOCK_BYTES = 32 << 20  # about 1M rows of a typical 30-40 byte CSV line
+# Anything past this is almost surely milliseconds or nanoseconds, not seconds.
+MAX_PLAUSIBLE_UNIX_S = 7_258_118_400  # 2200-01-01
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """Names of the four columns in the user's log."""
+
+    id: str = "id"
+    time: str = "timestamp"
+    type: str = "event_type"
+    value: str = "event_value"
+
+    def names(self, roles: Sequence[str]) -> list[str]:
+        return [getattr(self, r) for r in roles]
+
+
+ALL_ROLES = ("id", "time", "type", "value")
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """One batch of normalised events; arrays have the batch's length n unless noted."""
+
+    ts_s: np.ndarray | None  # (n,) int64 unix seconds, UTC
+    type_codes: np.ndarray | None  # (n,) int64 index into type_uniques
+    type_uniques: np.ndarray | None  # (u,) the distinct type names of this batch
+    id_codes: np.ndarray | None  # (n,) int64 index into id_uniques
+    id_uniques: np.ndarray | None  # (v,) the distinct ids of this batch
+    value: np.ndarray | None  # (n,) float64, NaN where missing
+    n: int
+
+
+def detect_format(path: Path) -> str:
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+        return "parquet"
+    if suffix.endswith(".csv") or suffix.endswith(".csv.gz"):
+        return "csv"
+    raise DataError(f"{path}: unknown file type; name event logs *.csv, *.csv.gz or *.parquet")
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass the path of a CSV or Parquet event log")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; expected a header and events")
+
+
+def _check_columns(path: Path, found: Sequence[str], columns: EventColumns, roles: Sequence[str]) -> None:
+    flags = {"id": "--id-col", "time": "--time-col", "type": "--type-col", "value": "--value-col"}
+    for role in roles:
+        name = getattr(columns, role)
+        if name not in found:
+            raise DataError(
+                f"{path}: no column {name!r} (columns are {', '.join(map(repr, found))}); "
+                f"rename it or pass {flags[role]} NAME"
+            )
+
+
+def _csv_header(path: Path) -> list[str]:
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", newline="") as fh:  # type: ignore[operator]
+        row = next(csv.reader(fh), None)
+    if not row:
+        raise DataError(f"{path}: the file is empty; expected a header and events")
+    return row
+
+
+def _csv_batches(path: Path, columns: EventColumns, roles: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    header = _csv_header(path)
+    _check_columns(path, header, columns, roles)
+    dict_str = pa.dictionary(pa.int32(), pa.string())
+    # Ids and types are low-cardinality per block: dictionary-encoding them makes the
+    # per-batch factorisation free. Timestamps stay text until we know their format.
+    types = {columns.id: dict_str, columns.type: dict_str, columns.time: pa.string(), columns.value: pa.float64()}
+    convert = pacsv.ConvertOptions(
+        include_columns=columns.names(roles),
+        column_types={name: types[name] for name in columns.names(roles)},
+        strings_can_be_null=True,
+    )
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=convert)
+        for batch in reader:
+            yield batch
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: cannot read as CSV ({str(exc).splitlines()[0]}); check the delimiter and quoting") from None
+
+
+def _parquet_batches(path: Path, columns: EventColumns, roles: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    try:
+        pf = pq.ParquetFile(path, read_dictionary=[columns.id, columns.type])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
+    _check_columns(path, pf.schema_arrow.names, columns, roles)
+    yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns.names(roles))
+
+
+def _factorize(arr: pa.Array, path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 [n], uniques [u]) for a column; nulls are an error."""
+    if arr.null_count:
+        raise DataError(f"{path}: column {column!r} has {arr.null_count} empty values; fill or drop those rows")
+    if pa.types.is_dictionary(arr.type):
+        codes = arr.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        uniques = arr.dictionary.to_numpy(zero_copy_only=False)
+        return codes, uniques
+    codes, uniques = pd.factorize(arr.to_numpy(zero_copy_only=False))
+    return codes.astype(np.int64, copy=False), np.asarray(uniques)
+
+
+def _first_bad(path: Path, column: str, values: np.ndarray, ok: np.ndarray, what: str) -> DataError:
+    bad = int(np.flatnonzero(~ok)[0])
+    return DataError(f"{path}: column {column!r}: cannot parse {values[bad]!r} as {what}; fix or drop such rows")
+
+
+def parse_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
+    """Unix seconds (int64, UTC) from integer/float seconds, Arrow timestamps or ISO 8601 text."""
+    if arr.null_count:
+        raise DataError(f"{path}: column {column!r} has {arr.null_count} empty timestamps; fill or drop those rows")
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_timestamp(arr.type):
+        # Arrow timestamps are UTC instants whatever their tz; naive ones we take as UTC.
+        ns = arr.cast(pa.timestamp("ns")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        out = np.floor_divide(ns, 1_000_000_000)
+    elif pa.types.is_integer(arr.type):
+        out = arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    elif pa.types.is_floating(arr.type):
+        f = arr.to_numpy(zero_copy_only=False)
+        if not np.isfinite(f).all():
+            raise _first_bad(path, column, f, np.isfinite(f), "unix seconds")
+        out = np.floor(f).astype(np.int64)
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        out = _parse_text_timestamps(arr, path, column)
+    else:
+        raise DataError(f"{path}: column {column!r} has type {arr.type}; expected unix seconds or ISO 8601 text")
+    if out.size and (out.max() > MAX_PLAUSIBLE_UNIX_S or out.min() < -MAX_PLAUSIBLE_UNIX_S):
+        raise DataError(
+            f"{path}: column {column!r} has values like {int(out.max())}, beyond the year 2200; "
+            "convert milliseconds/nanoseconds to unix seconds"
+        )
+    return out
+
+
+def _parse_text_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
+    # Fast paths first: integer or decimal seconds written as text (typical CSV export).
+    try:
+        return arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    try:
+        return np.floor(arr.cast(pa.float64()).to_numpy(zero_copy_only=False)).astype(np.int64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    text = arr.to_numpy(zero_copy_only=False)
+    # utc=True converts every offset ("+02:00", "Z", "-0500") to UTC; a value
+    # without an offset is taken as UTC.
+    parsed = pd.to_datetime(pd.Series(text), utc=True, format="ISO8601", errors="coerce")
+    ok = parsed.notna().to_numpy()
+    if not ok.all():
+        raise _first_bad(path, column, text, ok, "unix seconds or ISO 8601")
+    ns = parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    return np.floor_divide(ns, 1_000_000_000)
+
+
+def iter_events(
+    path: str | Path,
+    columns: EventColumns = EventColumns(),
+    roles: Sequence[str] = ALL_ROLES,
+) -> Iterator[EventBatch]:
+    """Yield normalised batches of the columns named by `roles` (others are None).
+
+    Reading only the roles a pass needs keeps Parquet scans cheap (column pruning).
+    Raises DataError for a missing file or column, an empty log, empty ids, types
+    or timestamps, and timestamps that are neither unix seconds nor ISO 8601.
+    """
+    path = Path(path)
+    _check_file(path)
+    fmt = detect_format(path)
+    batches = _parquet_batches(path, columns, roles) if fmt == "parquet" else _csv_batches(path, columns, roles)
+    total = 0
+    for rb in batches:
+        if rb.num_rows == 0:
+            continue
+        total += rb.num_rows
+        get = {role: rb.column(rb.schema.get_field_index(getattr(columns, role))) for role in roles}
+        ts = parse_timestamps(get["time"], path, columns.time) if "time" in get else None
+        type_codes = type_uniques = id_codes = id_uniques = value = None
+        if "type" in get:
+            type_codes, type_uniques = _factorize(get["type"], path, columns.type)
+            type_uniques = type_uniques.astype(str)
+        if "id" in get:
+            id_codes, id_uniques = _factorize(get["id"], path, columns.id)
+        if "value" in get:
+            value = _to_float(get["value"], path, columns.value)
+        yield EventBatch(ts, type_codes, type_uniques, id_codes, id_uniques, value, rb.num_rows)
+    if total == 0:
+        raise DataError(f"{path}: no events (only a header or no rows); pass a log with at least one event")
+
+
+def _to_float(arr: pa.Array, path: Path, column: str) -> np.ndarray:
+    try:
+        arr = arr.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{path}: column {column!r} is not numeric ({arr.type}); pass numbers or leave empty") from None
+    # to_numpy turns nulls into NaN for floating arrays.
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def last_timestamp(path: str | Path, columns: EventColumns = EventColumns()) -> int:
+    """The latest event's unix seconds (one timestamp-only scan)."""
+    return max(int(b.ts_s.max()) for b in iter_events(path, columns, roles=("time",)))
+
+
+class CodeBook:
+    """Grows a global key → integer code mapping, one batch of distinct keys at a time.
+
+    Vectorised through pandas' hash tables: the cost is per distinct key per batch,
+    never per event, and no Python loop runs over keys.
+    """
+
+    def __init__(self) -> None:
+        self._index = pd.Index([], dtype=object)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def encode(self, keys: np.ndarray) -> np.ndarray:
+        """Global codes (int64 [len(keys)]) for distinct `keys`; unseen keys are appended."""
+        keys = np.asarray(keys, dtype=object)
+        codes = self._index.get_indexer(keys)
+        new = codes < 0
+        if new.any():
+            start = len(self._index)
+            self._index = self._index.append(pd.Index(keys[new], dtype=object))
+            codes[new] = np.arange(start, start + int(new.sum()))
+        return codes.astype(np.int64, copy=False)
+
+    def keys(self) -> np.ndarray:
+        return self._index.to_numpy(dtype=object)

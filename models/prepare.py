@@ -1,0 +1,216 @@
+"""`notpu prepare`: event log -> X.npy, y.npy, ids.npy, spec.json.
+
+Two streaming passes over the log, each one batch (~1M events) at a time:
+
+1. timestamps and types only: the last event (for the default cut-off) and how
+   often each type occurs per day (to choose the kept types inside the window);
+2. everything: daily aggregates per customer in the observation window, and the
+   session count in the label window.
+
+Output is written into a temporary directory beside DIR and renamed at the end,
+so a failure leaves DIR as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.events import DAY_S, CodeBook, EventColumns, detect_format, iter_events
+from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, feature_names
+from models.outdir import check_replaceable, staged_dir
+from pserver.errors import DataError
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"  # the bucket for types outside the kept ones (and, at predict time, unknown types)
+SPEC_FORMAT = "notpu-churn-spec/1"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    events: str
+    out: str
+    cutoff: str | None = None  # ISO date/time (UTC if no offset); default: label_days before the log's end
+    observation_days: int = 90
+    label_days: int = 21  # the talk: churn = fewer than 2 sessions in the first 3 weeks after the cut-off
+    session_type: str = "connect"
+    min_sessions: int = 2
+    min_active_days: int = 7  # the talk: no newcomers, > 7 game days
+    max_types: int = 50  # kept types + 'other'; the talk: 50 types x 5 functions = 250 features
+    columns: EventColumns = field(default_factory=EventColumns)
+
+
+def parse_cutoff(text: str, option: str = "--cutoff") -> int:
+    """Unix seconds of an ISO date or date-time; no offset means UTC."""
+    try:
+        ts = pd.Timestamp(text)
+    except (ValueError, TypeError):
+        raise DataError(f"{option} {text!r}: not a date; use ISO 8601 such as 2024-03-01 or 2024-03-01T00:00:00Z") from None
+    if ts is pd.NaT:
+        raise DataError(f"{option} {text!r}: not a date; use ISO 8601 such as 2024-03-01")
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return int(ts.value // 1_000_000_000)
+
+
+def iso(ts_s: int) -> str:
+    return pd.Timestamp(ts_s, unit="s", tz="UTC").isoformat().replace("+00:00", "Z")
+
+
+def _check_options(cfg: PrepareConfig) -> None:
+    for option, value, low in (("--observation-days", cfg.observation_days, 1), ("--label-days", cfg.label_days, 1),
+                               ("--min-sessions", cfg.min_sessions, 1), ("--min-active-days", cfg.min_active_days, 0),
+                               ("--max-types", cfg.max_types, 2)):
+        if value < low:
+            raise DataError(f"{option} {value}: must be at least {low}")
+
+
+@dataclass(frozen=True)
+class LogSurvey:
+    """What pass 1 learns: the last event and event counts per (type, UTC day)."""
+
+    events: int
+    last_s: int
+    type_names: np.ndarray  # (k,) str
+    type_day: pd.Series  # counts indexed by (type code, unix day)
+
+
+def survey(path: str | Path, columns: EventColumns) -> LogSurvey:
+    """Pass 1: timestamps and types only."""
+    types = CodeBook()
+    parts: list[pd.Series] = []
+    last, events = None, 0
+    for b in iter_events(path, columns, roles=("time", "type")):
+        events += b.n
+        last = int(b.ts_s.max()) if last is None else max(last, int(b.ts_s.max()))
+        g = types.encode(b.type_uniques)[b.type_codes]  # (n,) global type codes
+        key = g * (1 << 32) + (b.ts_s // DAY_S + (1 << 31))  # (type, day) packed in one int64
+        uk, cnt = np.unique(key, return_counts=True)
+        parts.append(pd.Series(cnt, index=uk))
+    both = pd.concat(parts).groupby(level=0).sum()
+    keys = both.index.to_numpy()
+    idx = pd.MultiIndex.from_arrays([keys >> 32, (keys & ((1 << 32) - 1)) - (1 << 31)], names=["type", "day"])
+    return LogSurvey(events, last, types.keys().astype(str), pd.Series(both.to_numpy(), index=idx))
+
+
+def choose_types(s: LogSurvey, start_s: int, cutoff_s: int, max_types: int) -> list[str]:
+    """The max_types - 1 most frequent types inside the window (ties by name), then 'other'."""
+    day = s.type_day.index.get_level_values("day")
+    inside = s.type_day[(day >= start_s // DAY_S) & (day * DAY_S < cutoff_s)]
+    counts = inside.groupby(level="type").sum()
+    table = pd.DataFrame({"name": s.type_names[counts.index.to_numpy()], "n": counts.to_numpy()})
+    table = table[(table["n"] > 0) & (table["name"] != OTHER)].sort_values(["n", "name"], ascending=[False, True])
+    return list(table["name"].head(max_types - 1)) + [OTHER]
+
+
+def type_index(uniques: np.ndarray, types: list[str]) -> np.ndarray:
+    """Feature-type index (int64 [u]) for a batch's distinct type names; unknown -> 'other'."""
+    idx = pd.Index(types).get_indexer(uniques)
+    return np.where(idx < 0, types.index(OTHER), idx).astype(np.int64)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run both passes and write DIR; returns the spec (also DIR/spec.json)."""
+    _check_options(cfg)
+    out = Path(cfg.out)
+    check_replaceable(out, marker="spec.json")
+    t0 = time.perf_counter()
+    s = survey(cfg.events, cfg.columns)
+    end_of_log = (s.last_s // DAY_S + 1) * DAY_S  # the end of the last event's UTC day
+    cutoff = parse_cutoff(cfg.cutoff) if cfg.cutoff else end_of_log - cfg.label_days * DAY_S
+    label_end = cutoff + cfg.label_days * DAY_S
+    if label_end > end_of_log:
+        raise DataError(
+            f"--cutoff {iso(cutoff)}: the {cfg.label_days}-day label window ends after the log ({iso(s.last_s)}); "
+            f"use --cutoff {iso(end_of_log - cfg.label_days * DAY_S)[:10]} or earlier, or fewer --label-days"
+        )
+    if cfg.session_type not in set(s.type_names):
+        raise DataError(
+            f"--session-type {cfg.session_type!r}: no such {cfg.columns.type!r} in {cfg.events} "
+            f"(types include {', '.join(map(repr, sorted(s.type_names)[:8]))}); pass the type that marks a session"
+        )
+    window = Window(start_s=cutoff - cfg.observation_days * DAY_S, days=cfg.observation_days)
+    types = choose_types(s, window.start_s, cutoff, cfg.max_types)
+    t1 = time.perf_counter()
+    log.info("pass 1: %d events in %.1fs; cut-off %s, %d types kept", s.events, t1 - t0, iso(cutoff), len(types) - 1)
+
+    agg = DailyAggregator(window, len(types))
+    for b in iter_events(cfg.events, cfg.columns):
+        ftype = type_index(b.type_uniques, types)[b.type_codes]  # (n,)
+        is_session = (b.type_uniques == cfg.session_type)[b.type_codes]
+        in_obs = (b.ts_s >= window.start_s) & (b.ts_s < cutoff)
+        in_label = is_session & (b.ts_s >= cutoff) & (b.ts_s < label_end)
+        cust = agg.encode(b.id_codes, b.id_uniques, in_obs | in_label)
+        agg.add(cust, b.ts_s, ftype, b.value)
+        agg.add_tally(cust[in_label])
+    t2 = time.perf_counter()
+    log.info("pass 2: %d customers in the windows in %.1fs", agg.n_customers, t2 - t1)
+
+    active = agg.active_days()
+    kept = np.flatnonzero(active >= max(cfg.min_active_days, 1))
+    if kept.size == 0:
+        raise DataError(
+            f"{cfg.events}: no customer has {cfg.min_active_days}+ active days in the window "
+            f"{iso(window.start_s)} .. {iso(cutoff)}; check --cutoff, --observation-days or lower --min-active-days"
+        )
+    ids = agg.ids()
+    kept = kept[np.argsort(ids[kept], kind="stable")]  # rows sorted by id, so CSV and Parquet give the same X
+    y = (agg.tally[kept] < cfg.min_sessions).astype(np.int8)  # (customers,) 1 = churned
+    churn_rate = float(y.mean())
+    if churn_rate in (0.0, 1.0):
+        which = "churned" if churn_rate == 1.0 else "stayed"
+        raise DataError(
+            f"label rule: all {kept.size} customers {which} (fewer than --min-sessions {cfg.min_sessions} "
+            f"{cfg.session_type!r} events in {cfg.label_days} days after {iso(cutoff)}); "
+            "change --min-sessions, --label-days, --session-type or --cutoff"
+        )
+    spec = {
+        "format": SPEC_FORMAT,
+        "source": {"path": str(cfg.events), "format": detect_format(Path(cfg.events))},
+        "columns": asdict(cfg.columns),
+        "types": types,
+        "other_type": OTHER,
+        "max_types": cfg.max_types,
+        "aggregations": list(AGGREGATIONS),
+        "features": feature_names(types),
+        "feature_layout": "X[customer, day, type_index * 5 + aggregation_index]",
+        "missing_values": "NaN/empty values are counted but excluded from sum/min/max/mean; empty cells are 0",
+        "scaling": {"name": SCALING, "formula": "sign(x) * log1p(|x|)", "applies_to": "all features"},
+        "window": {
+            "observation_days": cfg.observation_days, "day_s": DAY_S, "day_0": "oldest",
+            "start": iso(window.start_s), "cutoff": iso(cutoff), "start_s": window.start_s, "cutoff_s": cutoff,
+        },
+        "label": {
+            "session_type": cfg.session_type, "label_days": cfg.label_days, "min_sessions": cfg.min_sessions,
+            "end": iso(label_end),
+            "rule": f"y = 1 (churn) if fewer than {cfg.min_sessions} {cfg.session_type!r} events in [cutoff, cutoff + {cfg.label_days} days)",
+        },
+        "filter": {"min_active_days": cfg.min_active_days, "rule": "keep customers with at least min_active_days days with an event in the window"},
+        "counts": {
+            "events_read": s.events, "customers_seen": int(agg.n_customers), "customers_kept": int(kept.size),
+            "customers_dropped_newcomers": int(agg.n_customers - kept.size), "churn_rate": round(churn_rate, 6),
+        },
+    }
+    _write(out, agg, kept, y, ids[kept], spec)
+    log.info("prepared %d customers x %d days x %d features in %.1fs (%.0f events/s) -> %s",
+             kept.size, window.days, len(spec["features"]), time.perf_counter() - t0,
+             s.events / (time.perf_counter() - t0), out)
+    return spec
+
+
+def _write(out: Path, agg: DailyAggregator, kept: np.ndarray, y: np.ndarray, ids: np.ndarray, spec: dict) -> None:
+    with staged_dir(out) as tmp:
+        shape = (kept.size, agg.window.days, agg.n_types * len(AGGREGATIONS))  # (customers, days, features)
+        X = np.lib.format.open_memmap(tmp / "X.npy", mode="w+", dtype=np.float32, shape=shape)
+        for i in range(0, kept.size, BLOCK_ROWS):
+            X[i:i + BLOCK_ROWS] = agg.block(kept[i:i + BLOCK_ROWS])
+        X.flush()
+        del X
+        np.save(tmp / "y.npy", y)
+        np.save(tmp / "ids.npy", ids.astype(str), allow_pickle=False)  # (customers,) unicode, no pickle
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")

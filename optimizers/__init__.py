@@ -1,0 +1,8 @@
+"""The update rules: what a worker computes and sends every λ local steps, and how a shard applies it.
+
+This package must not import TensorFlow: `pserver` reads the rule table to
+validate `--rule` and to hand defaults to workers.
+"""
+from optimizers.base import RULES, Rule, rule_config
+
+__all__ = ["RULES", "Rule", "rule_config"]

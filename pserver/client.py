@@ -1,0 +1,314 @@
+"""The client: how workers, tests and benchmarks talk to a parameter server.
+
+One DEALER per shard, so a pull or a push goes to every shard at once and the
+replies are gathered with one poll. Every receive has a timeout. A request
+that times out is retried on a fresh socket (the old one may hold a reply that
+will never come, or a request that will never leave), with exponential
+back-off, up to `retries` times.
+
+Because of retry logic, ALL requests are REQUIRED to be idempotent: pushes
+carry a per-worker sequence number and the shard applies each seq at most
+once; INIT of the same layout is answered, not applied twice; a ROUND retry
+is only re-addressed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import zmq
+
+from pserver import protocol
+from pserver.errors import ProtocolError, RemoteError, ServerUnreachable
+from pserver.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout_s: float = 10.0  # one attempt's wait for a reply
+    retries: int = 5  # further attempts after the first
+    backoff_s: float = 0.25  # first back-off; doubles each retry
+    max_backoff_s: float = 5.0
+    not_ready_wait_s: float = 120.0  # how long to wait for the first worker's INIT to reach the shards
+
+
+def _tcp(endpoint: str) -> str:
+    return endpoint if "://" in endpoint else f"tcp://{endpoint}"
+
+
+class _Peer:
+    """One DEALER to one endpoint, re-created after a timeout (the Lazy Pirate pattern)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, curve: dict[str, bytes] | None = None) -> None:
+        self.context = context
+        self.endpoint = endpoint
+        self.curve = curve
+        self.socket: zmq.Socket | None = None
+        self.connect()
+
+    def connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        s = self.context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+        if self.curve:
+            s.curve_secretkey = self.curve["secret"]
+            s.curve_publickey = self.curve["public"]
+            s.curve_serverkey = self.curve["server"]
+        s.connect(_tcp(self.endpoint))
+        self.socket = s
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+
+def exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
+             what: str, timeout_s: float | None = None) -> list[protocol.Message]:
+    """Send requests[i] to peers[i] concurrently; return the decoded replies in order.
+
+    Error replies raise RemoteError, except ``not_ready`` which is waited out
+    (bounded by ``config.not_ready_wait_s``). Peers that do not answer within
+    the timeout are reconnected and asked again with back-off.
+    """
+    timeout_s = config.timeout_s if timeout_s is None else timeout_s
+    try:
+        return _exchange(peers, requests, config, what, timeout_s)
+    except BaseException:
+        # A peer may still owe us a reply; a fresh socket makes sure it never
+        # answers the next request with this one's reply.
+        for p in peers:
+            p.connect()
+        raise
+
+
+def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
+              what: str, timeout_s: float) -> list[protocol.Message]:
+    replies: list[protocol.Message | None] = [None] * len(peers)
+    pending = set(range(len(peers)))
+    attempt = 0
+    backoff = config.backoff_s
+    not_ready_deadline = time.monotonic() + config.not_ready_wait_s
+    while pending:
+        for i in pending:
+            peers[i].socket.send_multipart(requests[i], copy=False)
+        deadline = time.monotonic() + timeout_s
+        waiting = set(pending)
+        poller = zmq.Poller()
+        for i in waiting:
+            poller.register(peers[i].socket, zmq.POLLIN)
+        retry_not_ready = set()
+        while waiting:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            events = dict(poller.poll(left_ms))
+            for i in list(waiting):
+                sock = peers[i].socket
+                if events.get(sock, 0) & zmq.POLLIN:
+                    msg = protocol.decode(sock.recv_multipart(copy=False))
+                    waiting.discard(i)
+                    poller.unregister(sock)
+                    h = msg.header
+                    if h.get("ok") is True:
+                        replies[i] = msg
+                    elif h.get("code") == "not_ready" and time.monotonic() < not_ready_deadline:
+                        retry_not_ready.add(i)
+                    else:
+                        raise RemoteError(peers[i].endpoint, what, str(h.get("code")), str(h.get("reason")))
+        pending = waiting | retry_not_ready
+        if not pending:
+            break
+        if waiting:
+            attempt += 1
+            if attempt > config.retries:
+                names = ", ".join(peers[i].endpoint for i in sorted(waiting))
+                total = attempt * timeout_s
+                raise ServerUnreachable(
+                    f"no reply to {what} from {names} after {attempt} attempt(s) of {timeout_s:g} s "
+                    f"(about {total:g} s); is `pserver start` running there and reachable from this host? "
+                    f"Check the address, firewalls and --keys")
+            log.warning("no reply to %s from %s within %.1f s; retry %d of %d in %.2f s", what,
+                        ", ".join(peers[i].endpoint for i in sorted(waiting)), timeout_s, attempt, config.retries, backoff)
+            for i in waiting:
+                peers[i].connect()
+        time.sleep(backoff if waiting else min(config.backoff_s, 0.1))
+        if waiting:
+            backoff = min(backoff * 2, config.max_backoff_s)
+    return replies  # type: ignore[return-value]
+
+
+def request(endpoint: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = (),
+            context: zmq.Context | None = None, config: ClientConfig | None = None,
+            curve: dict[str, bytes] | None = None) -> protocol.Message:
+    """One request to one endpoint, with the same timeouts and retries."""
+    peer = _Peer(context or zmq.Context.instance(), endpoint, curve)
+    try:
+        return exchange([peer], [protocol.encode(header, arrays)], config or ClientConfig(), header.get("op", "?"))[0]
+    finally:
+        peer.close()
+
+
+def query_shard_stats(endpoint: str, context: zmq.Context | None = None, timeout_s: float = 5.0,
+                      curve: dict[str, bytes] | None = None) -> dict[str, Any]:
+    msg = request(endpoint, {"op": "STATS"}, context=context,
+                  config=ClientConfig(timeout_s=timeout_s, retries=0), curve=curve)
+    return msg.header["stats"]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    endpoint: str
+    start: int
+    end: int
+
+
+class Client:
+    """A worker's connection to the coordinator and to every shard.
+
+    ``worker`` identifies this client's pushes (sequence numbers, staleness
+    histograms); it is the worker's rank after `join`.
+    """
+
+    def __init__(self, address: str, config: ClientConfig | None = None, worker: int = 0,
+                 context: zmq.Context | None = None, curve: dict[str, bytes] | None = None) -> None:
+        self.address = address
+        self.config = config or ClientConfig()
+        self.context = context or zmq.Context.instance()
+        self.curve = curve
+        self.worker = worker
+        self.coordinator = _Peer(self.context, address, curve)
+        self.shards: list[ShardInfo] = []
+        self._peers: list[_Peer] = []
+        self.versions: list[int] = []
+        self.seq = 0
+        self.world = 0
+        self.rank = -1
+
+    # ---- coordinator --------------------------------------------------------
+
+    def ask(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        msg = exchange([self.coordinator], [protocol.encode(header)], self.config, header["op"], timeout_s)[0]
+        return msg.header
+
+    def join(self, name: str = "", rank: int = -1) -> dict[str, Any]:
+        """Ask for a rank; returns the coordinator's reply (rank, world, config, shards, layout, architecture)."""
+        reply = self.ask({"op": "JOIN", "name": name, "rank": rank})
+        self.rank = self.worker = int(reply["rank"])
+        self.world = int(reply["world"])
+        self._set_shards(reply["shards"])
+        return reply
+
+    def init(self, flat: np.ndarray, layout: Layout, architecture: str = "") -> bool:
+        """Offer the initial weights. True if these became the centre; False if the
+        server already held weights of the same layout (LayoutMismatch-like
+        RemoteError if not the same)."""
+        if flat.dtype != np.float32 or flat.shape != (layout.total,):
+            raise ValueError(f"initial weights must be float32 ({layout.total},), got {flat.dtype} {flat.shape}")
+        reply = self.ask({"op": "INIT", "layout": layout.to_wire(), "architecture": architecture})
+        self.world = int(reply["world"])
+        self._set_shards(reply["shards"])
+        if not reply["first"]:
+            return False
+        reqs = [protocol.encode({"op": "INIT", "start": s.start, "end": s.end, "total": layout.total,
+                                 "world": self.world}, [flat[s.start:s.end]]) for s in self.shards]
+        exchange(self._peers, reqs, self.config, "INIT")
+        self.versions = [0] * len(self.shards)
+        return True
+
+    def done(self, report: dict[str, Any] | None = None) -> None:
+        self.ask({"op": "DONE", "rank": self.rank, "report": report or {}})
+
+    def heartbeat(self) -> dict[str, Any]:
+        return self.ask({"op": "HEARTBEAT", "rank": self.rank})
+
+    def stats(self) -> dict[str, Any]:
+        return self.ask({"op": "STATS"})
+
+    def _set_shards(self, shards: list[dict[str, Any]]) -> None:
+        infos = [ShardInfo(int(s["index"]), str(s["endpoint"]), int(s.get("start", 0)), int(s.get("end", 0)))
+                 for s in shards]
+        if [(i.index, i.endpoint) for i in infos] != [(i.index, i.endpoint) for i in self.shards]:
+            for p in self._peers:
+                p.close()
+            self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
+            self.versions = [0] * len(infos)
+        self.shards = infos
+
+    @property
+    def total(self) -> int:
+        return self.shards[-1].end if self.shards else 0
+
+    # ---- shards -------------------------------------------------------------
+
+    def _gather(self, replies: list[protocol.Message], out: np.ndarray | None, index: int = -1) -> np.ndarray:
+        """Copy each reply's array ``index`` into its range of ``out`` (total,)."""
+        if out is None:
+            out = np.empty(self.total, np.float32)
+        for s, msg in zip(self.shards, replies):
+            arr = msg.arrays[index] if msg.arrays else None
+            if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
+                raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
+                                            f"for its range [{s.start}, {s.end})")
+            out[s.start:s.end] = arr
+        return out
+
+    def pull(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole centre as one float32 vector (total,)."""
+        reqs = [protocol.encode({"op": "PULL", "worker": self.worker}) for _ in self.shards]
+        replies = exchange(self._peers, reqs, self.config, "PULL")
+        self.versions = [int(m.header["version"]) for m in replies]
+        return self._gather(replies, out)
+
+    def push(self, delta: np.ndarray, mode: str = "add", scale: float = 1.0, pull: bool = False,
+             out: np.ndarray | None = None) -> tuple[list[int], np.ndarray | None]:
+        """Push a flat float32 (total,) delta to every shard.
+
+        mode: "add" (C += Δ), "scaled" (C += scale·Δ), "staleness" (C += scale·Δ/(staleness+1)),
+        "elastic" (Δ is the worker's weights W; the shard applies E = scale·(W − C), C += E, and
+        the returned array is E). Returns (staleness per shard, the new centre if pull, or E if elastic).
+        """
+        if delta.dtype != np.float32 or delta.shape != (self.total,):
+            raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
+        self.seq += 1
+        reqs = [protocol.encode({"op": "PUSH", "worker": self.worker, "seq": self.seq, "pulled": v,
+                                 "mode": mode, "scale": float(scale), "pull": pull}, [delta[s.start:s.end]])
+                for s, v in zip(self.shards, self.versions)]
+        replies = exchange(self._peers, reqs, self.config, "PUSH")
+        staleness = [int(m.header.get("staleness", 0)) for m in replies]
+        result = None
+        if pull:
+            result = self._gather(replies, out, index=-1)
+            self.versions = [int(m.header["version"]) for m in replies]
+        elif mode == "elastic":
+            result = self._gather(replies, out, index=0)
+        return staleness, result
+
+    def round(self, value: np.ndarray, number: int, mode: str, alpha: float = 1.0,
+              timeout_s: float = 120.0) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """One synchronous round. Returns (next round, new centre, E if elastic)."""
+        self.seq += 1
+        reqs = [protocol.encode({"op": "ROUND", "worker": self.worker, "seq": self.seq, "round": number,
+                                 "mode": mode, "alpha": float(alpha)}, [value[s.start:s.end]])
+                for s in self.shards]
+        replies = exchange(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
+        centre = self._gather(replies, None, index=-1)
+        diff = self._gather(replies, None, index=0) if mode == "elastic" else None
+        self.versions = [int(m.header["version"]) for m in replies]
+        return int(replies[0].header["round"]), centre, diff
+
+    def bye(self) -> None:
+        reqs = [protocol.encode({"op": "BYE", "worker": self.worker}) for _ in self.shards]
+        exchange(self._peers, reqs, self.config, "BYE")
+
+    def close(self) -> None:
+        for p in [self.coordinator, *self._peers]:
+            p.close()

@@ -1,0 +1,230 @@
+"""The coordinator: the `host:port` workers are given.
+
+It answers who is who (rank, world size), where the shards are and which
+range each owns, the run configuration and the model. It holds no weights:
+the first INIT fixes the layout, from which the shard ranges follow; the
+initialising client then sends each shard its slice itself.
+
+Shards REGISTER their endpoint when they start, so a shard may live on any
+host: the shard map holds endpoints, never an assumption about hosts.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from pserver import protocol
+from pserver.errors import NotpuError, ProtocolError
+from pserver.layout import Layout, shard_ranges
+from pserver.protocol import error, field as hfield, ok
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    rank: int
+    name: str
+    joined_at: float
+    last_seen: float
+    done: bool = False
+    lost: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, socket: zmq.Socket, shards: int, world: int, run_config: dict[str, Any],
+                 shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0) -> None:
+        self.socket = socket
+        self.n_shards = shards
+        self.world = world
+        self.run_config = run_config
+        self.shard_timeout_s = shard_timeout_s
+        self.worker_timeout_s = worker_timeout_s  # 0: workers are never declared lost by silence
+        self.endpoints: dict[int, str] = {}
+        self.layout: Layout | None = None
+        self.architecture: str | None = None
+        self.ranges: list[tuple[int, int]] = []
+        self.workers: dict[int, WorkerInfo] = {}
+        self.refused: dict[str, int] = {}
+        self._handlers: dict[str, Callable[[protocol.Message], list[Any]]] = {
+            "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
+            "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
+        }
+        self._stopping = False
+
+    @property
+    def ready(self) -> bool:
+        return len(self.endpoints) == self.n_shards
+
+    @property
+    def finished(self) -> bool:
+        """Every rank has joined and is done or lost."""
+        return len(self.workers) == self.world and all(w.done or w.lost for w in self.workers.values())
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def serve(self, until: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self._stopping and not (until and until()):
+            if poller.poll(int(poll_s * 1000)):
+                for _ in range(64):
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            self._check_liveness(time.monotonic())
+
+    def handle(self, frames: list[Any]) -> None:
+        """One request: decode, dispatch, reply. Never raises."""
+        if len(frames) < 2:
+            self._count("malformed")
+            return
+        identity = frames[0].bytes
+        try:
+            msg = protocol.decode(frames[1:])
+            handler = self._handlers.get(msg.op)
+            if handler is None:
+                raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self._handlers)}")
+            reply = handler(msg)
+        except ProtocolError as exc:
+            self._count(exc.code)
+            log.debug("coordinator refused a message: %s", exc)
+            reply = protocol.encode(error(exc.code, exc.reason))
+        except Exception as exc:
+            self._count("internal")
+            log.exception("coordinator: internal error")
+            reply = protocol.encode(error("internal", f"{type(exc).__name__}: {exc}"))
+        try:
+            self.socket.send_multipart([identity, *reply])
+        except zmq.ZMQError as exc:
+            log.debug("coordinator: reply not sent: %s", exc)
+
+    def _count(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    def shard_map(self) -> list[dict[str, Any]]:
+        out = []
+        for k in range(self.n_shards):
+            entry: dict[str, Any] = {"index": k, "endpoint": self.endpoints.get(k, "")}
+            if self.ranges:
+                entry["start"], entry["end"] = self.ranges[k]
+            out.append(entry)
+        return out
+
+    # ---- handlers ---------------------------------------------------------
+
+    def _ping(self, msg: protocol.Message) -> list[Any]:
+        return protocol.encode(ok(ready=self.ready, shards=self.shard_map()))
+
+    def _register(self, msg: protocol.Message) -> list[Any]:
+        k = hfield(msg.header, "shard", int)
+        endpoint = hfield(msg.header, "endpoint", str)
+        if not 0 <= k < self.n_shards:
+            raise ProtocolError("malformed", f"shard index {k} outside [0, {self.n_shards})")
+        if ":" not in endpoint or len(endpoint) > 300:
+            raise ProtocolError("malformed", f"shard endpoint {endpoint!r} is not host:port")
+        if self.endpoints.get(k) not in (None, endpoint):
+            log.warning("shard %d moved from %s to %s", k, self.endpoints[k], endpoint)
+        self.endpoints[k] = endpoint
+        log.info("shard %d registered at %s", k, endpoint)
+        return protocol.encode(ok())
+
+    def _join(self, msg: protocol.Message) -> list[Any]:
+        if not self.ready:
+            raise ProtocolError("not_ready", f"{len(self.endpoints)} of {self.n_shards} shards have registered; retry shortly")
+        name = hfield(msg.header, "name", str, "")[:200]
+        want = hfield(msg.header, "rank", int, -1)
+        now = time.monotonic()
+        if 0 <= want < self.world and (want not in self.workers or self.workers[want].lost):
+            rank = want  # a restarted worker takes its old rank back
+        else:
+            free = [r for r in range(self.world) if r not in self.workers]
+            if not free:
+                raise ProtocolError("malformed", f"all {self.world} ranks are taken; start the server with a larger "
+                                                 f"--workers or rejoin a lost rank with --rank")
+            rank = free[0]
+        self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now)
+        log.info("worker %d of %d joined (%s)", rank, self.world, name or "unnamed")
+        return protocol.encode(ok(rank=rank, world=self.world, config=self.run_config, shards=self.shard_map(),
+                                  layout=self.layout.to_wire() if self.layout else None,
+                                  architecture=self.architecture))
+
+    def _init(self, msg: protocol.Message) -> list[Any]:
+        try:
+            layout = Layout.from_wire(msg.header.get("layout"))
+        except ValueError as exc:
+            raise ProtocolError("malformed", f"INIT layout: {exc}") from None
+        architecture = hfield(msg.header, "architecture", str, "")
+        if self.layout is not None:
+            diff = self.layout.difference(layout)
+            if diff is not None:
+                raise ProtocolError("mismatch", f"this model does not match the one the server holds: {diff}")
+            return protocol.encode(ok(first=False, shards=self.shard_map(), world=self.world))
+        if layout.total < self.n_shards:
+            raise ProtocolError("size", f"a model of {layout.total} floats cannot be split over {self.n_shards} shards")
+        self.layout = layout
+        self.architecture = architecture or None
+        self.ranges = shard_ranges(layout.total, self.n_shards)
+        log.info("model of %d tensors, %d floats, over %d shard(s)", len(layout.tensors), layout.total, self.n_shards)
+        return protocol.encode(ok(first=True, shards=self.shard_map(), world=self.world))
+
+    def _touch(self, msg: protocol.Message) -> WorkerInfo:
+        rank = hfield(msg.header, "rank", int)
+        info = self.workers.get(rank)
+        if info is None:
+            raise ProtocolError("malformed", f"rank {rank} has not joined")
+        info.last_seen = time.monotonic()
+        if info.lost:
+            log.info("worker %d is back", rank)
+            info.lost = False
+        return info
+
+    def _heartbeat(self, msg: protocol.Message) -> list[Any]:
+        self._touch(msg)
+        return protocol.encode(ok(lost=[w.rank for w in self.workers.values() if w.lost]))
+
+    def _done(self, msg: protocol.Message) -> list[Any]:
+        info = self._touch(msg)
+        report = hfield(msg.header, "report", dict, {})
+        info.done = True
+        info.report = {str(k): v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
+        log.info("worker %d is done: %s", info.rank, info.report)
+        return protocol.encode(ok())
+
+    def _check_liveness(self, now: float) -> None:
+        if not self.worker_timeout_s:
+            return
+        for w in self.workers.values():
+            if not (w.done or w.lost) and now - w.last_seen > self.worker_timeout_s:
+                w.lost = True
+                log.warning("worker %d (%s) silent for %.1f s: declared lost", w.rank, w.name, now - w.last_seen)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "shards": self.shard_map(),
+            "initialised": self.layout is not None,
+            "total": self.layout.total if self.layout else 0,
+            "refused": dict(self.refused),
+            "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "report": w.report}
+                        for w in self.workers.values()},
+        }
+
+    def _stats(self, msg: protocol.Message) -> list[Any]:
+        from pserver.client import query_shard_stats  # the coordinator asks the shards itself
+
+        shards = []
+        for k, endpoint in sorted(self.endpoints.items()):
+            try:
+                shards.append(query_shard_stats(endpoint, self.socket.context, timeout_s=self.shard_timeout_s))
+            except NotpuError as exc:
+                shards.append({"shard": k, "endpoint": endpoint, "error": str(exc)})
+        return protocol.encode(ok(coordinator=self.summary(), shards=shards))

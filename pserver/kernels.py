@@ -1,0 +1,105 @@
+"""Numba kernels that apply updates to a shard's slice of the centre.
+
+A refused update must leave the centre unchanged, yet the check (all finite?
+how large?) should cost no extra pass over memory. So every apply kernel is
+*out of place*: it reads the centre and the delta once, writes the candidate
+new centre into ``out``, and returns (finite, norm of the update) from the same
+pass. The shard commits ``out`` as its centre only when the check passes;
+otherwise ``out`` is scratch and the old centre was never touched.
+
+Norms are accumulated in float64, where the square of any finite float32
+cannot overflow (3.4e38² ≈ 1.2e77); so the sum of squares is finite exactly
+when every element is, and one branch-free reduction answers both questions. Every kernel is tested equal to its numpy
+re-statement in ``tests/unit/test_kernels.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+
+
+@njit(**_JIT)
+def check(delta):
+    """(all finite, L2 norm) of a float32 vector."""
+    sq = 0.0
+    for i in prange(delta.shape[0]):
+        v = np.float64(delta[i])
+        sq += v * v
+    return math.isfinite(sq), math.sqrt(sq)
+
+
+@njit(**_JIT)
+def add(centre, delta, out):
+    """out = centre + delta; returns (finite, ‖delta‖)."""
+    sq = 0.0
+    for i in prange(centre.shape[0]):
+        d = delta[i]
+        out[i] = centre[i] + d
+        v = np.float64(d)
+        sq += v * v
+    return math.isfinite(sq), math.sqrt(sq)
+
+
+@njit(**_JIT)
+def add_scaled(centre, delta, scale, out):
+    """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)); returns (finite, ‖scale·delta‖)."""
+    sq = 0.0
+    for i in prange(centre.shape[0]):
+        d = scale * delta[i]
+        out[i] = centre[i] + d
+        v = np.float64(d)
+        sq += v * v
+    return math.isfinite(sq), math.sqrt(sq)
+
+
+@njit(**_JIT)
+def elastic(centre, local, alpha, out, diff):
+    """diff = alpha·(local − centre); out = centre + diff  (AEASGD, one exchange).
+
+    Returns (finite, ‖diff‖).
+    """
+    sq = 0.0
+    for i in prange(centre.shape[0]):
+        e = alpha * (local[i] - centre[i])
+        diff[i] = e
+        out[i] = centre[i] + e
+        v = np.float64(e)
+        sq += v * v
+    return math.isfinite(sq), math.sqrt(sq)
+
+
+@njit(**_JIT)
+def sum_round(centre, rows, count, scale, replace, out):
+    """Close a synchronous round over the first ``count`` rows of ``rows`` (workers × n).
+
+    replace=False (EASGD):   out = centre + scale·Σ_i rows[i]
+    replace=True (averaging): out = scale·Σ_i rows[i]           (scale = 1/count)
+    Sums in float64, rounds once. Returns (finite, ‖out − centre‖).
+    """
+    sq = 0.0
+    for j in prange(centre.shape[0]):
+        s = 0.0
+        for i in range(count):
+            s += np.float64(rows[i, j])
+        c = np.float64(centre[j])
+        new = scale * s if replace else c + scale * s
+        out[j] = np.float32(new)
+        v = new - c
+        sq += v * v
+    return math.isfinite(sq), math.sqrt(sq)
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel for float32."""
+    c = np.zeros(4, np.float32)
+    d = np.ones(4, np.float32)
+    o = np.empty(4, np.float32)
+    check(d)
+    add(c, d, o)
+    add_scaled(c, d, np.float32(0.5), o)
+    elastic(c, d, np.float32(0.5), o, np.empty(4, np.float32))
+    sum_round(c, np.ones((2, 4), np.float32), 2, 1.0, False, o)

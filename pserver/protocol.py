@@ -1,0 +1,194 @@
+"""The wire: every message between workers, coordinator and shards.
+
+Frame spec
+==========
+
+Every message is a ZeroMQ multipart message (after the ROUTER identity
+envelope, which ZeroMQ adds and strips itself)::
+
+    frame 0      msgpack map, the header
+    frame 1..k   raw array payloads, little-endian, C order, no padding
+
+The header always carries::
+
+    "v"    int   protocol version, must equal PROTOCOL_VERSION
+    "op"   str   the operation (see the OP_* names below)
+
+and, when array frames follow, ``"arrays"``: a list with one entry per frame,
+``[dtype, length]`` where dtype is one of ALLOWED_DTYPES (``"<f4"``,
+``"<i8"``) and length is the element count. A receiver checks the count of
+frames, each frame's byte size (length × itemsize) and the dtype before it
+looks at a single element. Replies are built the same way and always carry
+``"ok"``: true, or false with ``"code"`` (a short machine word from ERROR_CODES)
+and ``"reason"`` (a sentence for a person).
+
+Arrays are sent with ``copy=False`` and received as zero-copy views on the
+frame buffer. msgpack is used with ``raw=False`` and without any extension
+types; nothing on the wire is ever unpickled or evaluated: a peer's bytes are
+data, not code.
+
+Operations
+==========
+
+Shard (one per contiguous slice ``[start, end)`` of the flat weight vector):
+
+    INIT      {start, end, total, world, rule}       + [slice <f4]  → {ok, version}
+    PULL      {worker}                                              → {ok, version} + [slice]
+    PUSH      {worker, seq, pulled, mode, scale, pull}+ [delta <f4] → {ok, version, staleness, applied}
+                                                                      (+ [slice] if pull)
+    ROUND     {worker, seq, round, mode}              + [value <f4] → {ok, version, round} + [slice]
+                 (synchronous rules; the reply waits for the round to close)
+    BYE       {worker}                                              → {ok}
+    STATS     {}                                                    → {ok, stats}
+    PING      {}                                                    → {ok}
+
+Coordinator (the ``host:port`` that workers are given):
+
+    REGISTER  {shard, endpoint}                                     → {ok}
+    JOIN      {name}                      → {ok, rank, world, config, shards, layout, architecture}
+    INIT      {layout, architecture}                                → {ok, first, shards}
+    DONE      {rank, samples, lost}                                 → {ok}
+    STATS     {}                                                    → {ok, coordinator, shards}
+    PING      {}                                                    → {ok}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from pserver.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+#: The only dtypes that may travel; anything else is refused at the boundary.
+ALLOWED_DTYPES = {"<f4": np.dtype("<f4"), "<i8": np.dtype("<i8")}
+
+#: Largest header accepted: headers are small maps; a huge frame 0 is an attack.
+MAX_HEADER_BYTES = 1 << 20
+
+#: Refused-message reasons, counted separately in stats.
+ERROR_CODES = (
+    "malformed",     # frame 0 is not a msgpack map, or a field has the wrong type
+    "version",       # protocol version differs
+    "unknown_op",    # op not served by this endpoint
+    "frames",        # the number of array frames differs from the header
+    "dtype",         # a dtype outside ALLOWED_DTYPES, or not the one the op needs
+    "size",          # a frame's bytes or an array's length do not match
+    "not_finite",    # NaN or Inf in a delta
+    "too_large",     # delta norm over the configured limit
+    "not_ready",     # the shard has no weights yet (retry after INIT)
+    "mismatch",      # INIT of another layout
+    "round",         # synchronous round out of order
+    "internal",      # a bug on the server side; the state was not changed
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: the header map and zero-copy array views."""
+
+    header: dict[str, Any]
+    arrays: list[np.ndarray]
+
+    @property
+    def op(self) -> str:
+        return self.header["op"]
+
+
+def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
+    """Header + arrays → frames, ready for ``send_multipart(frames, copy=False)``."""
+    specs = []
+    payload = []
+    for a in arrays:
+        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        key = dt.str
+        if key not in ALLOWED_DTYPES:
+            raise ProtocolError(f"dtype {a.dtype} cannot travel; use float32 or int64")
+        a = np.ascontiguousarray(a, dtype=ALLOWED_DTYPES[key])
+        specs.append([key, int(a.size)])
+        payload.append(memoryview(a.reshape(-1)).cast("B"))
+    h = dict(header)
+    h["v"] = PROTOCOL_VERSION
+    if specs:
+        h["arrays"] = specs
+    return [msgpack.packb(h, use_bin_type=True), *payload]
+
+
+def _buffer(frame: Any) -> memoryview:
+    """Bytes or zmq.Frame → a flat byte memoryview, without copying."""
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Frames → Message; raises ProtocolError naming the first bad item.
+
+    Checks happen in this order so that nothing large is touched before the
+    small header has been validated: frame count, header size, msgpack,
+    version, op, array specs, then each frame's byte size.
+    """
+    if not frames:
+        raise ProtocolError("malformed", "empty message: expected a msgpack header in frame 0")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError("malformed", f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("malformed", f"frame 0 is not msgpack: {exc!r}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", f"frame 0 must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {version!r}, this server speaks {PROTOCOL_VERSION}")
+    op = header.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("malformed", f"header field 'op' must be a string, got {op!r}")
+    specs = header.get("arrays", [])
+    if not isinstance(specs, list):
+        raise ProtocolError("malformed", "header field 'arrays' must be a list of [dtype, length]")
+    if len(specs) != len(frames) - 1:
+        raise ProtocolError("frames", f"header announces {len(specs)} array frame(s), message has {len(frames) - 1}")
+    arrays = []
+    for i, spec in enumerate(specs, start=1):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], int) and not isinstance(spec[1], bool)):
+            raise ProtocolError("malformed", f"array spec {i} must be [dtype, length], got {spec!r}")
+        dtype = ALLOWED_DTYPES.get(spec[0])
+        if dtype is None:
+            raise ProtocolError("dtype", f"frame {i}: dtype {spec[0]!r} not allowed, expected one of {sorted(ALLOWED_DTYPES)}")
+        length = spec[1]
+        if length < 0:
+            raise ProtocolError("size", f"frame {i}: negative length {length}")
+        buf = _buffer(frames[i])
+        if len(buf) != length * dtype.itemsize:
+            raise ProtocolError("size", f"frame {i}: {len(buf)} bytes, header says {length} × {dtype.itemsize}")
+        arrays.append(np.frombuffer(buf, dtype=dtype))
+    return Message(header=header, arrays=arrays)
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"op": "REPLY", "ok": True, **fields}
+
+
+def error(code: str, reason: str) -> dict[str, Any]:
+    assert code in ERROR_CODES, code
+    return {"op": "REPLY", "ok": False, "code": code, "reason": reason}
+
+
+def field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """A typed header field, or ProtocolError('malformed') naming it."""
+    if name not in header:
+        if default is ...:
+            raise ProtocolError("malformed", f"header field {name!r} is missing")
+        return default
+    value = header[name]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ProtocolError("malformed", f"header field {name!r} must be {kind}, got bool")
+    if not isinstance(value, kind):
+        raise ProtocolError("malformed", f"header field {name!r} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    return value

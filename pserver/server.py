@@ -1,0 +1,148 @@
+"""`pserver start`: a coordinator in this process and S shard processes.
+
+The shards are separate processes (one event loop and one core's worth of
+memory bandwidth each); each binds a port chosen by the OS and REGISTERs its
+endpoint with the coordinator. The server is ready when every shard has
+registered; it then prints its address and, if asked, writes it to a ready
+file that scripts and tests wait for.
+
+SIGINT or SIGTERM stops the coordinator, which stops its shards (SIGTERM,
+then SIGKILL after a grace period). A shard whose parent disappears stops
+by itself, so a killed server leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from pserver.coordinator import Coordinator
+from pserver.errors import ConfigError, ServerUnreachable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a port chosen by the OS (printed when ready)
+    shards: int = 1
+    workers: int = 1  # the world size workers are told
+    run: dict[str, Any] = field(default_factory=dict)  # rule, hyper-parameters, epochs, model: passed to workers
+    max_message_bytes: int = 1 << 31
+    max_delta_norm: float = 0.0
+    round_timeout_s: float = 60.0
+    worker_timeout_s: float = 0.0
+    startup_timeout_s: float = 30.0  # how long to wait for every shard to register
+    ready_file: str | None = None
+    exit_when_done: bool = False  # stop once every worker said DONE (or was lost)
+    insecure: bool = False
+
+
+def _check(config: ServerConfig) -> None:
+    if config.shards < 1:
+        raise ConfigError(f"--shards must be at least 1, got {config.shards}")
+    if config.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {config.workers}")
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.insecure:
+        raise ConfigError(f"binding {config.host} exposes the server beyond this machine; pass --keys DIR "
+                          f"to encrypt and authenticate, or --insecure to accept the risk")
+
+
+def spawn_shard(config: ServerConfig, index: int, coordinator: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pserver.shard_process", "--index", str(index), "--coordinator", coordinator,
+           "--host", config.host, "--parent", str(os.getpid()),
+           "--max-message-bytes", str(config.max_message_bytes), "--max-delta-norm", str(config.max_delta_norm),
+           "--round-timeout-s", str(config.round_timeout_s)]
+    return subprocess.Popen(cmd)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            log.warning("process %d ignored SIGTERM for %.0f s; killing it", p.pid, grace_s)
+            p.kill()
+            p.wait(5)
+
+
+def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run in the foreground until SIGINT/SIGTERM (or all workers are done). Returns the final summary."""
+    _check(config)
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, 1 << 24)  # the coordinator carries headers only
+    try:
+        port = config.port or sock.bind_to_random_port(f"tcp://{config.host}")
+        if config.port:
+            sock.bind(f"tcp://{config.host}:{config.port}")
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot bind {config.host}:{config.port}: {exc}; pick another --port") from None
+    address = f"{config.host}:{port}"
+    coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run,
+                        worker_timeout_s=config.worker_timeout_s)
+    procs: list[subprocess.Popen] = []
+    stopping = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+        coord.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        procs = [spawn_shard(config, k, address) for k in range(config.shards)]
+        deadline = time.monotonic() + config.startup_timeout_s
+
+        def started() -> bool:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                raise ServerUnreachable(f"shard process {dead[0].pid} exited with code {dead[0].returncode} "
+                                        f"before registering; see its log above")
+            if time.monotonic() > deadline:
+                raise ServerUnreachable(f"{len(coord.endpoints)} of {config.shards} shards registered with {address} "
+                                        f"within {config.startup_timeout_s:g} s")
+            return coord.ready
+
+        coord.serve(until=started, poll_s=0.02)
+        if stopping["signal"] is None:
+            log.info("pserver ready at %s with %d shard(s), world %d", address, config.shards, config.workers)
+            if config.ready_file:
+                tmp = Path(config.ready_file + ".tmp")
+                tmp.write_text(json.dumps({"address": address, "pid": os.getpid(),
+                                           "shards": coord.shard_map()}))
+                os.replace(tmp, config.ready_file)
+            if on_ready:
+                on_ready(address)
+
+            reported: set[int] = set()
+
+            def finished() -> bool:
+                for k, p in enumerate(procs):
+                    if p.poll() is not None and k not in reported:
+                        reported.add(k)
+                        log.error("shard %d (pid %d) exited with code %s; workers will wait for it to come back "
+                                  "at %s", k, p.pid, p.returncode, coord.endpoints.get(k))
+                return config.exit_when_done and coord.finished
+
+            coord.serve(until=finished)
+        return coord.summary()
+    finally:
+        stop_processes(procs)
+        sock.close(linger=0)
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,378 @@
+"""A shard: one ROUTER socket that owns the slice [start, end) of the centre.
+
+The shard is a single-threaded event loop. Every request is decoded and
+checked by `pserver.protocol` before any state is read; a handler either
+returns reply frames or, for a synchronous round, parks the request until the
+round closes. A bad request gets an error reply, is counted, and leaves the
+centre and the version unchanged: handlers validate everything first and
+mutate last.
+
+Because of retry logic, pushes are made idempotent by a per-worker sequence
+number: a push whose seq is not newer than the last one applied for that
+worker is answered again but not applied again.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from pserver import kernels, protocol
+from pserver.centre import Centre
+from pserver.errors import ProtocolError
+from pserver.protocol import error, field as hfield, ok
+from pserver.stats import ShardStats
+
+log = logging.getLogger(__name__)
+
+PUSH_MODES = ("add", "scaled", "staleness", "elastic")
+ROUND_MODES = ("elastic", "average")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    index: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a port chosen by the OS
+    advertise_host: str | None = None  # the host workers should dial, if not `host`
+    max_message_bytes: int = 1 << 31  # ZeroMQ drops a peer that sends a larger frame
+    max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
+    round_timeout_s: float = 60.0  # a synchronous round closes without the missing workers after this
+    poll_interval_s: float = 0.1  # how often timers (round timeout, checkpoints) are looked at
+
+
+@dataclass
+class _PushRecord:
+    seq: int
+    reply: dict[str, Any]
+    diff: np.ndarray | None = None  # elastic difference, re-sent on a retried push
+
+
+@dataclass
+class _Round:
+    number: int = 0
+    mode: str = ""
+    opened_at: float = 0.0
+    rows: np.ndarray | None = None  # (world, n) float32, one row per contributor
+    contributors: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # worker -> (identity, row)
+
+
+class Shard:
+    def __init__(self, config: ShardConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if config.port:
+            self.socket.bind(f"tcp://{config.host}:{config.port}")
+            self.port = config.port
+        else:
+            self.port = self.socket.bind_to_random_port(f"tcp://{config.host}")
+        self.endpoint = f"{config.advertise_host or config.host}:{self.port}"
+        self.centre: Centre | None = None
+        self.start = self.end = self.total = 0
+        self.world = 0
+        self.version = 0
+        self.stats = ShardStats()
+        self.lost: set[int] = set()
+        self.left: set[int] = set()
+        self.round = _Round()
+        self._pushes: dict[int, _PushRecord] = {}
+        self._stopping = False
+        self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
+        self._handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
+            "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
+            "BYE": self._bye, "STATS": self._stats, "PING": self._ping,
+        }
+        kernels.warm_up()
+
+    # ---- event loop -------------------------------------------------------
+
+    def serve(self, ready: Callable[[], None] | None = None) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        if ready is not None:
+            ready()
+        timeout_ms = int(self.config.poll_interval_s * 1000)
+        while not self._stopping:
+            if poller.poll(timeout_ms):
+                # Drain what is queued before looking at timers again.
+                for _ in range(64):
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            self._tick(time.monotonic())
+        log.info("shard %d stopping at version %d", self.config.index, self.version)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def handle(self, frames: list[Any]) -> None:
+        """One request: decode, dispatch, reply. Never raises."""
+        if len(frames) < 2:
+            self.stats.refused["malformed"] += 1
+            return  # not even an identity and a header: nothing to answer to
+        identity = frames[0].bytes
+        body = frames[1:]
+        self.stats.bytes_in += sum(len(f) for f in body)
+        try:
+            msg = protocol.decode(body)
+            handler = self._handlers.get(msg.op)
+            if handler is None:
+                raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by a shard; expected one of {sorted(self._handlers)}")
+            reply = handler(identity, msg)
+        except ProtocolError as exc:
+            self.stats.refused[exc.code] += 1
+            log.debug("shard %d refused a message: %s", self.config.index, exc)
+            reply = protocol.encode(error(exc.code, exc.reason))
+        except Exception as exc:  # a bug must not take the shard down; state is mutated last
+            self.stats.refused["internal"] += 1
+            log.exception("shard %d: internal error", self.config.index)
+            reply = protocol.encode(error("internal", f"{type(exc).__name__}: {exc}"))
+        if reply is not None:
+            self._send(identity, reply)
+
+    def _send(self, identity: bytes, frames: list[Any], track_centre: bool = False) -> None:
+        self.stats.bytes_out += sum(len(f) for f in frames)
+        try:
+            tracker = self.socket.send_multipart([identity, *frames], copy=False, track=track_centre)
+        except zmq.ZMQError as exc:  # peer gone: nothing else to do
+            log.debug("shard %d: reply not sent: %s", self.config.index, exc)
+            return
+        if track_centre and self.centre is not None:
+            self.centre.track(tracker)
+
+    def _reply_with_centre(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray] = ()) -> None:
+        """Reply whose last frame is the current centre, sent zero-copy and tracked."""
+        assert self.centre is not None
+        frames = protocol.encode(header, [*extra, self.centre.current])
+        self._send(identity, frames, track_centre=True)
+
+    # ---- helpers ----------------------------------------------------------
+
+    def _require_ready(self) -> Centre:
+        if self.centre is None:
+            raise ProtocolError("not_ready", f"shard {self.config.index} holds no weights yet; the first worker must INIT")
+        return self.centre
+
+    def _one_slice(self, msg: protocol.Message) -> np.ndarray:
+        if len(msg.arrays) != 1:
+            raise ProtocolError("frames", f"{msg.op} carries exactly one array frame, got {len(msg.arrays)}")
+        arr = msg.arrays[0]
+        if arr.dtype != np.float32:
+            raise ProtocolError("dtype", f"{msg.op} needs float32 ('<f4'), got {arr.dtype.str!r}")
+        if self.centre is not None and arr.shape[0] != self.centre.size:
+            raise ProtocolError("size", f"{msg.op} array has {arr.shape[0]} floats, shard {self.config.index} owns "
+                                        f"[{self.start}, {self.end}) = {self.centre.size}")
+        return arr
+
+    @staticmethod
+    def _worker(header: dict[str, Any]) -> int:
+        w = hfield(header, "worker", int)
+        if not 0 <= w < 1 << 31:
+            raise ProtocolError("malformed", f"worker id {w} out of range [0, 2^31)")
+        return w
+
+    # ---- handlers ---------------------------------------------------------
+
+    def _ping(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        return protocol.encode(ok(shard=self.config.index, version=self.version))
+
+    def _init(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        h = msg.header
+        start, end, total = hfield(h, "start", int), hfield(h, "end", int), hfield(h, "total", int)
+        world = hfield(h, "world", int)
+        if not (0 <= start < end <= total) or world < 1:
+            raise ProtocolError("malformed", f"INIT range [{start}, {end}) of {total} with world {world} is not valid")
+        arr = self._one_slice(msg)
+        if arr.shape[0] != end - start:
+            raise ProtocolError("size", f"INIT slice has {arr.shape[0]} floats for range [{start}, {end})")
+        if self.centre is not None:
+            if (start, end, total) != (self.start, self.end, self.total):
+                raise ProtocolError("mismatch", f"shard {self.config.index} already holds [{self.start}, {self.end}) "
+                                                f"of {self.total}; INIT asked for [{start}, {end}) of {total}")
+            return protocol.encode(ok(first=False, version=self.version))
+        finite, _ = kernels.check(arr)
+        if not finite:
+            raise ProtocolError("not_finite", "INIT weights contain NaN or Inf")
+        self.centre = Centre(arr)
+        self.start, self.end, self.total, self.world = start, end, total, world
+        log.info("shard %d initialised: [%d, %d) of %d floats, world %d", self.config.index, start, end, total, world)
+        return protocol.encode(ok(first=True, version=self.version))
+
+    def _pull(self, identity: bytes, msg: protocol.Message) -> None:
+        self._require_ready()
+        worker = self._worker(msg.header)
+        if msg.arrays:
+            raise ProtocolError("frames", f"PULL carries no array frame, got {len(msg.arrays)}")
+        self.stats.pulls[worker] += 1
+        self._reply_with_centre(identity, ok(version=self.version))
+        return None
+
+    def _push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
+        centre = self._require_ready()
+        h = msg.header
+        worker = self._worker(h)
+        seq = hfield(h, "seq", int)
+        pulled = hfield(h, "pulled", int)
+        mode = hfield(h, "mode", str)
+        scale = float(hfield(h, "scale", (int, float), 1.0))
+        want_pull = hfield(h, "pull", bool, False)
+        if mode not in PUSH_MODES:
+            raise ProtocolError("malformed", f"PUSH mode {mode!r} unknown; expected one of {PUSH_MODES}")
+        if not np.isfinite(scale):
+            raise ProtocolError("not_finite", f"PUSH scale {scale!r} is not finite")
+        delta = self._one_slice(msg)
+
+        last = self._pushes.get(worker)
+        if last is not None and seq <= last.seq:
+            # A retry of a push we applied (its reply was lost), or an older one: answer, don't apply.
+            self.stats.duplicates[worker] += 1
+            header = dict(last.reply, applied=False, version=self.version)
+            extra = [last.diff] if (last.diff is not None and seq == last.seq) else []
+            if want_pull:
+                self._reply_with_centre(identity, header, extra)
+                return None
+            return protocol.encode(header, extra)
+
+        staleness = max(self.version - pulled, 0)
+        out = centre.scratch()
+        diff = None
+        if mode == "add":
+            finite, norm = kernels.add(centre.current, delta, out)
+        elif mode == "scaled":
+            finite, norm = kernels.add_scaled(centre.current, delta, np.float32(scale), out)
+        elif mode == "staleness":
+            finite, norm = kernels.add_scaled(centre.current, delta, np.float32(scale / (staleness + 1)), out)
+        else:  # elastic: the delta frame is the worker's weights W; E = scale·(W − C)
+            diff = np.empty_like(out)
+            finite, norm = kernels.elastic(centre.current, delta, np.float32(scale), out, diff)
+        if not finite:
+            centre.discard(out)
+            raise ProtocolError("not_finite", f"update from worker {worker} contains NaN or Inf; the centre is unchanged")
+        limit = self.config.max_delta_norm
+        if limit and norm > limit:
+            centre.discard(out)
+            raise ProtocolError("too_large", f"update norm {norm:.4g} from worker {worker} exceeds --max-delta-norm {limit:g}")
+
+        centre.commit(out)
+        self.version += 1
+        self.stats.updates[worker] += 1
+        self.stats.record_staleness(worker, staleness)
+        self.stats.last_norm[worker] = norm
+        reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
+        self._pushes[worker] = _PushRecord(seq=seq, reply=reply, diff=diff)
+        extra = [diff] if diff is not None else []
+        if want_pull:
+            self._reply_with_centre(identity, reply, extra)
+            return None
+        return protocol.encode(reply, extra)
+
+    # ---- synchronous rounds -------------------------------------------------
+
+    def _expected(self) -> set[int]:
+        return set(range(self.world)) - self.lost - self.left
+
+    def _round_push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
+        centre = self._require_ready()
+        h = msg.header
+        worker = self._worker(h)
+        number = hfield(h, "round", int)
+        mode = hfield(h, "mode", str)
+        alpha = float(hfield(h, "alpha", (int, float), 1.0))
+        if mode not in ROUND_MODES:
+            raise ProtocolError("malformed", f"ROUND mode {mode!r} unknown; expected one of {ROUND_MODES}")
+        if worker >= self.world:
+            raise ProtocolError("malformed", f"worker {worker} is outside the world of {self.world}")
+        value = self._one_slice(msg)
+        rnd = self.round
+        if number != rnd.number:
+            raise ProtocolError("round", f"worker {worker} sent round {number}, shard {self.config.index} is at round "
+                                         f"{rnd.number}; pull the centre and continue from round {rnd.number}")
+        if rnd.contributors and mode != rnd.mode:
+            raise ProtocolError("round", f"round {number} is a {rnd.mode!r} round, worker {worker} sent {mode!r}")
+        if worker in rnd.contributors:  # a retry from a new socket: answer there
+            rnd.contributors[worker] = (identity, rnd.contributors[worker][1])
+            return None
+        finite, _ = kernels.check(value)
+        if not finite:
+            raise ProtocolError("not_finite", f"round {number} value from worker {worker} contains NaN or Inf")
+        if rnd.rows is None or not rnd.contributors:
+            rnd.rows = np.empty((self.world, centre.size), np.float32)  # (workers, n)
+            rnd.mode = mode
+            rnd.opened_at = time.monotonic()
+        row = len(rnd.contributors)
+        if mode == "elastic":  # E_i = α(W_i − C_r), against this round's centre
+            np.subtract(value, centre.current, out=rnd.rows[row])
+            rnd.rows[row] *= np.float32(alpha)
+        else:
+            rnd.rows[row] = value
+        rnd.contributors[worker] = (identity, row)
+        self.lost.discard(worker)  # a worker declared lost that comes back rejoins here
+        if self._expected() <= set(rnd.contributors):
+            self._close_round()
+        return None
+
+    def _close_round(self) -> None:
+        rnd = self.round
+        centre = self.centre
+        assert centre is not None and rnd.rows is not None
+        count = len(rnd.contributors)
+        out = centre.scratch()
+        replace = rnd.mode == "average"
+        scale = 1.0 / count if replace else 1.0
+        kernels.sum_round(centre.current, rnd.rows, count, scale, replace, out)
+        centre.commit(out)
+        self.version += 1
+        for worker in rnd.contributors:
+            self.stats.updates[worker] += 1
+            self.stats.record_staleness(worker, 0)
+        log.debug("shard %d closed round %d with %d worker(s)", self.config.index, rnd.number, count)
+        rows, contributors = rnd.rows, rnd.contributors
+        self.round = _Round(number=rnd.number + 1)
+        header = ok(version=self.version, round=self.round.number, workers=count)
+        for worker, (identity, row) in contributors.items():
+            extra = [rows[row]] if rnd.mode == "elastic" else []
+            self._reply_with_centre(identity, header, extra)
+
+    def _tick(self, now: float) -> None:
+        if self.on_tick is not None:
+            self.on_tick()
+        rnd = self.round
+        if rnd.contributors and now - rnd.opened_at > self.config.round_timeout_s:
+            missing = sorted(self._expected() - set(rnd.contributors))
+            log.warning("shard %d: round %d closes without worker(s) %s after %.1f s; they are marked lost",
+                        self.config.index, rnd.number, missing, self.config.round_timeout_s)
+            self.lost.update(missing)
+            self._close_round()
+
+    def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        worker = self._worker(msg.header)
+        self.left.add(worker)
+        rnd = self.round
+        if rnd.contributors and self._expected() <= set(rnd.contributors):
+            self._close_round()
+        return protocol.encode(ok())
+
+    def _stats(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        s = self.stats.to_wire()
+        s.update(shard=self.config.index, endpoint=self.endpoint, start=self.start, end=self.end, total=self.total,
+                 version=self.version, initialised=self.centre is not None, world=self.world,
+                 round=self.round.number, lost=sorted(self.lost), left=sorted(self.left))
+        return protocol.encode(ok(stats=s))
