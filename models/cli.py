@@ -1,0 +1,129 @@
+"""The data commands of `notpu`: generate, prepare, baseline, predict, demo.
+
+Each handler builds the same frozen config the Python API takes and returns an
+exit code; heavy imports (LightGBM, TensorFlow, matplotlib) happen inside the
+handlers so `notpu --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from models.events import EventColumns
+
+
+def _add_columns(p: argparse.ArgumentParser, default: str | None = "spec") -> None:
+    names = EventColumns()
+    for flag, role in (("--id-col", "id"), ("--time-col", "time"), ("--type-col", "type"), ("--value-col", "value")):
+        dflt = getattr(names, role) if default is None else None
+        p.add_argument(flag, dest=f"{role}_col", default=dflt, metavar="NAME",
+                       help=f"column with the {role} (default: {getattr(names, role) if default is None else 'as in the spec'})")
+
+
+def _columns(args: argparse.Namespace) -> EventColumns:
+    return EventColumns(id=args.id_col, time=args.time_col, type=args.type_col, value=args.value_col)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from models.generate import GeneratorConfig, generate_events, write_events
+
+    t0 = time.perf_counter()
+    cfg = GeneratorConfig(players=args.players, days=args.days, seed=args.seed, churn_rate=args.churn_rate, signal=args.signal)
+    table = generate_events(cfg)
+    write_events(table, args.out)
+    print(f"{table.num_rows} events of {cfg.players} players over {cfg.days}+{cfg.label_days} days "
+          f"-> {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from models.prepare import PrepareConfig, prepare
+
+    spec = prepare(PrepareConfig(
+        events=args.events, out=args.out, cutoff=args.cutoff, observation_days=args.observation_days,
+        label_days=args.label_days, session_type=args.session_type, min_sessions=args.min_sessions,
+        min_active_days=args.min_active_days, max_types=args.max_types, columns=_columns(args),
+    ))
+    c = spec["counts"]
+    print(f"{c['customers_kept']} customers x {spec['window']['observation_days']} days x {len(spec['features'])} features, "
+          f"churn rate {c['churn_rate']:.3f}, {c['customers_dropped_newcomers']} newcomers left out, "
+          f"cut-off {spec['window']['cutoff']} -> {args.out}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from models.baseline import BaselineConfig, baseline
+
+    result = baseline(BaselineConfig(data_dir=args.dir, n_jobs=args.jobs))
+    print(f"baseline test AUC {result['test_auc']:.4f} (val {result['val_auc']:.4f}, "
+          f"{result['best_iteration']} rounds) -> {args.dir}/baseline.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from models.predict import PredictConfig, predict
+
+    cols = None
+    if any(getattr(args, f"{r}_col") for r in ("id", "time", "type", "value")):
+        from models.predict import load_spec
+        from pathlib import Path
+
+        spec_cols = EventColumns(**load_spec(Path(args.model), args.spec)["columns"])
+        cols = EventColumns(**{r: getattr(args, f"{r}_col") or getattr(spec_cols, r) for r in ("id", "time", "type", "value")})
+    scores = predict(PredictConfig(model=args.model, events=args.events, out=args.out, spec=args.spec,
+                                   cutoff=args.cutoff, columns=cols))
+    print(f"{len(scores)} customers scored -> {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from models.demo import DemoConfig, demo
+
+    return demo(DemoConfig(out=args.out, players=args.players, seed=args.seed, epochs=args.epochs, hidden=args.hidden))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add generate, prepare, baseline, predict and demo to the `notpu` parser."""
+    p = sub.add_parser("generate", help="write a synthetic MMO game log with churners")
+    p.add_argument("--players", type=int, required=True)
+    p.add_argument("--days", type=int, default=90, help="observation days before the cut-off (21 label days follow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--churn-rate", type=float, default=0.3)
+    p.add_argument("--signal", type=float, default=1.0, help="strength of churners' fading patterns (0 = none)")
+    p.add_argument("--out", required=True, help="events.parquet or events.csv")
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("prepare", help="event log -> X.npy, y.npy, ids.npy, spec.json")
+    p.add_argument("events", help="CSV or Parquet event log")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--cutoff", help="ISO date (UTC); default: --label-days before the end of the log")
+    p.add_argument("--observation-days", type=int, default=90)
+    p.add_argument("--label-days", type=int, default=21)
+    p.add_argument("--session-type", default="connect", help="event type that marks a session")
+    p.add_argument("--min-sessions", type=int, default=2, help="churn = fewer sessions than this in the label window")
+    p.add_argument("--min-active-days", type=int, default=7, help="leave out customers with fewer active days")
+    p.add_argument("--max-types", type=int, default=50, help="kept types incl. 'other'")
+    _add_columns(p, default=None)
+    p.set_defaults(handler=cmd_prepare)
+
+    p = sub.add_parser("baseline", help="LightGBM on period aggregates; writes DIR/baseline.json")
+    p.add_argument("dir", help="a directory written by `notpu prepare`")
+    p.add_argument("--jobs", type=int, default=0, help="threads (default: all cores)")
+    p.set_defaults(handler=cmd_baseline)
+
+    p = sub.add_parser("predict", help="score new events with RUN/model.keras")
+    p.add_argument("model", help="RUN/model.keras")
+    p.add_argument("events", help="CSV or Parquet event log")
+    p.add_argument("--out", required=True, help="scores.csv (id,churn_probability)")
+    p.add_argument("--spec", help="spec.json (default: next to the model)")
+    p.add_argument("--cutoff", help="end of the observation window, ISO date (default: end of the log)")
+    _add_columns(p)
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
+    p.add_argument("--out", default="notpu-demo")
+    p.add_argument("--players", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=64)
+    p.set_defaults(handler=cmd_demo)

@@ -1,0 +1,116 @@
+"""`notpu predict`: score new events with a trained model and the spec it was trained on.
+
+The spec (types, aggregations, scaling, window length) is applied unchanged: types
+the spec does not know go to 'other', and the observation window is the spec's
+number of days up to the end of the new log (or up to --cutoff). Every customer
+with at least one event in that window gets a score.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.events import DAY_S, EventColumns, iter_events, last_timestamp
+from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window
+from models.prepare import OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
+from pserver.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_ROWS = 20_000  # below this a progress bar is noise
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str
+    events: str
+    out: str
+    spec: str | None = None  # default: spec.json next to the model
+    cutoff: str | None = None  # default: the end of the new log's last UTC day
+    batch_size: int = 1024  # customers per forward pass
+    columns: EventColumns | None = field(default=None)  # default: the column names in the spec
+
+
+def load_spec(model_path: Path, spec_path: str | None) -> dict:
+    path = Path(spec_path) if spec_path else model_path.parent / "spec.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no feature spec; pass --spec DIR/spec.json (the one `notpu prepare` wrote)")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}); pass the spec.json that `notpu prepare` wrote") from None
+    if spec.get("format") != SPEC_FORMAT or spec.get("scaling", {}).get("name") != SCALING \
+            or spec.get("aggregations") != list(AGGREGATIONS) or OTHER not in spec.get("types", []):
+        raise DataError(f"{path}: not a {SPEC_FORMAT} feature spec; re-run `notpu prepare` with this version")
+    return spec
+
+
+def build_features(events: str, spec: dict, columns: EventColumns, cutoff: str | None) -> tuple[DailyAggregator, np.ndarray]:
+    """Aggregate the new log with the spec; returns the aggregator and its rows sorted by id."""
+    end = parse_cutoff(cutoff) if cutoff else (last_timestamp(events, columns) // DAY_S + 1) * DAY_S
+    days = int(spec["window"]["observation_days"])
+    types = list(spec["types"])
+    agg = DailyAggregator(Window(start_s=end - days * DAY_S, days=days), len(types))
+    for b in iter_events(events, columns):
+        inside = (b.ts_s >= agg.window.start_s) & (b.ts_s < agg.window.end_s)
+        cust = agg.encode(b.id_codes, b.id_uniques, inside)
+        agg.add(cust, b.ts_s, type_index(b.type_uniques, types)[b.type_codes], b.value)
+    if agg.n_customers == 0:
+        raise DataError(f"{events}: no events between {iso(agg.window.start_s)} and {iso(end)}; check --cutoff")
+    rows = np.argsort(agg.ids(), kind="stable")
+    newcomers = int((agg.active_days() < spec.get("filter", {}).get("min_active_days", 0)).sum())
+    if newcomers:
+        log.info("%d of %d customers have fewer active days than the training filter; their scores are less reliable",
+                 newcomers, agg.n_customers)
+    return agg, rows
+
+
+def predict(cfg: PredictConfig) -> pd.DataFrame:
+    """Write `id,churn_probability` to cfg.out (atomically) and return it."""
+    model_path = Path(cfg.model)
+    if not model_path.is_file():
+        raise DataError(f"{model_path}: no such model; pass RUN/model.keras written by `notpu train`")
+    spec = load_spec(model_path, cfg.spec)
+    columns = cfg.columns or EventColumns(**spec["columns"])
+    agg, rows = build_features(cfg.events, spec, columns, cfg.cutoff)
+    model = _load_keras(model_path)
+    want = (agg.window.days, len(spec["types"]) * len(AGGREGATIONS))
+    got = tuple(model.input_shape[1:])
+    if got != want:
+        raise DataError(f"{model_path}: model takes (days, features) = {got}, the spec gives {want}; pass the matching --spec")
+
+    from tqdm import tqdm
+
+    probs = np.empty(rows.size, np.float32)  # (customers,)
+    starts = range(0, rows.size, cfg.batch_size)
+    for i in tqdm(starts, desc="predict", unit="batch", disable=rows.size < PROGRESS_MIN_ROWS):
+        x = agg.block(rows[i:i + cfg.batch_size])  # (b, days, features) float32
+        probs[i:i + x.shape[0]] = np.asarray(model(x, training=False))[:, 1]  # softmax column 1 = churn
+    scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        scores.to_csv(tmp, index=False, float_format="%.6f")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out, float(probs.mean()))
+    return scores
+
+
+def _load_keras(path: Path):  # noqa: ANN202 - keras is imported lazily, so no annotation
+    # TensorFlow is imported here only: the rest of the CLI must start fast.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0]})") from None
