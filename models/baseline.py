@@ -56,7 +56,7 @@ def period_features(x_block: np.ndarray, n_types: int) -> np.ndarray:
         # The daily tensor does not keep how many events had a value, so the mean is per event.
         mean = np.where(c > 0, s / np.maximum(c, 1), 0.0)
         out += [c, s, mn, mx, mean, day_active[:, sl].sum(axis=1, keepdims=True)]
-    last = np.where(day_active.any(axis=1), days - 1 - np.argmax(day_active[:, ::-1], axis=1), days)
+    last = np.where(day_active.any(axis=1), np.argmax(day_active[:, ::-1], axis=1), days)  # 0 = active on the last day
     out.append(last[:, None].astype(np.float64))  # days since the last active day
     return np.concatenate(out, axis=1).astype(np.float32)
 
