@@ -85,13 +85,14 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     if got != want:
         raise DataError(f"{model_path}: model takes (days, features) = {got}, the spec gives {want}; pass the matching --spec")
 
+    import keras
     from tqdm import tqdm
 
     probs = np.empty(rows.size, np.float32)  # (customers,)
     starts = range(0, rows.size, cfg.batch_size)
     for i in tqdm(starts, desc="predict", unit="batch", disable=rows.size < PROGRESS_MIN_ROWS):
         x = agg.block(rows[i:i + cfg.batch_size])  # (b, days, features) float32
-        probs[i:i + x.shape[0]] = np.asarray(model(x, training=False))[:, 1]  # softmax column 1 = churn
+        probs[i:i + x.shape[0]] = keras.ops.convert_to_numpy(model(x, training=False))[:, 1]  # softmax column 1 = churn
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
