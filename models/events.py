@@ -202,6 +202,20 @@ def _parse_text_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray
     return np.floor_divide(ns, 1_000_000_000)
 
 
+def check_columns(path: str | Path, columns: EventColumns = EventColumns(), roles: Sequence[str] = ALL_ROLES) -> None:
+    """Fail early, before any pass, if the file or one of the named columns is missing."""
+    path = Path(path)
+    _check_file(path)
+    if detect_format(path) == "parquet":
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
+    else:
+        names = _csv_header(path)
+    _check_columns(path, names, columns, roles)
+
+
 def iter_events(
     path: str | Path,
     columns: EventColumns = EventColumns(),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.events import DAY_S, EventColumns, iter_events, last_timestamp
+from models.events import DAY_S, EventColumns, check_columns, iter_events, last_timestamp
 from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window
 from models.prepare import OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
 from pserver.errors import DataError
@@ -53,6 +53,7 @@ def load_spec(model_path: Path, spec_path: str | None) -> dict:
 
 def build_features(events: str, spec: dict, columns: EventColumns, cutoff: str | None) -> tuple[DailyAggregator, np.ndarray]:
     """Aggregate the new log with the spec; returns the aggregator and its rows sorted by id."""
+    check_columns(events, columns)
     end = parse_cutoff(cutoff) if cutoff else (last_timestamp(events, columns) // DAY_S + 1) * DAY_S
     days = int(spec["window"]["observation_days"])
     types = list(spec["types"])

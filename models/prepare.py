@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.events import DAY_S, CodeBook, EventColumns, detect_format, iter_events
+from models.events import DAY_S, CodeBook, EventColumns, check_columns, detect_format, iter_events
 from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, feature_names
 from models.outdir import check_replaceable, staged_dir
 from pserver.errors import DataError
@@ -119,6 +119,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     _check_options(cfg)
     out = Path(cfg.out)
     check_replaceable(out, marker="spec.json")
+    check_columns(cfg.events, cfg.columns)
     t0 = time.perf_counter()
     s = survey(cfg.events, cfg.columns)
     end_of_log = (s.last_s // DAY_S + 1) * DAY_S  # the end of the last event's UTC day
