@@ -12,12 +12,12 @@ import time
 from models.events import EventColumns
 
 
-def _add_columns(p: argparse.ArgumentParser, default: str | None = "spec") -> None:
+def _add_columns(p: argparse.ArgumentParser, from_spec: bool) -> None:
+    """--id-col/--time-col/--type-col/--value-col; predict defaults to the names saved in the spec."""
     names = EventColumns()
     for flag, role in (("--id-col", "id"), ("--time-col", "time"), ("--type-col", "type"), ("--value-col", "value")):
-        dflt = getattr(names, role) if default is None else None
-        p.add_argument(flag, dest=f"{role}_col", default=dflt, metavar="NAME",
-                       help=f"column with the {role} (default: {getattr(names, role) if default is None else 'as in the spec'})")
+        p.add_argument(flag, dest=f"{role}_col", default=None if from_spec else getattr(names, role), metavar="NAME",
+                       help=f"column with the {role} (default: {'as in the spec' if from_spec else getattr(names, role)})")
 
 
 def _columns(args: argparse.Namespace) -> EventColumns:
@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-sessions", type=int, default=2, help="churn = fewer sessions than this in the label window")
     p.add_argument("--min-active-days", type=int, default=7, help="leave out customers with fewer active days")
     p.add_argument("--max-types", type=int, default=50, help="kept types incl. 'other'")
-    _add_columns(p, default=None)
+    _add_columns(p, from_spec=False)
     p.set_defaults(handler=cmd_prepare)
 
     p = sub.add_parser("baseline", help="LightGBM on period aggregates; writes DIR/baseline.json")
@@ -117,13 +117,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="scores.csv (id,churn_probability)")
     p.add_argument("--spec", help="spec.json (default: next to the model)")
     p.add_argument("--cutoff", help="end of the observation window, ISO date (default: end of the log)")
-    _add_columns(p)
+    _add_columns(p, from_spec=True)
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
     p.add_argument("--out", default="notpu-demo")
     p.add_argument("--players", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden", type=int, default=64)
     p.set_defaults(handler=cmd_demo)

@@ -31,6 +31,7 @@ from pserver.errors import DataError
 
 log = logging.getLogger(__name__)
 
+BATCH_ROWS_OUT = 1 << 20  # Parquet row groups of ~1M events: what prepare reads per batch
 START_UNIX_S = 1_704_067_200  # 2024-01-01T00:00:00Z: day 0 of every generated log
 
 # Actions inside a session and their base weights (share of actions for a clan
@@ -264,5 +265,3 @@ def write_events(table: pa.Table, out: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
     return out
 
-
-BATCH_ROWS_OUT = 1 << 20  # Parquet row groups of ~1M events: what prepare reads per batch
