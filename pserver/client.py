@@ -56,7 +56,6 @@ class _Peer:
             self.socket.close(linger=0)
         s = self.context.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
         if self.curve:
             s.curve_secretkey = self.curve["secret"]
             s.curve_publickey = self.curve["public"]

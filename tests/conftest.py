@@ -1,0 +1,97 @@
+"""Fixtures that start real servers as real processes, with bounded waits and no leftovers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+
+# Workers and tests share 2 cores: keep TensorFlow and BLAS from oversubscribing them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
+    """Stop a process and everything it started; SIGKILL what is left after the grace period."""
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, address: str, log_path: Path) -> None:
+        self.proc = proc
+        self.address = address
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def pserver(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: start `pserver start ...` as a real process; returns once it is ready."""
+    started: list[Server] = []
+
+    def start(*args: str, timeout_s: float = 30.0) -> Server:
+        ready = tmp_path / f"ready{len(started)}.json"
+        log_path = tmp_path / f"pserver{len(started)}.log"
+        cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--ready-file", str(ready), *args]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        server = Server(proc, "", log_path)
+        started.append(server)
+
+        def is_ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"pserver exited with {proc.returncode}:\n{server.log()}")
+            return ready.is_file()
+
+        wait_for(is_ready, timeout_s, "pserver to be ready")
+        server.address = json.loads(ready.read_text())["address"]
+        return server
+
+    yield start
+    for s in started:
+        kill_tree(s.proc)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail a test that leaves child processes of the test runner behind."""
+    yield
+    me = psutil.Process()
+    left = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if left:
+        for p in left:
+            p.kill()
+        psutil.wait_procs(left, timeout=5)
+        pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")

@@ -1,0 +1,80 @@
+"""Every Numba kernel equals its numpy re-statement, and reports finiteness and norm."""
+import numpy as np
+import pytest
+
+from pserver import kernels
+
+SIZES = [1, 7, 1000, 2_447_562]
+
+
+def vectors(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+
+
+def norm64(x):
+    return float(np.sqrt(np.sum(np.asarray(x, np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_add(n):
+    c, d = vectors(n)
+    out = np.empty_like(c)
+    finite, norm = kernels.add(c, d, out)
+    np.testing.assert_array_equal(out, c + d)
+    assert finite and norm == pytest.approx(norm64(d), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_add_scaled(n):
+    c, d = vectors(n, 1)
+    out = np.empty_like(c)
+    s = np.float32(1 / 12)
+    finite, norm = kernels.add_scaled(c, d, s, out)
+    np.testing.assert_array_equal(out, c + s * d)
+    assert finite and norm == pytest.approx(norm64(s * d), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_elastic(n):
+    c, w = vectors(n, 2)
+    out, diff = np.empty_like(c), np.empty_like(c)
+    a = np.float32(0.05)
+    finite, norm = kernels.elastic(c, w, a, out, diff)
+    e = a * (w - c)
+    np.testing.assert_array_equal(diff, e)
+    np.testing.assert_array_equal(out, c + e)
+    assert finite and norm == pytest.approx(norm64(e), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", SIZES[:3])
+@pytest.mark.parametrize("replace", [False, True])
+def test_sum_round(n, replace):
+    c, _ = vectors(n, 3)
+    rows = np.random.default_rng(4).standard_normal((5, n)).astype(np.float32)
+    out = np.empty_like(c)
+    count = 3
+    scale = 1 / count if replace else 1.0
+    finite, norm = kernels.sum_round(c, rows, count, scale, replace, out)
+    s = rows[:count].astype(np.float64).sum(axis=0)
+    expected = (scale * s if replace else c.astype(np.float64) + s).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
+    assert finite and norm == pytest.approx(norm64(expected.astype(np.float64) - c), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_is_reported_and_centre_untouched(bad):
+    c, d = vectors(1000)
+    before = c.copy()
+    d[500] = bad
+    out = np.empty_like(c)
+    for finite, _ in (kernels.add(c, d, out), kernels.add_scaled(c, d, np.float32(0.5), out),
+                      kernels.elastic(c, d, np.float32(0.5), out, np.empty_like(c)), kernels.check(d)):
+        assert not finite
+    np.testing.assert_array_equal(c, before)
+
+
+def test_largest_finite_float32_is_still_finite():
+    d = np.full(10, np.finfo(np.float32).max, np.float32)
+    finite, norm = kernels.check(d)
+    assert finite and np.isfinite(norm)
