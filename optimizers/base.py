@@ -60,3 +60,48 @@ def as_flat(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32 or x.ndim != 1:
         raise ValueError(f"expected a flat float32 vector, got {x.dtype} {x.shape}")
     return x
+
+
+class Exchange:
+    """What a worker does every λ local steps; subclasses implement `exchange`.
+
+    ``client`` is a joined `pserver.client.Client`. Vectors are flat float32
+    (total,). Staleness seen by this worker's pushes is kept in
+    ``self.staleness`` (one entry per exchange: the largest over shards).
+    """
+
+    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float = 300.0) -> None:
+        self.client = client
+        self.window = window
+        self.alpha = alpha
+        self.round_timeout_s = round_timeout_s
+        self.staleness: list[int] = []
+        self.exchanges = 0
+
+    def start(self, w: np.ndarray) -> np.ndarray:
+        """Pull the centre; the worker starts from it."""
+        centre = self.client.pull()
+        self.pulled = centre.copy()  # W at the last pull, (total,)
+        self._delta = np.empty_like(centre)
+        return centre
+
+    def exchange(self, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, w: np.ndarray) -> np.ndarray:
+        self.exchanges += 1
+        return self.exchange(as_flat(w))
+
+    def record(self, staleness: list[int]) -> None:
+        self.staleness.append(max(staleness) if staleness else 0)
+
+
+def make_rule(name: str, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float = 300.0) -> Exchange:
+    from optimizers.async_rules import AEASGD, EAMSGD, Adag, Downpour, DynSGD
+    from optimizers.sync_rules import EASGD, Averaging
+
+    classes = {"downpour": Downpour, "adag": Adag, "dynsgd": DynSGD, "aeasgd": AEASGD, "eamsgd": EAMSGD,
+               "easgd": EASGD, "averaging": Averaging}
+    if name not in classes:
+        raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(classes)}")
+    return classes[name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s)
