@@ -61,7 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", default=None, help="write {address, pid} here as JSON once ready")
     s.add_argument("--exit-when-done", action="store_true", help="stop once every worker is done or lost")
     s.add_argument("--insecure", action="store_true", help="allow binding a non-loopback address without keys")
+    s.add_argument("--keys", default=None, metavar="DIR",
+                   help="CurveZMQ: encrypt, and admit only the public keys in DIR/allowed (see `pserver keys`)")
+    s.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="shards save their slice here; a shard that dies is restarted from it")
+    s.add_argument("--checkpoint-every-s", type=float, default=30.0, help="seconds between checkpoints (default 30)")
+    s.add_argument("--restore", default=None, metavar="DIR", help="resume the model and every shard from DIR")
+    s.add_argument("--max-delta-norm-factor", type=float, default=0.0,
+                   help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
+    s.add_argument("--max-staleness", type=int, default=-1,
+                   help="SSP: a worker more than K updates ahead of the slowest live one waits (-1: off)")
     s.set_defaults(handler=cmd_start)
+
+    k = sub.add_parser("keys", help="create a server key pair and worker key pairs for --keys")
+    k.add_argument("dir", help="directory to create (server.key*, workers/, allowed/)")
+    k.add_argument("--workers", type=int, default=1, help="worker key pairs to create (default 1)")
+    k.set_defaults(handler=cmd_keys)
 
     t = sub.add_parser("stats", help="print per-shard versions, updates, bytes, refusals and staleness")
     t.add_argument("address", help="the coordinator's host:port")
@@ -77,8 +92,19 @@ def cmd_start(args: argparse.Namespace) -> int:
         run=run_config_from(args, args.workers),
         max_message_bytes=int(args.max_message_mb * (1 << 20)), max_delta_norm=args.max_delta_norm,
         round_timeout_s=args.round_timeout_s, worker_timeout_s=args.worker_timeout_s,
-        ready_file=args.ready_file, exit_when_done=args.exit_when_done, insecure=args.insecure)
+        ready_file=args.ready_file, exit_when_done=args.exit_when_done, insecure=args.insecure,
+        keys_dir=args.keys, checkpoint_dir=args.checkpoint_dir, checkpoint_every_s=args.checkpoint_every_s,
+        restore=args.restore, max_delta_norm_factor=args.max_delta_norm_factor, max_staleness=args.max_staleness)
     run_server(config, on_ready=lambda address: print(f"pserver ready at {address}", flush=True))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pserver.security import create_keys
+
+    root = create_keys(args.dir, args.workers)
+    print(f"wrote {root}/server.key (give to workers), {root}/server.key_secret (keep on the server), "
+          f"{args.workers} worker key pair(s) in {root}/workers/ and the allow-list {root}/allowed/")
     return 0
 
 
@@ -110,7 +136,11 @@ def format_stats(reply: dict[str, Any]) -> str:
         lines.append(f"shard {s['shard']} at {s['endpoint']} [{s['start']}, {s['end']}): version {s['version']}, "
                      f"in {s['bytes_in'] / 2**20:.1f} MiB, out {s['bytes_out'] / 2**20:.1f} MiB, refused {refused}"
                      + (f" {s['refused']}" if refused else "")
-                     + f", mean staleness {mean_staleness(s['staleness']):.2f}")
+                     + f", mean staleness {mean_staleness(s['staleness']):.2f}"
+                     + (f", lost {s['lost']}" if s.get("lost") else ""))
+        if "ssp" in s:
+            gaps = " ".join(f"{g}:{n}" for g, n in s["ssp"]["gaps"].items()) or "-"
+            lines.append(f"  SSP bound {s['ssp']['max_staleness']}: clock gaps {gaps}, {s['ssp']['waits']} push(es) waited")
         for worker in sorted(s["updates"], key=int):
             lines.append(f"  worker {worker}: {s['updates'][worker]} updates, staleness "
                          f"{histogram_summary(s['staleness'].get(worker, []))}")

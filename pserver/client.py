@@ -218,7 +218,8 @@ class Client:
         if not reply["first"]:
             return False
         reqs = [protocol.encode({"op": "INIT", "start": s.start, "end": s.end, "total": layout.total,
-                                 "world": self.world}, [flat[s.start:s.end]]) for s in self.shards]
+                                 "world": self.world, "fingerprint": layout.fingerprint()}, [flat[s.start:s.end]])
+                for s in self.shards]
         exchange(self._peers, reqs, self.config, "INIT")
         self.versions = [0] * len(self.shards)
         return True

@@ -55,6 +55,8 @@ class Coordinator:
             "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
         }
+        self.curve: dict[str, bytes] | None = None  # client keys for asking CurveZMQ shards (pserver.security)
+        self.on_model: Callable[[], Any] | None = None  # called once the first INIT fixed the model (checkpoints)
         self._stopping = False
 
     @property
@@ -173,6 +175,8 @@ class Coordinator:
         self.layout = layout
         self.architecture = architecture or None
         self.ranges = shard_ranges(layout.total, self.n_shards)
+        if self.on_model is not None:
+            self.on_model()
         log.info("model of %d tensors, %d floats, over %d shard(s)", len(layout.tensors), layout.total, self.n_shards)
         return protocol.encode(ok(first=True, shards=self.shard_map(), world=self.world))
 
@@ -224,7 +228,8 @@ class Coordinator:
         shards = []
         for k, endpoint in sorted(self.endpoints.items()):
             try:
-                shards.append(query_shard_stats(endpoint, self.socket.context, timeout_s=self.shard_timeout_s))
+                shards.append(query_shard_stats(endpoint, self.socket.context, timeout_s=self.shard_timeout_s,
+                                                curve=self.curve))
             except NotpuError as exc:
                 shards.append({"shard": k, "endpoint": endpoint, "error": str(exc)})
         return protocol.encode(ok(coordinator=self.summary(), shards=shards))

@@ -6,6 +6,8 @@ for each tensor; shard k owns ``[start_k, end_k)`` of that vector.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -68,6 +70,11 @@ class Layout:
             names.append(entry[0])
             shapes.append(entry[1])
         return cls.from_shapes(shapes, names)
+
+    def fingerprint(self) -> str:
+        """sha256 of the shapes (names excluded: Keras renames layers between sessions)."""
+        text = json.dumps([list(t.shape) for t in self.tensors], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def difference(self, other: "Layout") -> str | None:
         """None if equal, else a sentence naming the first difference."""

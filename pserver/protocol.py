@@ -143,7 +143,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError("malformed", f"frame 0 must be a msgpack map, got {type(header).__name__}")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and True equal 1 in Python
         raise ProtocolError("version", f"protocol version {version!r}, this server speaks {PROTOCOL_VERSION}")
     op = header.get("op")
     if not isinstance(op, str):

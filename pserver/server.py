@@ -19,12 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
+from pserver import checkpoint, security, supervisor
 from pserver.coordinator import Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 
@@ -46,6 +47,12 @@ class ServerConfig:
     ready_file: str | None = None
     exit_when_done: bool = False  # stop once every worker said DONE (or was lost)
     insecure: bool = False
+    keys_dir: str | None = None  # CurveZMQ on every socket, admitting DIR/allowed (pserver.security)
+    checkpoint_dir: str | None = None  # shards checkpoint here; a dead shard is restarted from it
+    checkpoint_every_s: float = 30.0
+    restore: str | None = None  # resume the model and every shard from this checkpoint directory
+    max_delta_norm_factor: float = 0.0
+    max_staleness: int = -1
 
 
 def _check(config: ServerConfig) -> None:
@@ -53,16 +60,29 @@ def _check(config: ServerConfig) -> None:
         raise ConfigError(f"--shards must be at least 1, got {config.shards}")
     if config.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {config.workers}")
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.insecure:
-        raise ConfigError(f"binding {config.host} exposes the server beyond this machine; pass --keys DIR "
-                          f"to encrypt and authenticate, or --insecure to accept the risk")
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.keys_dir:
+        if not config.insecure:
+            raise ConfigError(f"binding {config.host} exposes the server beyond this machine; pass --keys DIR "
+                              f"to encrypt and authenticate, or --insecure to accept the risk")
+        log.warning("--insecure: %s is bound without encryption or authentication; anyone who can reach it "
+                    "can read and overwrite the model. Use --keys DIR (see `pserver keys`)", config.host)
+    if config.keys_dir:
+        security.server_keys(config.keys_dir)  # fails early, naming the missing file
 
 
-def spawn_shard(config: ServerConfig, index: int, coordinator: str) -> subprocess.Popen:
+def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 0,
+                restore: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pserver.shard_process", "--index", str(index), "--coordinator", coordinator,
            "--host", config.host, "--parent", str(os.getpid()),
            "--max-message-bytes", str(config.max_message_bytes), "--max-delta-norm", str(config.max_delta_norm),
-           "--round-timeout-s", str(config.round_timeout_s)]
+           "--round-timeout-s", str(config.round_timeout_s), "--port", str(port),
+           "--max-delta-norm-factor", str(config.max_delta_norm_factor), "--max-staleness", str(config.max_staleness)]
+    if config.keys_dir:
+        cmd += ["--keys", config.keys_dir]
+    if config.checkpoint_dir:
+        cmd += ["--checkpoint-dir", config.checkpoint_dir, "--checkpoint-every-s", str(config.checkpoint_every_s)]
+        if restore:
+            cmd.append("--restore")
     return subprocess.Popen(cmd)
 
 
@@ -82,11 +102,16 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run in the foreground until SIGINT/SIGTERM (or all workers are done). Returns the final summary."""
+    if config.restore and not config.checkpoint_dir:
+        config = replace(config, checkpoint_dir=config.restore)  # go on checkpointing where we resumed from
     _check(config)
+    restored = checkpoint.check_restore(config.restore, config.shards) if config.restore else None
     context = zmq.Context.instance()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 1 << 24)  # the coordinator carries headers only
+    if config.keys_dir:
+        security.secure_server_socket(sock, config.keys_dir)
     try:
         port = config.port or sock.bind_to_random_port(f"tcp://{config.host}")
         if config.port:
@@ -96,6 +121,13 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     address = f"{config.host}:{port}"
     coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run,
                         worker_timeout_s=config.worker_timeout_s)
+    if config.keys_dir:
+        coord.curve = security.internal_curve(config.keys_dir)
+    if restored is not None:
+        supervisor.restore_model(coord, restored, config.restore)
+    if config.checkpoint_dir:
+        coord.on_model = lambda: supervisor.persist_model(coord, config.checkpoint_dir)
+    notifier = supervisor.LivenessNotifier(coord, coord.curve)
     procs: list[subprocess.Popen] = []
     stopping = {"signal": None}
 
@@ -105,7 +137,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        procs = [spawn_shard(config, k, address) for k in range(config.shards)]
+        procs += [spawn_shard(config, k, address, restore=restored is not None) for k in range(config.shards)]
         deadline = time.monotonic() + config.startup_timeout_s
 
         def started() -> bool:
@@ -129,20 +161,21 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
             if on_ready:
                 on_ready(address)
 
-            reported: set[int] = set()
+            respawn = (lambda k, port: spawn_shard(config, k, address, port=port, restore=True)) \
+                if config.checkpoint_dir else None
+            watch = supervisor.ShardWatch(coord, procs, respawn)
 
             def finished() -> bool:
-                for k, p in enumerate(procs):
-                    if p.poll() is not None and k not in reported:
-                        reported.add(k)
-                        log.error("shard %d (pid %d) exited with code %s; workers will wait for it to come back "
-                                  "at %s", k, p.pid, p.returncode, coord.endpoints.get(k))
+                watch.check()
+                notifier.check()
                 return config.exit_when_done and coord.finished
 
             coord.serve(until=finished)
         return coord.summary()
     finally:
         stop_processes(procs)
+        notifier.close()
         sock.close(linger=0)
+        security.stop_authenticators()
         for s, h in old.items():
             signal.signal(s, h)

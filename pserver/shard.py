@@ -22,10 +22,12 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import kernels, protocol
+from pserver import kernels, protocol, security
 from pserver.centre import Centre
 from pserver.errors import ProtocolError
+from pserver.norms import NormGuard
 from pserver.protocol import error, field as hfield, ok
+from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class ShardConfig:
     max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
     round_timeout_s: float = 60.0  # a synchronous round closes without the missing workers after this
     poll_interval_s: float = 0.1  # how often timers (round timeout, checkpoints) are looked at
+    max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
+    max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)
+    keys_dir: str | None = None  # CurveZMQ server keys and allow-list (pserver.security)
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Shard:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if config.keys_dir:
+            security.secure_server_socket(self.socket, config.keys_dir)
         if config.port:
             self.socket.bind(f"tcp://{config.host}:{config.port}")
             self.port = config.port
@@ -87,9 +94,13 @@ class Shard:
         self._pushes: dict[int, _PushRecord] = {}
         self._stopping = False
         self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
+        self.fingerprint = ""  # the model's layout fingerprint, from INIT; kept in checkpoints
+        self.norm_guard = NormGuard(config.max_delta_norm_factor) if config.max_delta_norm_factor else None
+        self.gate = StalenessGate(self, config.max_staleness) if config.max_staleness >= 0 else None
+        self._frames: list[Any] = []  # the request being handled, for a PUSH the gate parks
         self._handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
             "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
-            "BYE": self._bye, "STATS": self._stats, "PING": self._ping,
+            "BYE": self._bye, "STATS": self._stats, "PING": self._ping, "LOST": self._lost,
         }
         kernels.warm_up()
 
@@ -130,6 +141,7 @@ class Shard:
             return  # not even an identity and a header: nothing to answer to
         identity = frames[0].bytes
         body = frames[1:]
+        self._frames = frames
         self.stats.bytes_in += sum(len(f) for f in body)
         try:
             msg = protocol.decode(body)
@@ -213,6 +225,7 @@ class Shard:
             raise ProtocolError("not_finite", "INIT weights contain NaN or Inf")
         self.centre = Centre(arr)
         self.start, self.end, self.total, self.world = start, end, total, world
+        self.fingerprint = hfield(h, "fingerprint", str, "")[:128]
         log.info("shard %d initialised: [%d, %d) of %d floats, world %d", self.config.index, start, end, total, world)
         return protocol.encode(ok(first=True, version=self.version))
 
@@ -251,6 +264,8 @@ class Shard:
                 return None
             return protocol.encode(header, extra)
 
+        if self.gate is not None and self.gate.hold(worker, seq, self._frames):
+            return None  # SSP: answered when the slowest live worker has caught up
         staleness = max(self.version - pulled, 0)
         out = centre.scratch()
         diff = None
@@ -270,6 +285,9 @@ class Shard:
         if limit and norm > limit:
             centre.discard(out)
             raise ProtocolError("too_large", f"update norm {norm:.4g} from worker {worker} exceeds --max-delta-norm {limit:g}")
+        if self.norm_guard is not None and (why := self.norm_guard.refuse(norm)):
+            centre.discard(out)
+            raise ProtocolError("too_large", f"worker {worker}: {why}")
 
         centre.commit(out)
         self.version += 1
@@ -278,6 +296,10 @@ class Shard:
         self.stats.last_norm[worker] = norm
         reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
         self._pushes[worker] = _PushRecord(seq=seq, reply=reply, diff=diff)
+        if self.norm_guard is not None:
+            self.norm_guard.accept(norm)
+        if self.gate is not None:
+            self.gate.applied(worker)
         extra = [diff] if diff is not None else []
         if want_pull:
             self._reply_with_centre(identity, reply, extra)
@@ -361,6 +383,8 @@ class Shard:
                         self.config.index, rnd.number, missing, self.config.round_timeout_s)
             self.lost.update(missing)
             self._close_round()
+        if self.gate is not None:
+            self.gate.tick(now, self.config.round_timeout_s)
 
     def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         worker = self._worker(msg.header)
@@ -368,6 +392,26 @@ class Shard:
         rnd = self.round
         if rnd.contributors and self._expected() <= set(rnd.contributors):
             self._close_round()
+        if self.gate is not None:
+            self.gate.release()
+        return protocol.encode(ok())
+
+    def _lost(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        """The coordinator's word on workers: declared lost (silent) or done; neither is waited for."""
+        lost, done = hfield(msg.header, "lost", list), hfield(msg.header, "done", list, [])
+        if msg.arrays or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 31
+                                 for w in [*lost, *done]) or len(lost) + len(done) > 1 << 16:
+            raise ProtocolError("malformed", "LOST carries lists of worker ids in [0, 2^31) and no array frame")
+        new = set(lost) - self.lost
+        if new:
+            log.info("shard %d: coordinator declared worker(s) %s lost", self.config.index, sorted(new))
+        self.lost.update(lost)
+        self.left.update(done)
+        rnd = self.round
+        if rnd.contributors and self._expected() <= set(rnd.contributors):
+            self._close_round()
+        if self.gate is not None:
+            self.gate.release()
         return protocol.encode(ok())
 
     def _stats(self, identity: bytes, msg: protocol.Message) -> list[Any]:
@@ -375,4 +419,6 @@ class Shard:
         s.update(shard=self.config.index, endpoint=self.endpoint, start=self.start, end=self.end, total=self.total,
                  version=self.version, initialised=self.centre is not None, world=self.world,
                  round=self.round.number, lost=sorted(self.lost), left=sorted(self.left))
+        if self.gate is not None:
+            s["ssp"] = self.gate.to_wire()
         return protocol.encode(ok(stats=s))

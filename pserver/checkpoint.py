@@ -1,0 +1,270 @@
+"""Checkpoints: a shard's slice and the coordinator's model, written atomically, read back strictly.
+
+Files in the checkpoint directory::
+
+    coordinator.json   the layout, architecture, shard ranges, world and layout fingerprint
+    shard-K.npz        shard K's slice and a JSON header (see `ShardSnapshot`), one .npz, no pickle
+
+Every file is written to ``NAME.tmp``, fsynced, renamed over ``NAME`` and the
+directory fsynced, so a crash leaves the previous complete file or the new
+one, never half of one. Reading checks everything before a shard serves a
+byte: the zip's own CRCs, a CRC32 of the slice, the slice length against the
+range, and the range and fingerprint against ``coordinator.json``. A torn or
+foreign checkpoint raises CheckpointError naming the file.
+
+What a restored shard may have lost: the updates it applied after its last
+checkpoint whose replies had already reached the workers. A push whose reply
+was lost is retried by the client with the same seq; the restored shard's
+per-worker seq table is that of the checkpoint, so such a push is applied
+again exactly once.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pserver.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "notpu-shard/1"
+COORDINATOR_FILE = "coordinator.json"
+
+
+def shard_file(directory: str | Path, index: int) -> Path:
+    return Path(directory) / f"shard-{index}.npz"
+
+
+@dataclass
+class ShardSnapshot:
+    """Everything a shard needs to resume: its range, clocks and per-worker seq table."""
+
+    index: int
+    start: int
+    end: int
+    total: int
+    world: int
+    version: int
+    round: int
+    fingerprint: str
+    seqs: dict[str, int] = field(default_factory=dict)  # worker -> last applied push seq
+    updates: dict[str, int] = field(default_factory=dict)  # worker -> updates applied (SSP clocks)
+    lost: list[int] = field(default_factory=list)
+    left: list[int] = field(default_factory=list)
+    crc32: int = 0
+    written_at: float = 0.0
+    format: str = FORMAT
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview | None = None, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Write bytes (or an .npz of ``arrays``) to ``path`` via tmp + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if arrays is not None:
+            np.savez(f, **arrays)
+        else:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_shard(directory: str | Path, snap: ShardSnapshot, centre: np.ndarray) -> Path:
+    """Write shard ``snap.index``'s slice (n,) float32 and its header atomically."""
+    centre = np.ascontiguousarray(centre, dtype="<f4")
+    if centre.shape != (snap.end - snap.start,):
+        raise CheckpointError(f"shard {snap.index}: slice of {centre.shape} for range [{snap.start}, {snap.end})")
+    snap.crc32 = zlib.crc32(memoryview(centre).cast("B"))
+    snap.written_at = time.time()
+    meta = np.frombuffer(json.dumps(asdict(snap)).encode(), dtype=np.uint8)
+    path = shard_file(directory, snap.index)
+    write_atomic(path, arrays={"centre": centre, "meta": meta})
+    return path
+
+
+def load_shard(path: str | Path) -> tuple[ShardSnapshot, np.ndarray]:
+    """Read and check one shard checkpoint; CheckpointError naming the file if anything is off."""
+    path = Path(path)
+    hint = "delete it to start this shard empty, or restore from a complete copy of the directory"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if set(z.files) != {"centre", "meta"}:
+                raise CheckpointError(f"checkpoint {path} holds {sorted(z.files)}, expected centre and meta; "
+                                      f"it is not a notpu shard checkpoint")
+            meta = json.loads(bytes(z["meta"]).decode())
+            centre = np.array(z["centre"], dtype="<f4")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is torn or corrupt ({type(exc).__name__}: {exc}); {hint}") from None
+    try:
+        snap = ShardSnapshot(**meta)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {path} has an unexpected header ({exc}); {hint}") from None
+    if snap.format != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is format {snap.format!r}, this version reads {FORMAT!r}")
+    if centre.ndim != 1 or centre.shape[0] != snap.end - snap.start:
+        raise CheckpointError(f"checkpoint {path}: slice of {centre.shape} floats for range [{snap.start}, {snap.end}); {hint}")
+    if zlib.crc32(memoryview(centre).cast("B")) != snap.crc32:
+        raise CheckpointError(f"checkpoint {path}: the slice's CRC32 does not match its header; {hint}")
+    if not np.isfinite(centre).all():
+        raise CheckpointError(f"checkpoint {path} holds NaN or Inf weights")
+    return snap, centre
+
+
+# ---- the coordinator's side ------------------------------------------------
+
+def save_coordinator(directory: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(directory) / COORDINATOR_FILE
+    write_atomic(path, json.dumps(state, indent=1).encode())
+    return path
+
+
+def load_coordinator(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / COORDINATOR_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: nothing to restore (was the server started with "
+                              f"--checkpoint-dir {directory} and did a worker initialise the model?)")
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        for key in ("layout", "ranges", "total", "fingerprint"):
+            state[key]  # noqa: B018 — presence check
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{path} is torn or not a notpu coordinator checkpoint ({type(exc).__name__}: {exc})") from None
+    return state
+
+
+def check_restore(directory: str | Path, shards: int) -> dict[str, Any]:
+    """Check the whole directory before anything starts: the coordinator's file and every shard's.
+
+    Returns the coordinator state. A shard file that is missing is allowed
+    (that shard starts empty and says so); one that is torn, or whose range or
+    fingerprint differs from the coordinator's, is refused.
+    """
+    state = load_coordinator(directory)
+    ranges = [tuple(r) for r in state["ranges"]]
+    if len(ranges) != shards:
+        raise CheckpointError(f"{Path(directory) / COORDINATOR_FILE} was written by a server with {len(ranges)} "
+                              f"shard(s); start with --shards {len(ranges)}")
+    for k, (start, end) in enumerate(ranges):
+        path = shard_file(directory, k)
+        if not path.exists():
+            log.warning("no checkpoint %s: shard %d will start empty and wait for an INIT", path, k)
+            continue
+        snap, _ = load_shard(path)
+        check_snapshot(path, snap, k, (start, end), state["total"], state["fingerprint"])
+    return state
+
+
+def check_snapshot(path: Path, snap: ShardSnapshot, index: int, rng: tuple[int, int], total: int,
+                   fingerprint: str) -> None:
+    if snap.index != index or (snap.start, snap.end) != tuple(rng) or snap.total != total:
+        raise CheckpointError(f"checkpoint {path} is shard {snap.index} [{snap.start}, {snap.end}) of {snap.total}; "
+                              f"the coordinator expects shard {index} [{rng[0]}, {rng[1]}) of {total}")
+    if snap.fingerprint and fingerprint and snap.fingerprint != fingerprint:
+        raise CheckpointError(f"checkpoint {path} belongs to another model (layout fingerprint {snap.fingerprint[:12]} "
+                              f"!= {fingerprint[:12]} in {COORDINATOR_FILE})")
+
+
+# ---- hooking a Shard up ------------------------------------------------------
+
+def snapshot(shard: Any) -> ShardSnapshot:
+    return ShardSnapshot(
+        index=shard.config.index, start=shard.start, end=shard.end, total=shard.total, world=shard.world,
+        version=shard.version, round=shard.round.number, fingerprint=getattr(shard, "fingerprint", ""),
+        seqs={str(w): r.seq for w, r in shard._pushes.items()},
+        updates={str(w): int(n) for w, n in shard.stats.updates.items()},
+        lost=sorted(shard.lost), left=sorted(shard.left))
+
+
+def restore_shard(shard: Any, path: str | Path) -> ShardSnapshot:
+    """Load a checkpoint into a fresh Shard (before it serves)."""
+    from pserver.centre import Centre
+    from pserver.protocol import ok
+    from pserver.shard import _PushRecord, _Round
+
+    snap, centre = load_shard(path)
+    if snap.index != shard.config.index:
+        raise CheckpointError(f"checkpoint {path} is shard {snap.index}'s, not shard {shard.config.index}'s")
+    shard.centre = Centre(centre)
+    shard.start, shard.end, shard.total, shard.world = snap.start, snap.end, snap.total, snap.world
+    shard.version = snap.version
+    shard.round = _Round(number=snap.round)
+    shard.fingerprint = snap.fingerprint
+    # A retried push already in the checkpoint is answered, not applied (its original reply is approximated).
+    shard._pushes = {int(w): _PushRecord(seq=s, reply=ok(version=snap.version, staleness=0, applied=True))
+                     for w, s in snap.seqs.items()}
+    for w, n in snap.updates.items():
+        shard.stats.updates[int(w)] = n
+    shard.lost, shard.left = set(snap.lost), set(snap.left)
+    log.info("shard %d restored from %s: [%d, %d) of %d at version %d (written %.1f s ago)", snap.index, path,
+             snap.start, snap.end, snap.total, snap.version, time.time() - snap.written_at)
+    return snap
+
+
+class Checkpointer:
+    """Saves a shard every ``every_s`` seconds (if it changed) and on demand; called from the shard's tick."""
+
+    def __init__(self, shard: Any, directory: str | Path, every_s: float) -> None:
+        self.shard = shard
+        self.directory = Path(directory)
+        self.every_s = every_s
+        self._saved: tuple[int, int, str] | None = None
+        self._last = time.monotonic()
+
+    def _state(self) -> tuple[int, int, str]:
+        s = self.shard
+        return (s.version, s.round.number, repr(sorted((w, r.seq) for w, r in s._pushes.items())))
+
+    def mark_saved(self) -> None:
+        """The shard was just restored: its state is on disk already."""
+        self._saved = self._state()
+
+    def tick(self) -> None:
+        if self.shard.centre is None:
+            return
+        now = time.monotonic()
+        if self._saved is None or (self.every_s > 0 and now - self._last >= self.every_s):
+            self.save()
+
+    def save(self) -> Path | None:
+        s = self.shard
+        if s.centre is None:
+            return None
+        self._last = time.monotonic()
+        state = self._state()
+        if state == self._saved:
+            return None
+        t0 = time.perf_counter()
+        path = save_shard(self.directory, snapshot(s), s.centre.current)
+        self._saved = state
+        log.debug("shard %d checkpoint at version %d in %.1f ms", s.config.index, s.version,
+                  (time.perf_counter() - t0) * 1e3)
+        return path

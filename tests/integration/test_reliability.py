@@ -1,0 +1,229 @@
+"""Issue #6, server side: CurveZMQ allow-list, shard checkpoints and restarts, lost workers,
+the running-median norm guard, and bounded staleness (SSP) — all against `pserver start`."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import wait_for
+from pserver import checkpoint
+from pserver.client import Client, ClientConfig
+from pserver.errors import RemoteError, ServerUnreachable
+from pserver.layout import Layout
+from pserver.security import client_curve, create_keys
+
+pytestmark = pytest.mark.integration
+LAYOUT = Layout.from_shapes([(50, 30), (30,), (1001,)])  # 2531 floats
+FAST = ClientConfig(timeout_s=0.5, retries=1, backoff_s=0.05)
+
+
+def initial() -> np.ndarray:
+    return np.random.default_rng(7).integers(-100, 100, LAYOUT.total).astype(np.float32)
+
+
+def shard_procs(server) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server.proc.pid).children() if "pserver.shard_process" in " ".join(p.cmdline())]
+
+
+# ---- CurveZMQ ------------------------------------------------------------------
+
+def test_curve_admits_only_listed_keys(pserver, tmp_path):
+    keys = create_keys(tmp_path / "keys", workers=1)
+    other = create_keys(tmp_path / "other", workers=1)  # a valid key pair the server never listed
+    server = pserver("--keys", str(keys), "--shards", "2")
+    good = Client(server.address, curve=client_curve(keys, "worker0"))
+    good.join("good")
+    assert good.init(initial(), LAYOUT)
+    good.pull()
+    good.push(np.ones(LAYOUT.total, np.float32))
+    np.testing.assert_array_equal(good.pull(), initial() + 1)
+    assert [s["version"] for s in good.stats()["shards"]] == [1, 1]  # the coordinator reaches its shards too
+
+    unlisted = dict(client_curve(other, "worker0"), server=client_curve(keys)["server"])
+    for name, curve in [("no key", None), ("unlisted key", unlisted)]:
+        t0 = time.monotonic()
+        c = Client(server.address, FAST, curve=curve)
+        for call in (c.stats, lambda: c.join("intruder")):
+            with pytest.raises(ServerUnreachable):
+                call()
+        # and straight at a shard, which it learns nothing about but may guess
+        c._set_shards([{"index": s.index, "endpoint": s.endpoint, "start": s.start, "end": s.end} for s in good.shards])
+        with pytest.raises(ServerUnreachable):
+            c.pull()
+        c.worker = 99
+        with pytest.raises(ServerUnreachable):
+            c.push(np.full(LAYOUT.total, 1000, np.float32))
+        assert time.monotonic() - t0 < 10, name
+        c.close()
+    np.testing.assert_array_equal(good.pull(), initial() + 1)
+    assert [s["version"] for s in good.stats()["shards"]] == [1, 1]
+    good.close()
+
+
+def test_non_loopback_needs_keys_or_insecure(tmp_path):
+    cmd = [sys.executable, "-m", "pserver.cli", "start", "--host", "0.0.0.0", "--port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--insecure" in out.stderr and "--keys" in out.stderr
+
+
+def test_insecure_bind_warns(pserver):
+    server = pserver("--host", "0.0.0.0", "--insecure")
+    assert "--insecure" in server.log() and "without encryption" in server.log()
+
+
+# ---- checkpoints ---------------------------------------------------------------
+
+def test_killed_shard_restarts_from_its_checkpoint(pserver, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    every_s = 0.5
+    server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every-s", str(every_s))
+    c = Client(server.address, ClientConfig(timeout_s=1.0, retries=30, backoff_s=0.05, max_backoff_s=0.5), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    one = np.ones(LAYOUT.total, np.float32)
+    for _ in range(30):
+        c.push(one)
+    time.sleep(every_s * 3)  # at least one checkpoint holds all 30
+    for _ in range(20):
+        c.push(one)  # some of these may be after the last checkpoint
+    victim = shard_procs(server)[0]
+    on_disk = checkpoint.load_shard(ckpt / "shard-0.npz")[0].version  # it can only grow before the kill
+    assert on_disk >= 30
+    t0 = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    c.push(one)  # the same client, not recreated: waits, retries, goes on
+    recovery_s = time.monotonic() - t0
+    centre = c.pull()
+    pushes_seen = centre - initial()  # every element of shard 0's range counts shard 0's applied pushes
+    s0 = c.shards[0]
+    applied0 = int(pushes_seen[s0.start])
+    assert (pushes_seen[s0.start:s0.end] == applied0).all() and (pushes_seen[s0.end:] == 51).all()
+    lost = 51 - applied0
+    assert 0 <= lost <= 51 - on_disk, (lost, on_disk)  # at most the updates since the last checkpoint
+    stats = c.stats()
+    assert stats["shards"][0]["version"] == applied0 and stats["shards"][1]["version"] == 51
+    print(f"\nshard restart: recovered in {recovery_s:.2f} s, {lost} update(s) lost (checkpoint every {every_s} s)")
+    assert recovery_s < 20
+    assert "restarting it from its checkpoint" in server.log()
+    assert shard_procs(server)[0].pid != victim.pid
+    c.close()
+
+
+def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt))
+    c = Client(server.address, worker=0)
+    c.init(initial(), LAYOUT, architecture='{"fake": "keras json"}')
+    for _ in range(3):
+        c.push(np.ones(LAYOUT.total, np.float32))
+    c.close()
+    server.proc.send_signal(signal.SIGTERM)  # shards checkpoint on SIGTERM
+    assert server.proc.wait(30) == 0
+
+    server = pserver("--shards", "2", "--restore", str(ckpt))
+    c = Client(server.address, worker=1)
+    reply = c.join("back")
+    assert Layout.from_wire(reply["layout"]) == LAYOUT and reply["architecture"] == '{"fake": "keras json"}'
+    assert c.init(initial(), LAYOUT) is False  # the model is there already
+    np.testing.assert_array_equal(c.pull(), initial() + 3)
+    assert c.versions == [3, 3]
+    with pytest.raises(RemoteError, match="mismatch"):
+        c.init(np.zeros(10, np.float32), Layout.from_shapes([(10,)]))
+    c.close()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+
+    path = ckpt / "shard-1.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # torn
+    cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--shards", "2", "--restore", str(ckpt)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"checkpoint {path} is torn" in out.stderr, out.stderr
+    out = subprocess.run([*cmd[:-3], "3", "--restore", str(ckpt)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--shards 2" in out.stderr, out.stderr
+
+
+# ---- liveness, norm guard, SSP ----------------------------------------------------
+
+def test_lost_worker_is_told_to_shards_and_closes_rounds(pserver):
+    server = pserver("--workers", "2", "--worker-timeout-s", "1", "--round-timeout-s", "60")
+    a, b = Client(server.address), Client(server.address)
+    a.join("a"), b.join("b")
+    a.init(initial(), LAYOUT)
+    b.heartbeat()
+    t0 = time.monotonic()
+    for _ in range(8):  # a keeps beating; b falls silent
+        a.heartbeat()
+        time.sleep(0.25)
+    nxt, centre, _ = a.round(initial() + 2, 0, "average", timeout_s=10)  # closes without b, long before 60 s
+    assert time.monotonic() - t0 < 10 and nxt == 1
+    np.testing.assert_array_equal(centre, initial() + 2)
+    stats = a.stats()
+    assert stats["coordinator"]["workers"]["1"]["lost"] is True and stats["shards"][0]["lost"] == [1]
+    text = subprocess.run([sys.executable, "-m", "pserver.cli", "stats", server.address],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "worker 1 b lost" in text and "lost [1]" in text
+    b.join("b again", rank=1)  # a restarted worker takes its rank back
+    assert b.rank == 1
+    a.close(), b.close()
+
+
+def test_norm_factor_refuses_an_explosion_after_warmup(pserver):
+    server = pserver("--max-delta-norm-factor", "10")
+    c = Client(server.address, worker=0)
+    c.init(initial(), LAYOUT)
+    small = np.full(LAYOUT.total, 0.5, np.float32)
+    c.push(small * 100)  # during the warm-up nothing is refused
+    for _ in range(20):
+        c.push(small)
+    before = c.pull()
+    with pytest.raises(RemoteError, match=r"too_large.*10 × the running median"):
+        c.push(small * 50)
+    c.push(small * 5)  # under 10 × median: fine
+    np.testing.assert_array_equal(c.pull(), before + small * 5)
+    assert c.stats()["shards"][0]["refused"] == {"too_large": 1}
+
+
+def test_ssp_bounds_the_clock_gap(pserver):
+    k = 2
+    server = pserver("--workers", "2", "--max-staleness", str(k), "--round-timeout-s", "60")
+    fast, slow = Client(server.address, ClientConfig(timeout_s=2.0, retries=2)), Client(server.address)
+    fast.join("fast")
+    fast.init(initial(), LAYOUT)
+    slow.join("slow")  # after INIT: its JOIN reply carries the shard ranges
+    one = np.ones(LAYOUT.total, np.float32)
+    for _ in range(k + 1):
+        fast.push(one)  # gaps 0, 1, 2: allowed
+    slow_thread_done = []
+
+    def slow_pushes():
+        for _ in range(6):
+            time.sleep(0.3)
+            slow.pull()
+            slow.push(one)
+        slow_thread_done.append(True)
+
+    import threading
+    t = threading.Thread(target=slow_pushes)
+    t.start()
+    t0 = time.monotonic()
+    fast.push(one)  # gap 3 > 2: waits for slow's first push (about 0.3 s)
+    assert time.monotonic() - t0 > 0.2
+    for _ in range(5):
+        fast.push(one)
+    t.join(30)
+    assert slow_thread_done
+    s = fast.stats()["shards"][0]
+    gaps = {int(g): n for g, n in s["ssp"]["gaps"].items()}
+    assert max(gaps) <= k and sum(gaps.values()) == 9 + 6 and s["ssp"]["waits"] >= 1
+    assert s["updates"] == {"0": 9, "1": 6}
+    np.testing.assert_array_equal(fast.pull(), initial() + 15)
+    fast.close(), slow.close()
