@@ -24,6 +24,9 @@ from pserver.protocol import error, field as hfield, ok
 
 log = logging.getLogger(__name__)
 
+#: An observer (evaluator) that has not asked anything for this long no longer holds the server open.
+OBSERVER_TIMEOUT_S = 60.0
+
 
 @dataclass
 class WorkerInfo:
@@ -33,6 +36,7 @@ class WorkerInfo:
     last_seen: float
     done: bool = False
     lost: bool = False
+    samples: int = 0
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -54,7 +58,10 @@ class Coordinator:
         self._handlers: dict[str, Callable[[protocol.Message], list[Any]]] = {
             "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
+            "MODEL": self._model, "STOP": self._stop_run, "LEAVE": self._leave,
         }
+        self.observers: dict[str, float] = {}  # observer name -> last seen (monotonic)
+        self.stop_requested = ""  # why the run should stop early (e.g. target AUC reached); told to workers
         self.curve: dict[str, bytes] | None = None  # client keys for asking CurveZMQ shards (pserver.security)
         self.on_model: Callable[[], Any] | None = None  # called once the first INIT fixed the model (checkpoints)
         self._stopping = False
@@ -65,8 +72,11 @@ class Coordinator:
 
     @property
     def finished(self) -> bool:
-        """Every rank has joined and is done or lost."""
-        return len(self.workers) == self.world and all(w.done or w.lost for w in self.workers.values())
+        """Every rank has joined and is done or lost, and no observer (evaluator) is still reading."""
+        now = time.monotonic()
+        watching = [name for name, seen in self.observers.items() if now - seen < OBSERVER_TIMEOUT_S]
+        return (len(self.workers) == self.world and all(w.done or w.lost for w in self.workers.values())
+                and not watching)
 
     def stop(self) -> None:
         self._stopping = True
@@ -192,13 +202,32 @@ class Coordinator:
         return info
 
     def _heartbeat(self, msg: protocol.Message) -> list[Any]:
-        self._touch(msg)
-        return protocol.encode(ok(lost=[w.rank for w in self.workers.values() if w.lost]))
+        info = self._touch(msg)
+        info.samples = max(info.samples, hfield(msg.header, "samples", int, 0))
+        return protocol.encode(ok(lost=[w.rank for w in self.workers.values() if w.lost], stop=self.stop_requested))
+
+    def _model(self, msg: protocol.Message) -> list[Any]:
+        """The layout and architecture, for observers (the evaluator) that take no rank."""
+        self._observe(msg)
+        if self.layout is None:
+            raise ProtocolError("not_ready", "no worker has initialised the model yet")
+        return protocol.encode(ok(layout=self.layout.to_wire(), architecture=self.architecture, world=self.world,
+                                  config=self.run_config, shards=self.shard_map()))
+
+    def _stop_run(self, msg: protocol.Message) -> list[Any]:
+        reason = hfield(msg.header, "reason", str, "stop requested")[:500]
+        if not self.stop_requested:
+            log.info("stopping the run: %s", reason)
+            self.stop_requested = reason
+        return protocol.encode(ok())
 
     def _done(self, msg: protocol.Message) -> list[Any]:
         info = self._touch(msg)
         report = hfield(msg.header, "report", dict, {})
         info.done = True
+        samples = report.get("samples", 0)
+        if isinstance(samples, int) and not isinstance(samples, bool):
+            info.samples = max(info.samples, samples)
         info.report = {str(k): v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
         log.info("worker %d is done: %s", info.rank, info.report)
         return protocol.encode(ok())
@@ -218,11 +247,24 @@ class Coordinator:
             "initialised": self.layout is not None,
             "total": self.layout.total if self.layout else 0,
             "refused": dict(self.refused),
-            "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "report": w.report}
+            "stop": self.stop_requested,
+            "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
+                                    "report": w.report}
                         for w in self.workers.values()},
         }
 
+    def _observe(self, msg: protocol.Message) -> None:
+        """An observer names itself in MODEL and STATS; `--exit-when-done` waits for it to LEAVE."""
+        name = hfield(msg.header, "observer", str, "")[:200]
+        if name:
+            self.observers[name] = time.monotonic()
+
+    def _leave(self, msg: protocol.Message) -> list[Any]:
+        self.observers.pop(hfield(msg.header, "observer", str, ""), None)
+        return protocol.encode(ok())
+
     def _stats(self, msg: protocol.Message) -> list[Any]:
+        self._observe(msg)
         from pserver.client import query_shard_stats  # the coordinator asks the shards itself
 
         shards = []

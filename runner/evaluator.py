@@ -1,0 +1,195 @@
+"""The evaluator: watches the centre while the workers train, then writes the run's results.
+
+Every `interval_s` it pulls the centre, scores the validation split and
+appends one line to RUN/history.jsonl:
+
+    {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness"}
+
+It can stop the run when val AUC reaches `target_auc` (the coordinator tells
+the workers through their heartbeats). When every worker is done or lost
+(or the driver asks it to finish), it scores the final centre on validation
+and test data and writes RUN/model.keras, RUN/test_scores.csv and
+RUN/summary.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.dataset import load_dataset, split_indices
+from pserver.client import Client, ClientConfig
+from pserver.layout import Layout, unflatten
+from pserver.stats import mean_staleness
+
+log = logging.getLogger(__name__)
+
+#: The evaluator pulls under this id, so its pulls never mix with a worker's in stats.
+EVALUATOR_ID = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    ps: str
+    data_dir: str
+    out_dir: str
+    interval_s: float = 3.0
+    target_auc: float | None = None
+    started_at: float | None = None  # unix time the run started (wall_s counts from it)
+    finish_file: str | None = None  # when this file appears, finish even if workers have not said DONE
+    max_val_rows: int = 20_000  # a bigger validation split is subsampled (seeded) for the periodic checks
+    keys_dir: str | None = None
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(log loss, ROC AUC) of churn probabilities p for 0/1 labels y."""
+    from sklearn.metrics import roc_auc_score
+
+    eps = 1e-7
+    q = np.clip(p.astype(np.float64), eps, 1 - eps)
+    loss = float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    return loss, auc
+
+
+def _trim(bins: list[int]) -> list[int]:
+    """A histogram without its trailing empty bins."""
+    end = len(bins)
+    while end > 1 and bins[end - 1] == 0:
+        end -= 1
+    return bins[:end]
+
+
+class Evaluator:
+    def __init__(self, cfg: EvaluatorConfig) -> None:
+        from runner.worker import client_curve
+
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.client = Client(cfg.ps, ClientConfig(timeout_s=30.0), worker=EVALUATOR_ID,
+                             curve=client_curve(cfg.keys_dir, "evaluator"))
+        self.started_at = cfg.started_at or time.time()
+        self.data = load_dataset(cfg.data_dir)
+        self.split = split_indices(len(self.data.y))
+        val = self.split.val
+        if len(val) > cfg.max_val_rows:
+            val = np.sort(np.random.default_rng(0).choice(val, cfg.max_val_rows, replace=False))
+        self.val_rows = val
+        self.history: list[dict[str, Any]] = []
+        self.name = f"evaluator-{os.getpid()}"
+
+    def _model(self):
+        import keras
+
+        from models.gru import compile_model
+
+        reply = self.client.ask({"op": "MODEL", "observer": self.name})  # waits (bounded) for the first worker's INIT
+        self.client._set_shards(reply["shards"])
+        self.layout = Layout.from_wire(reply["layout"])
+        self.run = reply["config"]
+        self.world = int(reply["world"])
+        model = keras.models.model_from_json(reply["architecture"])
+        compile_model(model)
+        return model
+
+    def _score(self, model, rows: np.ndarray) -> np.ndarray:
+        x = np.asarray(self.data.X[rows], dtype=np.float32)  # (rows, days, features)
+        return model.predict(x, batch_size=1024, verbose=0)[:, 1]
+
+    def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any]]:
+        centre = self.client.pull()
+        model.set_weights(unflatten(centre, self.layout))
+        val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], self._score(model, self.val_rows))
+        stats = self.client.ask({"op": "STATS", "observer": self.name})
+        coord, shards = stats["coordinator"], [s for s in stats["shards"] if "version" in s]
+        histograms: dict[str, list[int]] = {}
+        for s in shards:
+            for worker, bins in s["staleness"].items():
+                acc = histograms.setdefault(worker, [0] * len(bins))
+                histograms[worker] = [a + b for a, b in zip(acc, bins)]
+        line = {"wall_s": round(time.time() - self.started_at, 3),
+                "samples": sum(int(w.get("samples", 0)) for w in coord["workers"].values()),
+                "updates": max((s["version"] for s in shards), default=0),
+                "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
+                "mean_staleness": round(mean_staleness(histograms), 4)}
+        return line, {"coordinator": coord, "shards": shards, "staleness": histograms}
+
+    def _finished(self, coord: dict[str, Any]) -> bool:
+        workers = coord["workers"].values()
+        all_in = len(coord["workers"]) >= self.world and all(w["done"] or w["lost"] for w in workers)
+        told = bool(self.cfg.finish_file and os.path.exists(self.cfg.finish_file))
+        return all_in or told
+
+    def run_until_done(self) -> dict[str, Any]:
+        model = self._model()
+        history_path = self.out / "history.jsonl"
+        stop_sent = False
+        while True:
+            tick = time.monotonic()
+            line, state = self._observe(model)
+            self.history.append(line)
+            with open(history_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            log.info("t=%.0fs samples=%d updates=%d val_auc=%.4f val_loss=%.4f staleness=%.2f", line["wall_s"],
+                     line["samples"], line["updates"], line["val_auc"], line["val_loss"], line["mean_staleness"])
+            target = self.cfg.target_auc
+            if target and not stop_sent and line["val_auc"] >= target:
+                self.client.ask({"op": "STOP", "reason": f"val AUC {line['val_auc']:.4f} reached --target-auc {target}"})
+                stop_sent = True
+            if self._finished(state["coordinator"]):
+                break
+            time.sleep(max(self.cfg.interval_s - (time.monotonic() - tick), 0.05))
+        return self._finish(model, state)
+
+    def _finish(self, model, state: dict[str, Any]) -> dict[str, Any]:
+        wall_s = time.time() - self.started_at
+        centre = self.client.pull()
+        model.set_weights(unflatten(centre, self.layout))
+        val_loss, val_auc = binary_metrics(self.data.y[self.split.val], self._score(model, self.split.val))
+        test_scores = self._score(model, self.split.test)
+        test_loss, test_auc = binary_metrics(self.data.y[self.split.test], test_scores)
+        model.save(self.out / "model.keras")
+        spec = Path(self.cfg.data_dir) / "spec.json"
+        if spec.is_file():  # `notpu predict` finds the feature spec next to the model
+            (self.out / "spec.json").write_text(spec.read_text())
+        import pandas as pd
+
+        pd.DataFrame({"id": self.data.ids[self.split.test], "label": self.data.y[self.split.test],
+                      "score": test_scores}).to_csv(self.out / "test_scores.csv", index=False)
+        coord = state["coordinator"]
+        workers = coord["workers"]
+        samples = sum(int(w.get("samples", 0)) for w in workers.values())
+        train_s = max((float(w["report"].get("wall_s", 0)) for w in workers.values() if w.get("report")), default=0.0)
+        target = self.cfg.target_auc
+        reached = next((h["wall_s"] for h in self.history if target and h["val_auc"] >= target), None)
+        summary = {
+            "rule": self.run.get("rule"), "workers": self.world, "shards": len(coord["shards"]),
+            "epochs": self.run.get("epochs"), "window": self.run.get("window"), "hidden": self.run.get("hidden"),
+            "batch_size": self.run.get("batch_size"),
+            "wall_s": round(wall_s, 3), "train_s": round(train_s, 3), "samples": samples,
+            "samples_per_s": round(samples / train_s, 2) if train_s else 0.0,
+            "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
+            "test_loss": round(test_loss, 6), "test_auc": round(test_auc, 6),
+            "target_auc": target, "time_to_target_s": reached, "stopped_early": coord.get("stop") or "",
+            "staleness": {"mean": mean_staleness(state["staleness"]),
+                          "histograms": {w: _trim(bins) for w, bins in state["staleness"].items()}},
+            "updates": {str(s["shard"]): s["version"] for s in state["shards"]},
+            "refused": {str(s["shard"]): s["refused"] for s in state["shards"]},
+            "lost_workers": sorted(int(r) for r, w in workers.items() if w["lost"]),
+            "worker_names": {r: w.get("name", "") for r, w in workers.items()},
+            "worker_reports": {r: w.get("report", {}) for r, w in workers.items()},
+        }
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.out / "summary.json")
+        log.info("final: val AUC %.4f, test AUC %.4f -> %s", val_auc, test_auc, self.out)
+        self.client.ask({"op": "LEAVE", "observer": self.name})
+        self.client.close()
+        return summary

@@ -1,0 +1,39 @@
+"""`notpu train`: local multiprocess training (see runner.local)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pserver.cli import add_run_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train the GRU on one machine with N workers and a sharded parameter server")
+    t.add_argument("dir", help="a prepared DIR (from `notpu prepare`)")
+    t.add_argument("--out", required=True, help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--shards", type=int, default=1)
+    add_run_options(t)
+    t.add_argument("--threads", type=int, default=None, help="TensorFlow threads per worker (default cores/workers)")
+    t.add_argument("--target-auc", type=float, default=None, help="stop when val AUC reaches this")
+    t.add_argument("--eval-interval-s", type=float, default=3.0)
+    t.add_argument("--round-timeout-s", type=float, default=30.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from runner.local import TrainConfig, train
+
+    summary = train(TrainConfig(
+        data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,
+        alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
+        learning_rate=args.learning_rate, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
+        eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s, progress=not args.no_progress,
+        seed=args.seed))
+    lost = f", lost worker(s) {summary['lost_workers']}" if summary["lost_workers"] else ""
+    print(f"{summary['rule']} × {summary['workers']}: test AUC {summary['test_auc']:.4f} (val {summary['val_auc']:.4f}), "
+          f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "
+          f"{summary['staleness']['mean']:.2f}{lost} -> {args.out}")
+    return 0

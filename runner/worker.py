@@ -1,0 +1,208 @@
+"""The worker loop: a Keras model trained on one data partition, exchanging with the PS.
+
+A worker joins the coordinator, gets its rank r of n and the run config,
+trains on partition r of the training split (memory-mapped), and every λ
+local steps lets the rule exchange its flat weights with the shards. The
+first worker to join initialises the centre with its freshly built model.
+
+Threads: `configure_threads` must run before TensorFlow is imported (the
+`worker` command does this), so that n workers on one machine share its
+cores instead of each spawning a thread per core.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.dataset import load_dataset, split_indices
+from optimizers import make_rule
+from pserver.client import Client, ClientConfig
+from pserver.errors import NotpuError, RemoteError
+from pserver.layout import Layout, flatten, unflatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    ps: str  # the coordinator's host:port
+    data_dir: str
+    threads: int = 1  # TensorFlow intra-op threads (and OMP); local mode: cores / workers
+    name: str = ""
+    rank: int = -1  # ask for this rank back (a restarted worker); -1: the next free one
+    keys_dir: str | None = None  # CurveZMQ keys (see `pserver keys`)
+    heartbeat_s: float = 1.0
+    seed: int = 0
+    timeout_s: float = 30.0  # one request's wait; retries with back-off follow
+
+
+def configure_threads(threads: int) -> None:
+    """Before TensorFlow is imported: cap its thread pools and OpenMP's at `threads`."""
+    threads = max(int(threads), 1)
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _apply_tf_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(threads, 1))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised (e.g. tests in one process): the env vars still hold
+        pass
+
+
+def client_curve(keys_dir: str | None, name: str = "") -> dict[str, bytes] | None:
+    if not keys_dir:
+        return None
+    from pserver.security import client_curve as curve  # written with the security work
+
+    return curve(keys_dir, name or None)
+
+
+class _Heartbeat(threading.Thread):
+    """Tells the coordinator we are alive and how far we got; learns whether to stop early."""
+
+    def __init__(self, cfg: WorkerConfig, rank: int) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.client = Client(cfg.ps, ClientConfig(timeout_s=5.0, retries=2), curve=client_curve(cfg.keys_dir, cfg.name))
+        self.client.rank = rank
+        self.interval_s = cfg.heartbeat_s
+        self.samples = 0
+        self.stop_reason = ""
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            try:
+                reply = self.client.ask({"op": "HEARTBEAT", "rank": self.client.rank, "samples": self.samples})
+                self.stop_reason = reply.get("stop") or ""
+            except NotpuError as exc:
+                log.warning("heartbeat failed: %s", exc)
+        self.client.close()
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join(10)
+
+
+def partition(train: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, int]:
+    """Rank r's contiguous share of the training rows, and the share size every rank trains on per epoch.
+
+    Every rank takes the same number of steps per epoch (from the smallest
+    share), so synchronous rounds line up without anyone waiting for a
+    worker that has one batch more.
+    """
+    parts = np.array_split(train, world)
+    return parts[rank], min(len(p) for p in parts)
+
+
+def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
+    """Join, train, report DONE. Returns this worker's report."""
+    curve = client_curve(cfg.keys_dir, cfg.name)
+    client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s), curve=curve)
+    try:
+        return _run(cfg, client)
+    finally:
+        client.close()
+
+
+def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
+    info = client.join(cfg.name, cfg.rank)
+    rank, world, run = client.rank, client.world, info["config"]
+    data = load_dataset(cfg.data_dir)
+    split = split_indices(len(data.y))
+    mine, share = partition(split.train, world, rank)
+    batch_size = int(run.get("batch_size", 64))
+    steps_per_epoch = max(math.ceil(share / batch_size), 1)
+    window = int(run.get("window", 0)) or steps_per_epoch  # 0: one exchange per epoch (averaging)
+    epochs = int(run.get("epochs", 1))
+    log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d", rank, world, len(mine), steps_per_epoch,
+             run.get("rule"), window)
+
+    _apply_tf_threads(cfg.threads)
+    import keras
+
+    from models.gru import ModelConfig, build_model, compile_model, one_hot
+
+    optimizer = run.get("local_optimizer", "adam")
+    lr = float(run.get("learning_rate", 1e-3))
+    if info.get("architecture"):
+        model = keras.models.model_from_json(info["architecture"])
+        compile_model(model, optimizer, lr)
+    else:
+        model = build_model(ModelConfig(days=data.X.shape[1], features=data.X.shape[2], hidden=int(run.get("hidden", 64)),
+                                        learning_rate=lr, optimizer=optimizer, seed=cfg.seed))
+    weights = model.get_weights()
+    layout = Layout.of(weights, [w.path for w in model.weights])
+    first = client.init(flatten(weights), layout, model.to_json())
+    log.info("worker %d %s the centre (%d floats)", rank, "initialised" if first else "joined", layout.total)
+
+    rule = make_rule(run["rule"], client, window=window, alpha=float(run.get("alpha", 0.0)))
+    w = rule.start(flatten(weights))
+    model.set_weights(unflatten(w, layout))
+
+    beat = _Heartbeat(cfg, rank)
+    beat.start()
+    rng = np.random.default_rng(cfg.seed * 1_000 + rank)
+    samples = steps = nan_recoveries = 0
+    losses: list[float] = []
+    t0 = time.monotonic()
+    stop_reason = ""
+    try:
+        for epoch in range(epochs):
+            order = rng.permutation(len(mine))
+            for s in range(steps_per_epoch):
+                take = order[np.arange(s * batch_size, (s + 1) * batch_size) % len(order)]
+                rows = np.sort(mine[take])  # sorted: the memory map reads forward
+                xb = np.asarray(data.X[rows], dtype=np.float32)  # (batch, days, features)
+                loss = float(model.train_on_batch(xb, one_hot(data.y[rows])))
+                samples += len(rows)
+                steps += 1
+                beat.samples = samples
+                if not math.isfinite(loss):
+                    # a local explosion must not reach the centre: start again from it
+                    nan_recoveries += 1
+                    log.warning("worker %d: local loss %s at step %d; pulling the centre", rank, loss, steps)
+                    w = rule.start(w)
+                    model.set_weights(unflatten(w, layout))
+                    continue
+                losses.append(loss)
+                if steps % window == 0:
+                    w = rule.step(flatten(model.get_weights()))
+                    model.set_weights(unflatten(w, layout))
+                    if beat.stop_reason:
+                        stop_reason = beat.stop_reason
+                        break
+            if stop_reason:
+                log.info("worker %d stops early: %s", rank, stop_reason)
+                break
+        if steps % window and not stop_reason:  # the last partial window still reaches the centre
+            rule.step(flatten(model.get_weights()))
+    finally:
+        beat.finish()
+    elapsed = time.monotonic() - t0
+    if run.get("sync"):
+        client.bye()
+    report = {"rank": rank, "samples": samples, "steps": steps, "exchanges": rule.exchanges,
+              "wall_s": round(elapsed, 3), "samples_per_s": round(samples / max(elapsed, 1e-9), 2),
+              "mean_staleness": float(np.mean(rule.staleness)) if rule.staleness else 0.0,
+              "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+              "nan_recoveries": nan_recoveries, "stopped_early": bool(stop_reason)}
+    try:
+        client.done(report)
+    except RemoteError as exc:
+        log.warning("DONE not acknowledged: %s", exc)
+    log.info("worker %d done: %d samples in %.1f s (%.0f/s)", rank, samples, elapsed, report["samples_per_s"])
+    return report
