@@ -15,18 +15,37 @@ re-statement in ``tests/unit/test_kernels.py``.
 from __future__ import annotations
 
 import math
+import os
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-_JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+# The one-pass apply kernels run on one thread and let LLVM reassociate (only
+# that: no nnan/ninf, so NaN and Inf are still seen, and no contraction, so
+# every element of ``out`` is bit-for-bit the numpy expression). Reassociation
+# is what lets the float64 sum of squares vectorise: 2.4M floats take ~0.4 ms,
+# the speed of a bare numpy add, against ~1.5 ms strictly in order. Threads do
+# not pay here: the pass is memory-bound, and on a 2-core machine a second
+# thread takes the core ZeroMQ's I/O thread needs to move the same bytes
+# (bench/test_bench_transport.py, bench/test_bench_kernels.py).
+_JIT = dict(parallel=False, fastmath={"reassoc"}, cache=True, nogil=True)
 
+# sum_round adds each element's workers in order, in float64, so it keeps
+# strict IEEE order and uses threads across elements. Numba's default OpenMP
+# layer lets idle threads spin after a parallel region, stealing the I/O
+# thread's core; the workqueue layer's threads sleep. It must not be entered
+# from two threads at once, which holds: a shard calls kernels from its one
+# event loop. NUMBA_THREADING_LAYER, if set, still decides.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_JIT_ROUND = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 
 @njit(**_JIT)
 def check(delta):
     """(all finite, L2 norm) of a float32 vector."""
     sq = 0.0
-    for i in prange(delta.shape[0]):
+    for i in range(delta.shape[0]):
         v = np.float64(delta[i])
         sq += v * v
     return math.isfinite(sq), math.sqrt(sq)
@@ -36,7 +55,7 @@ def check(delta):
 def add(centre, delta, out):
     """out = centre + delta; returns (finite, ‖delta‖)."""
     sq = 0.0
-    for i in prange(centre.shape[0]):
+    for i in range(centre.shape[0]):
         d = delta[i]
         out[i] = centre[i] + d
         v = np.float64(d)
@@ -48,7 +67,7 @@ def add(centre, delta, out):
 def add_scaled(centre, delta, scale, out):
     """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)); returns (finite, ‖scale·delta‖)."""
     sq = 0.0
-    for i in prange(centre.shape[0]):
+    for i in range(centre.shape[0]):
         d = scale * delta[i]
         out[i] = centre[i] + d
         v = np.float64(d)
@@ -63,7 +82,7 @@ def elastic(centre, local, alpha, out, diff):
     Returns (finite, ‖diff‖).
     """
     sq = 0.0
-    for i in prange(centre.shape[0]):
+    for i in range(centre.shape[0]):
         e = alpha * (local[i] - centre[i])
         diff[i] = e
         out[i] = centre[i] + e
@@ -72,7 +91,7 @@ def elastic(centre, local, alpha, out, diff):
     return math.isfinite(sq), math.sqrt(sq)
 
 
-@njit(**_JIT)
+@njit(**_JIT_ROUND)
 def sum_round(centre, rows, count, scale, replace, out):
     """Close a synchronous round over the first ``count`` rows of ``rows`` (workers × n).
 

@@ -1,0 +1,1 @@
+"""Speed and convergence benchmarks (pytest-benchmark) and the results report."""

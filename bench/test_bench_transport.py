@@ -1,0 +1,109 @@
+"""Push+pull round trip of the talk's model through one shard, against bare pyzmq.
+
+    python -m pytest -q -s bench/test_bench_transport.py           # 60 rounds
+    python -m pytest -q -s bench/test_bench_transport.py --quick   # 5 rounds
+
+Both sides are real processes on TCP loopback: `pserver start` (a coordinator
+and one shard process) and `bench.echo_server`, a bare ROUTER that sends every
+message straight back. The client side of both runs in this process, in turn,
+round after round. Each side moves the same bytes: a 2,447,562-float32 delta
+(9.8 MB) out and as many floats back. The shard also applies the delta
+(one pass of `kernels.add`) and the client copies the new centre into the
+worker's buffer; `kernel_ms` and `copy_ms` time those two pieces alone, so the
+overhead over bare ZeroMQ can be read off.
+"""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import zmq
+
+from bench._procs import QUICK, TALK_LAYOUT, echo_servers, pserver
+from bench._timing import interleave, median_time
+from pserver import kernels, protocol
+from pserver.client import Client
+
+ROUNDS, WARMUP = (5, 2) if QUICK else (60, 10)
+TIMEOUT_MS = 30_000
+
+
+class BareEcho:
+    """A DEALER that sends the bytes of a PUSH and waits for them to come back, nothing else."""
+
+    def __init__(self, endpoint: str, payload: np.ndarray) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(f"tcp://{endpoint}")
+        self.header = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "op": "PUSH", "worker": 0, "seq": 1, "pulled": 1,
+                                     "mode": "add", "scale": 1.0, "pull": True, "arrays": [["<f4", payload.size]]})
+        self.payload = memoryview(payload).cast("B")
+
+    def round_trip(self) -> None:
+        self.socket.send_multipart([self.header, self.payload], copy=False)
+        if not self.socket.poll(TIMEOUT_MS):
+            raise TimeoutError(f"the echo server did not answer within {TIMEOUT_MS} ms")
+        frames = self.socket.recv_multipart(copy=False)
+        assert len(frames[1]) == len(self.payload)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def test_transport_round_trip(benchmark) -> None:
+    n = TALK_LAYOUT.total
+    rng = np.random.default_rng(0)
+    initial = rng.standard_normal(n).astype(np.float32)  # (n,)
+    delta = (rng.standard_normal(n) * 1e-7).astype(np.float32)  # (n,) small: the centre stays finite for ever
+    out = np.empty(n, np.float32)  # (n,) the worker's copy of the centre
+
+    with pserver() as address, echo_servers(1) as (echo,):
+        client = Client(address)
+        bare = BareEcho(echo, delta)
+        try:
+            client.join("bench-transport")
+            client.init(initial, TALK_LAYOUT)
+            client.pull(out=out)
+
+            def push_pull() -> None:
+                client.push(delta, pull=True, out=out)
+
+            def push_then_pull() -> None:
+                client.push(delta)
+                client.pull(out=out)
+
+            ps_s, others = interleave(benchmark, push_pull, {"bare": bare.round_trip, "separate": push_then_pull},
+                                      ROUNDS, WARMUP)
+            updates = client.stats()["shards"][0]["version"]
+        finally:
+            bare.close()
+            client.close()
+
+    # The two pieces of work the shard and the client do that bare ZeroMQ does not.
+    scratch = np.empty_like(out)
+    kernel_s = median_time(lambda: kernels.add(out, delta, scratch), ROUNDS * 2)
+    copy_s = median_time(lambda: np.copyto(scratch, out), ROUNDS * 2)
+
+    bare_s, separate_s = others["bare"], others["separate"]
+    mb = 2 * n * 4 / 1e6  # both ways
+    info = {
+        "floats": n,
+        "push_pull_ms": round(ps_s * 1e3, 3),
+        "push_then_pull_ms": round(separate_s * 1e3, 3),
+        "bare_zmq_ms": round(bare_s * 1e3, 3),
+        "ratio_vs_bare_zmq": round(ps_s / bare_s, 3),
+        "ratio_separate_vs_bare_zmq": round(separate_s / bare_s, 3),
+        "overhead_ms": round((ps_s - bare_s) * 1e3, 3),
+        "kernel_ms": round(kernel_s * 1e3, 3),
+        "copy_ms": round(copy_s * 1e3, 3),
+        "push_pull_gb_per_s": round(mb / 1e3 / ps_s, 2),
+        "bare_gb_per_s": round(mb / 1e3 / bare_s, 2),
+        "rounds": ROUNDS,
+        "target": "ratio_vs_bare_zmq <= 1.10",
+    }
+    benchmark.extra_info.update(info)
+    print(f"\ntransport: push+pull of {n} float32 {ps_s * 1e3:.2f} ms, push then pull {separate_s * 1e3:.2f} ms, "
+          f"bare zmq {bare_s * 1e3:.2f} ms: {ps_s / bare_s:.2f}x bare (separate {separate_s / bare_s:.2f}x); "
+          f"overhead {(ps_s - bare_s) * 1e3:.2f} ms of which kernel {kernel_s * 1e3:.2f} ms + copy {copy_s * 1e3:.2f} ms "
+          f"(median of {ROUNDS})")
+    # Every push was applied once: warm-up and timed rounds of both PS sides, nothing lost or doubled.
+    assert updates == 2 * (ROUNDS + WARMUP)
