@@ -97,7 +97,12 @@ def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Cli
     not_ready_deadline = time.monotonic() + config.not_ready_wait_s
     while pending:
         for i in pending:
-            peers[i].socket.send_multipart(requests[i], copy=False)
+            try:
+                # Never block: a DEALER with no usable connection (a CURVE handshake refused, a peer
+                # gone) would wait forever; not sent counts as not answered, and is retried.
+                peers[i].socket.send_multipart(requests[i], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.debug("%s not sent to %s: no connection to queue it on", what, peers[i].endpoint)
         deadline = time.monotonic() + timeout_s
         waiting = set(pending)
         poller = zmq.Poller()

@@ -21,7 +21,7 @@ from pserver.security import client_curve, create_keys
 
 pytestmark = pytest.mark.integration
 LAYOUT = Layout.from_shapes([(50, 30), (30,), (1001,)])  # 2531 floats
-FAST = ClientConfig(timeout_s=0.5, retries=1, backoff_s=0.05)
+FAST = ClientConfig(timeout_s=0.5, retries=0, backoff_s=0.05)
 
 
 def initial() -> np.ndarray:
