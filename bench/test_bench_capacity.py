@@ -1,0 +1,115 @@
+"""Updates/s that 1 and 2 shards absorb from 8 simulated workers, against bare pyzmq.
+
+    python -m pytest -q -s bench/test_bench_capacity.py           # 3 × 4 s per side
+    python -m pytest -q -s bench/test_bench_capacity.py --quick   # 1 × 0.5 s per side
+
+8 `bench.sim_worker` processes do no compute: each pushes the talk's model
+(2,447,562 float32) and pulls it back (`Client.push(pull=True)`) as fast as it
+can. The same 8 processes take turns, phase by phase, against `pserver start`
+with 1 and with 2 shards and against 1 and 2 bare echo servers
+(`bench.echo_server`) that move the same bytes split the same way; the order
+of the two sides alternates between repetitions. The figure is the ratio of
+the median updates/s.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench._procs import QUICK, TALK_LAYOUT, echo_servers, kill_tree, pserver
+from pserver.client import Client
+
+WORKERS = 8
+REPS, PHASE_S, GAP_S = (1, 0.5, 0.5) if QUICK else (3, 4.0, 0.5)
+SHARDS = (1, 2)
+
+
+def _phases() -> list[dict]:
+    phases, offset = [], 0.0
+    for rep in range(REPS):
+        for shards in SHARDS:
+            sides = ["bare", "ps"] if rep % 2 == 0 else ["ps", "bare"]
+            for side in sides:
+                phases.append({"target": f"{side}{shards}", "offset_s": offset, "duration_s": PHASE_S})
+                offset += PHASE_S + GAP_S
+    return phases
+
+
+def _run_workers(plan: dict, tmp: Path, timeout_s: float) -> list[list[int]]:
+    plan_path = tmp / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    ready = [tmp / f"ready{i}" for i in range(WORKERS)]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.sim_worker", str(plan_path), str(r)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in ready]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(r.is_file() for r in ready):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"simulated worker exited with {dead[0].returncode}:\n"
+                                   f"{dead[0].stderr.read().decode(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("simulated workers were not ready within 120 s")
+            time.sleep(0.02)
+        Path(plan["go_file"]).write_text(json.dumps({"start": time.time() + GAP_S}))
+        counts = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout_s)
+            if p.returncode != 0:
+                raise RuntimeError(f"simulated worker exited with {p.returncode}:\n{err.decode(errors='replace')[-3000:]}")
+            counts.append(json.loads(out.decode().strip().splitlines()[-1])["counts"])
+        return counts
+    finally:
+        for p in procs:
+            kill_tree(p, grace_s=2.0)
+
+
+def test_capacity_eight_workers(benchmark) -> None:
+    n = TALK_LAYOUT.total
+    initial = np.random.default_rng(0).standard_normal(n).astype(np.float32)  # (n,)
+    phases = _phases()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="notpu-capacity-")))
+        addresses = {s: stack.enter_context(pserver("--shards", str(s), workers=WORKERS)) for s in SHARDS}
+        echoes = stack.enter_context(echo_servers(max(SHARDS)))
+        for address in addresses.values():
+            driver = Client(address)
+            driver.init(initial, TALK_LAYOUT)
+            driver.close()
+        targets = [{"name": f"ps{s}", "kind": "ps", "address": a} for s, a in addresses.items()]
+        targets += [{"name": f"bare{s}", "kind": "bare", "endpoints": echoes[:s]} for s in SHARDS]
+        plan = {"floats": n, "targets": targets, "phases": phases, "go_file": str(tmp / "go.json")}
+        run_s = phases[-1]["offset_s"] + PHASE_S + GAP_S
+        counts = benchmark.pedantic(lambda: _run_workers(plan, tmp, timeout_s=run_s + 120), rounds=1, iterations=1)
+        versions = {}
+        for s, a in addresses.items():
+            c = Client(a)
+            versions[s] = [sh["version"] for sh in c.stats()["shards"]]
+            c.close()
+
+    per_phase = [sum(w[i] for w in counts) / PHASE_S for i in range(len(phases))]  # updates/s, all workers
+    info: dict[str, object] = {"workers": WORKERS, "floats": n, "phase_s": PHASE_S, "reps": REPS,
+                               "target": "ratio_vs_bare_zmq >= 0.8"}
+    lines = []
+    for s in SHARDS:
+        ps = statistics.median(r for r, p in zip(per_phase, phases) if p["target"] == f"ps{s}")
+        bare = statistics.median(r for r, p in zip(per_phase, phases) if p["target"] == f"bare{s}")
+        info[f"updates_per_s_{s}_shard"] = round(ps, 1)
+        info[f"bare_updates_per_s_{s}_shard"] = round(bare, 1)
+        info[f"ratio_vs_bare_zmq_{s}_shard"] = round(ps / bare, 3)
+        info[f"gb_per_s_{s}_shard"] = round(ps * 2 * n * 4 / 1e9, 2)
+        lines.append(f"{s} shard(s) {ps:.1f} updates/s ({ps * 2 * n * 4 / 1e9:.2f} GB/s) vs bare {bare:.1f}: {ps / bare:.2f}x")
+        # Every push was applied exactly once: the timed ones plus one warm-up per worker and phase.
+        pushed = sum(w[i] for w in counts for i, p in enumerate(phases) if p["target"] == f"ps{s}")
+        pushed += WORKERS * sum(1 for p in phases if p["target"] == f"ps{s}")
+        assert versions[s] == [pushed] * s, (versions[s], pushed)
+    benchmark.extra_info.update(info)
+    print(f"\ncapacity, {WORKERS} simulated workers, {REPS} × {PHASE_S:g} s per side: " + "; ".join(lines))
