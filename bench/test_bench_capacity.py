@@ -1,7 +1,7 @@
 """Updates/s that 1 and 2 shards absorb from 8 simulated workers, against bare pyzmq.
 
     python -m pytest -q -s bench/test_bench_capacity.py           # 3 × 4 s per side
-    python -m pytest -q -s bench/test_bench_capacity.py --quick   # 1 × 0.5 s per side
+    python -m pytest -q -s bench/test_bench_capacity.py --quick   # 1 × 0.3 s per side
 
 8 `bench.sim_worker` processes do no compute: each pushes the talk's model
 (2,447,562 float32) and pulls it back (`Client.push(pull=True)`) as fast as it
@@ -28,7 +28,7 @@ from bench._procs import QUICK, TALK_LAYOUT, echo_servers, kill_tree, pserver
 from pserver.client import Client
 
 WORKERS = 8
-REPS, PHASE_S, GAP_S = (1, 0.5, 0.5) if QUICK else (3, 4.0, 0.5)
+REPS, PHASE_S, GAP_S = (1, 0.3, 0.3) if QUICK else (3, 4.0, 0.5)
 SHARDS = (1, 2)
 
 
