@@ -9,7 +9,9 @@ appends {wall_s, samples, val_loss, val_auc} to RUN/history.jsonl (wall time
 from `--started-at`, the moment the driver started this process, so start-up
 counts on both sides); at the end it writes RUN/summary.json with the final
 val and test AUC. Evaluation pauses training here, where notpu's evaluator
-runs beside the workers: both pay for it.
+runs beside the workers on the same cores: both pay for it. Each history
+line also carries `eval_s`, the evaluation time so far, so that a reader can
+take it out and compare against a plain run that never evaluates.
 """
 from __future__ import annotations
 
@@ -60,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         x = np.asarray(data.X[rows], dtype=np.float32)  # (rows, days, features)
         return model.predict(x, batch_size=1024, verbose=0)[:, 1]
 
+    eval_s = [0.0]  # seconds spent evaluating so far: the wall time a free evaluator would save
+
     def evaluate(samples: int) -> dict:
+        t = time.monotonic()
         loss, auc = binary_metrics(data.y[split.val], score(split.val))
+        eval_s[0] += time.monotonic() - t
         line = {"wall_s": round(time.time() - started_at, 3), "samples": samples, "val_loss": round(loss, 6),
-                "val_auc": round(auc, 6)}
+                "val_auc": round(auc, 6), "eval_s": round(eval_s[0], 3)}
         with open(history, "a") as f:
             f.write(json.dumps(line) + "\n")
         return line
@@ -94,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     _, test_auc = binary_metrics(data.y[split.test], score(split.test))
     with open(history, "a") as f:
         f.write(json.dumps({"wall_s": round(wall_s, 3), "samples": samples, "val_loss": round(val_loss, 6),
-                            "val_auc": round(val_auc, 6)}) + "\n")
+                            "val_auc": round(val_auc, 6), "eval_s": round(eval_s[0], 3)}) + "\n")
     summary = {"rule": "keras", "workers": 1, "threads": args.threads, "epochs": args.epochs, "hidden": args.hidden,
                "batch_size": args.batch_size, "wall_s": round(wall_s, 3), "train_s": round(train_s, 3),
                "samples": samples, "samples_per_s": round(samples / train_s, 2) if train_s else 0.0,
+               "eval_s": round(eval_s[0], 3),
                "val_auc": round(val_auc, 6), "test_auc": round(test_auc, 6)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench._procs import QUICK, TALK_LAYOUT, echo_servers, kill_tree, pserver
 from pserver.client import Client
@@ -72,6 +73,7 @@ def _run_workers(plan: dict, tmp: Path, timeout_s: float) -> list[list[int]]:
             kill_tree(p, grace_s=2.0)
 
 
+@pytest.mark.timeout(1800)
 def test_capacity_eight_workers(benchmark) -> None:
     n = TALK_LAYOUT.total
     initial = np.random.default_rng(0).standard_normal(n).astype(np.float32)  # (n,)

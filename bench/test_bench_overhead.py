@@ -25,6 +25,7 @@ THREADS = os.cpu_count() or 1
 CASES = [(8, 2)] if QUICK else [(64, 12), (512, 4)]
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("hidden,blocks", CASES)
 def test_overhead_one_worker(benchmark, hidden: int, blocks: int) -> None:
     data = prepared(300, 30) if QUICK else prepared(20_000, 90)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 
 from bench._procs import QUICK, TALK_LAYOUT, echo_servers, pserver
@@ -49,6 +50,7 @@ class BareEcho:
         self.socket.close(linger=0)
 
 
+@pytest.mark.timeout(1800)
 def test_transport_round_trip(benchmark) -> None:
     n = TALK_LAYOUT.total
     rng = np.random.default_rng(0)

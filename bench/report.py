@@ -1,0 +1,270 @@
+"""Run the benchmark suite and write bench/RESULTS.md and bench/auc_vs_time.png.
+
+    python -m bench.report                  # the full suite (~20-30 min on 2 cores)
+    python -m bench.report --quick          # the small versions (what CI runs), a smoke test of the report
+    python -m bench.report --from-json F    # rewrite the report from an earlier --benchmark-json file
+
+The suite runs as `python -m pytest bench/ --benchmark-json F`; every figure
+is read back from pytest-benchmark's `extra_info`, so the report shows what
+the benchmarks measured and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run_suite(json_path: Path, quick: bool, extra: list[str]) -> tuple[list[str], int]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "bench/",
+           f"--benchmark-json={json_path}", *(["--quick"] if quick else []), *extra]
+    print("running:", " ".join(cmd), flush=True)
+    return cmd, subprocess.call(cmd, cwd=ROOT)
+
+
+def _by_name(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+
+
+def _f(x: Any, fmt: str = "{:.2f}", none: str = "–") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | None) -> None:
+    b = _by_name(data)
+    lines = [
+        "# notpu benchmark results",
+        "",
+        f"Machine: {os.cpu_count()} cores ({_cpu_model()}), "
+        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
+        f"Python {platform.python_version()}, shared with other work (see load averages below).",
+        f"Date: {data.get('datetime', dt.datetime.now(dt.timezone.utc).isoformat())[:19]} UTC; "
+        f"commit {data.get('commit_info', {}).get('id', '?')[:10]}"
+        + (" (uncommitted changes)" if data.get("commit_info", {}).get("dirty") else "") + ".",
+        f"Command: `{command}`",
+        "",
+        "Every figure is a ratio of medians measured side by side in one run; absolute times on this",
+        "shared 2-core machine move by ±30% from minute to minute. Targets are from issue #5.",
+        "",
+    ]
+    conv = b.get("test_convergence_rules")
+    if conv:
+        k = conv["keras"]
+        ttt = [t for t in k["time_to_target_s"] if t is not None]
+        kt = sorted(ttt)[len(ttt) // 2] if ttt else None
+        lines += [
+            "## The talk's table",
+            "",
+            f"{conv['players']:,} generated players, {conv['days']} days, GRU {conv['hidden']}, {conv['epochs']} epochs, "
+            f"batch 64. Score = test ROC AUC of the final model. Time = seconds from start (start-up included) "
+            f"to a val AUC of {conv['target_val_auc']:.4f} = {conv['target_fraction']:.0%} of plain Keras' final "
+            f"val AUC, then the whole run's wall time. Speed-up = plain Keras' time to the target / the rule's.",
+            "",
+            "| type | workers | rule | score (test AUC) | Δ AUC | time to target (s) | wall (s) | samples/s | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| plain Keras | 1 × {k['threads']} threads | Adam | {k['test_auc']:.4f} | – | "
+            f"{' / '.join(_f(t, '{:.1f}') for t in k['time_to_target_s'])} | {' / '.join(_f(w, '{:.1f}') for w in k['wall_s'])} | "
+            f"{' / '.join(_f(s, '{:.0f}') for s in k['samples_per_s'])} | 1.00 |",
+        ]
+        for rule, r in conv["rules"].items():
+            lines.append(f"| notpu | {r['workers']} × 1 thread | {rule} | {r['test_auc']:.4f} | {r['auc_delta']:+.4f} | "
+                         f"{_f(r['time_to_target_s'], '{:.1f}', 'not reached')} | {r['wall_s']:.1f} | "
+                         f"{r['samples_per_s']:.0f} | {_f(r['speedup_time_to_auc'])} |")
+        ran = "first and last (the two figures in its row)" if len(k["wall_s"]) > 1 else "once"
+        free = [t for t in k.get("time_to_target_without_eval_s", []) if t is not None]
+        lines += ["", f"Plain Keras ran {ran}; its time to target is the median ({_f(kt, '{:.1f}')} s). It evaluates "
+                      f"in line, pausing training ({' / '.join(_f(e, '{:.1f}') for e in k.get('eval_s', []))} s in "
+                      f"all), where notpu's evaluator shares the cores with the workers. Without its evaluation time "
+                      f"plain Keras reaches the target in {' / '.join(_f(t, '{:.1f}') for t in free) or '–'} s; "
+                      f"speed-ups against that: " + ", ".join(
+                          f"{r} {_f(v.get('speedup_vs_keras_without_eval'))}" for r, v in conv["rules"].items()) + ".",
+                  "Load average (1 min) at the end of each run: plain "
+                  f"{k['loadavg']}, " + ", ".join(f"{r} {v['loadavg']}" for r, v in conv["rules"].items()) + ".",
+                  f"Target: speedup_time_to_auc ≥ 1.3."]
+        if conv.get("errors"):
+            lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in conv["errors"].items())]
+        if plot is not None:
+            lines += ["", f"![val AUC against wall time]({plot.name})"]
+        lines.append("")
+
+    t = b.get("test_transport_round_trip")
+    if t:
+        lines += [
+            "## Transport: push+pull of the talk's model through one shard",
+            "",
+            f"{t['floats']:,} float32 (9.8 MB) each way over TCP loopback, client in the benchmark process, "
+            f"shard and bare echo each in their own process; median of {t['rounds']} interleaved rounds.",
+            "",
+            "| | ms | × bare zmq |",
+            "| --- | --- | --- |",
+            f"| `Client.push(delta, pull=True, out=buf)` | {t['push_pull_ms']:.2f} | **{t['ratio_vs_bare_zmq']:.2f}** |",
+            f"| `push(delta)` then `pull(out=buf)` | {t['push_then_pull_ms']:.2f} | {t['ratio_separate_vs_bare_zmq']:.2f} |",
+            f"| bare pyzmq DEALER → ROUTER echo | {t['bare_zmq_ms']:.2f} | 1.00 |",
+            "",
+            f"Overhead {t['overhead_ms']:.2f} ms per round trip; alone, the shard's kernel pass takes {t['kernel_ms']:.2f} ms "
+            f"and the client's copy into `buf` {t['copy_ms']:.2f} ms. Target: ratio_vs_bare_zmq ≤ 1.10.",
+            "",
+        ]
+    c = b.get("test_capacity_eight_workers")
+    if c:
+        lines += [
+            f"## Capacity: {c['workers']} simulated workers (no compute), push+pull as fast as they can",
+            "",
+            f"{c['reps']} × {c['phase_s']:g} s per side, sides alternating; the same {c['workers']} processes against "
+            f"bare echo servers splitting the bytes the same way.",
+            "",
+            "| shards | updates/s | GB/s (both ways) | bare zmq updates/s | ratio |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for s in (1, 2):
+            if f"updates_per_s_{s}_shard" in c:
+                lines.append(f"| {s} | {c[f'updates_per_s_{s}_shard']:.1f} | {c[f'gb_per_s_{s}_shard']:.2f} | "
+                             f"{c[f'bare_updates_per_s_{s}_shard']:.1f} | **{c[f'ratio_vs_bare_zmq_{s}_shard']:.2f}** |")
+        lines += ["", "Target: ratio_vs_bare_zmq ≥ 0.8.", ""]
+    ks = [v for n, v in b.items() if n.startswith("test_kernel_vs_numpy")]
+    if ks:
+        lines += [
+            f"## Kernels on {ks[0]['floats']:,} floats against numpy",
+            "",
+            "numpy computes the same results (new centre and the float64 norm and finiteness of the update) the "
+            "obvious way with `out=` buffers; 'op only' leaves the check out.",
+            "",
+            "| kernel | ms | GB/s | numpy ms | GB/s | × numpy | numpy op only ms | × op only |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for v in ks:
+            lines.append(f"| {v['kernel']} | {v['kernel_ms']:.3f} | {v['kernel_gb_per_s']:.1f} | {v['numpy_ms']:.3f} | "
+                         f"{v['numpy_gb_per_s']:.1f} | **{v['ratio_vs_numpy']:.2f}** | {v['numpy_op_only_ms']:.3f} | "
+                         f"{v['ratio_vs_numpy_op_only']:.2f} |")
+        lines.append("")
+    ov = [v for n, v in b.items() if n.startswith("test_overhead_one_worker")]
+    if ov:
+        lines += [
+            "## Overhead: one worker through the PS against plain Keras",
+            "",
+            "Same model, data, batches and threads, trained block by block in turn in one process; DOWNPOUR λ = 5.",
+            "",
+            "| GRU | floats | threads | through the PS (samples/s) | plain Keras (samples/s) | ratio | ms per exchange |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for v in ov:
+            lines.append(f"| {v['hidden']} | {v['floats']:,} | {v['threads']} | {v['ps_samples_per_s']:.0f} | "
+                         f"{v['keras_samples_per_s']:.0f} | **{v['ratio_vs_keras']:.3f}** | {v['exchange_ms']:.1f} |")
+        lines += ["", "Target: ratio_vs_keras ≥ 0.97. (ms per exchange is the difference of two noisy medians; "
+                      "a negative value means it was lost in the noise.)", ""]
+    st = b.get("test_staleness_histograms")
+    if st:
+        lines += [
+            "## Staleness",
+            "",
+            "Pushes per staleness (bin k: the shard had applied k other updates since this worker's pull), summed "
+            f"over workers, from the shards' counts. 2 workers: the runs above; 4 workers: "
+            f"{st['epochs_4_workers']} epoch per rule.",
+            "",
+            "| rule | workers | mean | histogram (bin 0, 1, 2, …) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for v in st["staleness"].values():
+            lines.append(f"| {v['rule']} | {v['workers']} | {v['mean']:.2f} | {' '.join(map(str, v['histogram']))} |")
+        lines.append("")
+    p = b.get("test_prepare_throughput")
+    if p:
+        lines += [
+            "## prepare",
+            "",
+            f"{p['events']:,} events: {p['events_per_s']:,} events/s, peak RSS {p['peak_rss_mb']} MiB; "
+            f"plain pandas {p['pandas_s']} s (peak {p['pandas_peak_rss_mb']} MiB): **{p['ratio_vs_pandas']}×**.",
+            "",
+        ]
+    out.write_text("\n".join(lines))
+
+
+def write_plot(data: dict[str, Any], out: Path) -> bool:
+    conv = _by_name(data).get("test_convergence_rules")
+    if not conv or not conv.get("curves"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    colours = plt.get_cmap("tab10")
+    for i, (name, pts) in enumerate(sorted(conv["curves"].items(), key=lambda kv: kv[0] != "keras")):
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if name == "keras":
+            ax.plot(xs, ys, color="black", lw=2.5, ls="--", marker="o", ms=3,
+                    label=f"plain Keras, 1 × {conv['keras']['threads']} threads")
+        else:
+            ax.plot(xs, ys, color=colours(i - 1), lw=1.6, marker=".", ms=4, label=f"{name}, 2 workers × 1 thread")
+    ax.axhline(conv["target_val_auc"], color="grey", lw=1, ls=":")
+    ax.text(ax.get_xlim()[1], conv["target_val_auc"], f" target {conv['target_val_auc']:.3f}", va="center",
+            ha="right", fontsize=8, color="grey", backgroundcolor="white")
+    lo = min(y for pts in conv["curves"].values() for _, y in pts[1:] or pts)
+    ax.set_ylim(max(lo - 0.01, 0.5), None)
+    ax.set_xlabel("wall time since start (s), start-up included")
+    ax.set_ylabel("validation ROC AUC")
+    ax.set_title(f"val AUC against time, GRU {conv['hidden']}, {conv['players']:,} players, {conv['epochs']} epochs, "
+                 f"{os.cpu_count()} cores")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report")
+    p.add_argument("--quick", action="store_true", help="run the small versions")
+    p.add_argument("--from-json", default=None, help="do not run; report this --benchmark-json file")
+    p.add_argument("--json", default=str(HERE / "results.json"), help="where pytest-benchmark writes its JSON")
+    p.add_argument("--out", default=str(HERE), help="directory for RESULTS.md and auc_vs_time.png")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command shown with --from-json
+    args, extra = p.parse_known_args(argv)
+    if args.from_json:
+        json_path = Path(args.from_json)
+        command = args.command or "python -m bench.report"
+        code = 0
+    else:
+        json_path = Path(args.json)
+        cmd, code = run_suite(json_path, args.quick, extra)
+        command = "python -m bench.report" + (" --quick" if args.quick else "") + f"  (ran: {' '.join(cmd[1:])})"
+        if not json_path.is_file():
+            print(f"the suite wrote no {json_path} (exit {code})", file=sys.stderr)
+            return code or 1
+    data = json.loads(json_path.read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = out / "auc_vs_time.png"
+    has_plot = write_plot(data, plot)
+    write_markdown(data, command, out / "RESULTS.md", plot if has_plot else None)
+    print(f"wrote {out / 'RESULTS.md'}" + (f" and {plot}" if has_plot else ""))
+    return code
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # `python bench/report.py`: make `bench` importable as a package
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
