@@ -1,6 +1,6 @@
 """Push+pull round trip of the talk's model through one shard, against bare pyzmq.
 
-    python -m pytest -q -s bench/test_bench_transport.py           # 60 rounds
+    python -m pytest -q -s bench/test_bench_transport.py           # 100 rounds
     python -m pytest -q -s bench/test_bench_transport.py --quick   # 5 rounds
 
 Both sides are real processes on TCP loopback: `pserver start` (a coordinator
@@ -24,7 +24,7 @@ from bench._timing import interleave, median_time
 from pserver import kernels, protocol
 from pserver.client import Client
 
-ROUNDS, WARMUP = (5, 2) if QUICK else (60, 10)
+ROUNDS, WARMUP = (5, 2) if QUICK else (100, 10)
 TIMEOUT_MS = 30_000
 
 
