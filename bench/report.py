@@ -188,6 +188,12 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         ]
         for v in st["staleness"].values():
             lines.append(f"| {v['rule']} | {v['workers']} | {v['mean']:.2f} | {' '.join(map(str, v['histogram']))} |")
+        if any(v["rule"] in ("aeasgd", "eamsgd") for v in st["staleness"].values()):
+            lines += ["", "AEASGD and EAMSGD never pull: an elastic push returns E, not the centre, so the version a "
+                          "worker reports as pulled stays at its first pull and each push counts one more (1, 1, 1, … "
+                          "above). The shard computes E against its current centre, so these pushes are not stale in "
+                          "DOWNPOUR's sense; the histogram shows the counting, not lag. EASGD and averaging are "
+                          "synchronous rounds: always 0."]
         lines.append("")
     p = b.get("test_prepare_throughput")
     if p:
