@@ -127,7 +127,8 @@ def format_stats(reply: dict[str, Any]) -> str:
              + ("" if c["initialised"] else " (not initialised)")]
     for rank, w in sorted(c["workers"].items(), key=lambda kv: int(kv[0])):
         state = "lost" if w["lost"] else "done" if w["done"] else "running"
-        lines.append(f"  worker {rank} {w['name'] or ''} {state}")
+        lines.append(f"  worker {rank} {w['name'] or ''} {state}, {w.get('samples', 0)} samples"
+                     + (f", {w['nan_recoveries']} NaN loss(es) recovered" if w.get("nan_recoveries") else ""))
     for s in reply["shards"]:
         if "error" in s:
             lines.append(f"shard {s['shard']} at {s['endpoint']}: {s['error']}")

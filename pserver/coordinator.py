@@ -37,6 +37,7 @@ class WorkerInfo:
     done: bool = False
     lost: bool = False
     samples: int = 0
+    nan_recoveries: int = 0  # local NaN losses the worker recovered from (by pulling the centre)
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,6 +205,7 @@ class Coordinator:
     def _heartbeat(self, msg: protocol.Message) -> list[Any]:
         info = self._touch(msg)
         info.samples = max(info.samples, hfield(msg.header, "samples", int, 0))
+        info.nan_recoveries = max(info.nan_recoveries, hfield(msg.header, "nan_recoveries", int, 0))
         return protocol.encode(ok(lost=[w.rank for w in self.workers.values() if w.lost], stop=self.stop_requested))
 
     def _model(self, msg: protocol.Message) -> list[Any]:
@@ -225,9 +227,10 @@ class Coordinator:
         info = self._touch(msg)
         report = hfield(msg.header, "report", dict, {})
         info.done = True
-        samples = report.get("samples", 0)
-        if isinstance(samples, int) and not isinstance(samples, bool):
-            info.samples = max(info.samples, samples)
+        for key in ("samples", "nan_recoveries"):
+            value = report.get(key, 0)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(info, key, max(getattr(info, key), value))
         info.report = {str(k): v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
         log.info("worker %d is done: %s", info.rank, info.report)
         return protocol.encode(ok())
@@ -249,6 +252,7 @@ class Coordinator:
             "refused": dict(self.refused),
             "stop": self.stop_requested,
             "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
+                                    "nan_recoveries": w.nan_recoveries,
                                     "report": w.report}
                         for w in self.workers.values()},
         }

@@ -3,7 +3,11 @@
 Every `interval_s` it pulls the centre, scores the validation split and
 appends one line to RUN/history.jsonl:
 
-    {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness"}
+    {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness", "refused", "nan_recoveries"}
+
+where `refused` counts the messages the shards refused so far (a non-finite
+or too-large delta among them) and `nan_recoveries` the local NaN losses the
+workers recovered from by pulling the centre.
 
 It can stop the run when val AUC reaches `target_auc` (the coordinator tells
 the workers through their heartbeats). When every worker is done or lost
@@ -45,6 +49,7 @@ class EvaluatorConfig:
     finish_file: str | None = None  # when this file appears, finish even if workers have not said DONE
     max_val_rows: int = 20_000  # a bigger validation split is subsampled (seeded) for the periodic checks
     keys_dir: str | None = None
+    key_name: str | None = None
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -74,7 +79,7 @@ class Evaluator:
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.client = Client(cfg.ps, ClientConfig(timeout_s=30.0), worker=EVALUATOR_ID,
-                             curve=client_curve(cfg.keys_dir, "evaluator"))
+                             curve=client_curve(cfg.keys_dir, cfg.key_name))
         self.started_at = cfg.started_at or time.time()
         self.data = load_dataset(cfg.data_dir)
         self.split = split_indices(len(self.data.y))
@@ -118,7 +123,9 @@ class Evaluator:
                 "samples": sum(int(w.get("samples", 0)) for w in coord["workers"].values()),
                 "updates": max((s["version"] for s in shards), default=0),
                 "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
-                "mean_staleness": round(mean_staleness(histograms), 4)}
+                "mean_staleness": round(mean_staleness(histograms), 4),
+                "refused": sum(sum(s["refused"].values()) for s in shards),
+                "nan_recoveries": sum(int(w.get("nan_recoveries", 0)) for w in coord["workers"].values())}
         return line, {"coordinator": coord, "shards": shards, "staleness": histograms}
 
     def _finished(self, coord: dict[str, Any]) -> bool:
@@ -182,6 +189,7 @@ class Evaluator:
                           "histograms": {w: _trim(bins) for w, bins in state["staleness"].items()}},
             "updates": {str(s["shard"]): s["version"] for s in state["shards"]},
             "refused": {str(s["shard"]): s["refused"] for s in state["shards"]},
+            "nan_recoveries": {r: int(w.get("nan_recoveries", 0)) for r, w in workers.items()},
             "lost_workers": sorted(int(r) for r, w in workers.items() if w["lost"]),
             "worker_names": {r: w.get("name", "") for r, w in workers.items()},
             "worker_reports": {r: w.get("report", {}) for r, w in workers.items()},

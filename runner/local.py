@@ -6,13 +6,15 @@ progress from RUN/history.jsonl, and leaves no process behind: children are
 stopped on success, on error, on Ctrl-C, and when the server dies. A worker
 that dies does not end the run: asynchronous rules go on without it,
 synchronous rounds close without it after the round timeout, and the summary
-names it.
+names it. Shards checkpoint to RUN/checkpoints; one that dies is restarted
+from its checkpoint on the same port and the workers go on.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +50,7 @@ class TrainConfig:
     worker_timeout_s: float = 30.0  # a worker silent this long is declared lost
     startup_timeout_s: float = 60.0
     finish_timeout_s: float = 300.0  # after the last worker exits, how long the evaluator may take
+    checkpoint_every_s: float = 30.0  # shards checkpoint to RUN/checkpoints; a dead shard restarts from it. 0: off
     progress: bool = True
     seed: int = 0
 
@@ -114,6 +117,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for stale in ("history.jsonl", "summary.json", ".finish", ".pserver.json"):
         (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
+    checkpoints = ["--checkpoint-dir", str(out / "checkpoints"), "--checkpoint-every-s",
+                   str(config.checkpoint_every_s)] if config.checkpoint_every_s > 0 else []
     threads = config.threads or max((os.cpu_count() or 1) // config.workers, 1)
     started_at = time.time()
     children = _Children(out / "logs")
@@ -125,7 +131,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "--rule", run_cfg["rule"], "--window", str(run_cfg["window"]), "--alpha", str(run_cfg["alpha"] or 0.5),
             "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--hidden", str(config.hidden),
             "--learning-rate", str(config.learning_rate), "--round-timeout-s", str(config.round_timeout_s),
-            "--worker-timeout-s", str(config.worker_timeout_s), "--ready-file", str(ready)))
+            "--worker-timeout-s", str(config.worker_timeout_s), "--ready-file", str(ready), *checkpoints))
         address = _wait_ready(ready, server, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
                  threads, run_cfg["rule"])

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--target-auc", type=float, default=None, help="stop when val AUC reaches this")
     t.add_argument("--eval-interval-s", type=float, default=3.0)
     t.add_argument("--round-timeout-s", type=float, default=30.0)
+    t.add_argument("--checkpoint-every-s", type=float, default=30.0,
+                   help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from its "
+                        "checkpoint and the run goes on (0: no checkpoints; default 30)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=cmd_train)
@@ -30,8 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
         learning_rate=args.learning_rate, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
-        eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s, progress=not args.no_progress,
-        seed=args.seed))
+        eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
+        checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed))
     lost = f", lost worker(s) {summary['lost_workers']}" if summary["lost_workers"] else ""
     print(f"{summary['rule']} × {summary['workers']}: test AUC {summary['test_auc']:.4f} (val {summary['val_auc']:.4f}), "
           f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "

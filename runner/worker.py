@@ -38,9 +38,11 @@ class WorkerConfig:
     name: str = ""
     rank: int = -1  # ask for this rank back (a restarted worker); -1: the next free one
     keys_dir: str | None = None  # CurveZMQ keys (see `pserver keys`)
+    key_name: str | None = None  # which worker key pair in keys_dir; None: the only (or first) one
     heartbeat_s: float = 1.0
     seed: int = 0
-    timeout_s: float = 30.0  # one request's wait; retries with back-off follow
+    timeout_s: float = 10.0  # one request's wait (a shard being restarted costs this once); retries follow
+    retries: int = 8  # with back-off up to 5 s: over a minute and a half before a worker gives up
 
 
 def configure_threads(threads: int) -> None:
@@ -63,12 +65,13 @@ def _apply_tf_threads(threads: int) -> None:
         pass
 
 
-def client_curve(keys_dir: str | None, name: str = "") -> dict[str, bytes] | None:
+def client_curve(keys_dir: str | None, key_name: str | None = None) -> dict[str, bytes] | None:
+    """CurveZMQ keys for a `Client`, or None (plain TCP) without a keys directory."""
     if not keys_dir:
         return None
-    from pserver.security import client_curve as curve  # written with the security work
+    from pserver.security import client_curve as curve
 
-    return curve(keys_dir, name or None)
+    return curve(keys_dir, key_name)
 
 
 class _Heartbeat(threading.Thread):
@@ -76,17 +79,19 @@ class _Heartbeat(threading.Thread):
 
     def __init__(self, cfg: WorkerConfig, rank: int) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.client = Client(cfg.ps, ClientConfig(timeout_s=5.0, retries=2), curve=client_curve(cfg.keys_dir, cfg.name))
+        self.client = Client(cfg.ps, ClientConfig(timeout_s=5.0, retries=2), curve=client_curve(cfg.keys_dir, cfg.key_name))
         self.client.rank = rank
         self.interval_s = cfg.heartbeat_s
         self.samples = 0
+        self.nan_recoveries = 0
         self.stop_reason = ""
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(self.interval_s):
             try:
-                reply = self.client.ask({"op": "HEARTBEAT", "rank": self.client.rank, "samples": self.samples})
+                reply = self.client.ask({"op": "HEARTBEAT", "rank": self.client.rank, "samples": self.samples,
+                                         "nan_recoveries": self.nan_recoveries})
                 self.stop_reason = reply.get("stop") or ""
             except NotpuError as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -108,10 +113,16 @@ def partition(train: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, int
     return parts[rank], min(len(p) for p in parts)
 
 
+def _reset_optimizer(model) -> None:
+    """Zero the optimizer's slots (Adam's moments, momentum): after a NaN step they hold NaN too."""
+    for v in model.optimizer.variables:
+        v.assign(np.zeros(v.shape, dtype=v.dtype))
+
+
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Join, train, report DONE. Returns this worker's report."""
-    curve = client_curve(cfg.keys_dir, cfg.name)
-    client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s), curve=curve)
+    curve = client_curve(cfg.keys_dir, cfg.key_name)
+    client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries), curve=curve)
     try:
         return _run(cfg, client)
     finally:
@@ -172,11 +183,13 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
                 steps += 1
                 beat.samples = samples
                 if not math.isfinite(loss):
-                    # a local explosion must not reach the centre: start again from it
+                    # a local explosion must not reach the centre: start again from it, with fresh optimizer state
                     nan_recoveries += 1
+                    beat.nan_recoveries = nan_recoveries
                     log.warning("worker %d: local loss %s at step %d; pulling the centre", rank, loss, steps)
                     w = rule.start(w)
                     model.set_weights(unflatten(w, layout))
+                    _reset_optimizer(model)
                     continue
                 losses.append(loss)
                 if steps % window == 0:

@@ -1,7 +1,7 @@
 """`worker`: join a parameter server and train, or watch the centre and evaluate.
 
-    worker start --ps HOST:PORT --data DIR [--threads T] [--keys DIR]
-    worker evaluate --ps HOST:PORT --data DIR --out RUN [--target-auc A]
+    worker start --ps HOST:PORT --data DIR [--threads T] [--keys DIR [--key NAME]]
+    worker evaluate --ps HOST:PORT --data DIR --out RUN [--target-auc A] [--keys DIR [--key NAME]]
 
 Thread counts are set before TensorFlow is imported.
 """
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="", help="shown in `pserver stats` (default host:pid)")
     s.add_argument("--rank", type=int, default=-1, help="rejoin with this rank after a restart")
     s.add_argument("--keys", default=None, help="CurveZMQ keys DIR (see `pserver keys`)")
+    s.add_argument("--key", default=None, metavar="NAME",
+                   help="use the key pair NAME (workers/NAME.key_secret) in --keys (default: the only or first one)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(handler=cmd_start)
 
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)
     e.add_argument("--finish-file", default=None, help=argparse.SUPPRESS)
     e.add_argument("--threads", type=int, default=1)
-    e.add_argument("--keys", default=None)
+    e.add_argument("--keys", default=None, help="CurveZMQ keys DIR (see `pserver keys`)")
+    e.add_argument("--key", default=None, metavar="NAME", help="the key pair NAME in --keys (default: the first one)")
     e.set_defaults(handler=cmd_evaluate)
     return parser
 
@@ -54,7 +57,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     name = args.name or f"{os.uname().nodename}:{os.getpid()}"
     report = run_worker(WorkerConfig(ps=args.ps, data_dir=args.data, threads=threads, name=name, rank=args.rank,
-                                     keys_dir=args.keys, seed=args.seed))
+                                     keys_dir=args.keys, key_name=args.key, seed=args.seed))
     print(json.dumps(report), flush=True)
     return 0
 
@@ -67,7 +70,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = Evaluator(EvaluatorConfig(ps=args.ps, data_dir=args.data, out_dir=args.out, interval_s=args.interval_s,
                                         target_auc=args.target_auc, started_at=args.started_at,
-                                        finish_file=args.finish_file, keys_dir=args.keys)).run_until_done()
+                                        finish_file=args.finish_file, keys_dir=args.keys,
+                                        key_name=args.key)).run_until_done()
     print(f"val AUC {summary['val_auc']:.4f}, test AUC {summary['test_auc']:.4f} -> {args.out}", flush=True)
     return 0
 

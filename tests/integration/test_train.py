@@ -16,6 +16,7 @@ from conftest import kill_tree, wait_for  # noqa: E402
 from datasets import write_fading  # noqa: E402
 
 from models.dataset import split_indices  # noqa: E402
+from pserver.security import create_keys  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,7 +53,8 @@ def test_each_rule_learns_through_notpu_train(fading, tmp_path, rule):
     scores = (run / "test_scores.csv").read_text().splitlines()
     assert scores[0] == "id,label,score" and len(scores) - 1 == len(split_indices(800).test)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert history and set(history[0]) == {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness"}
+    assert history and set(history[0]) == {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness",
+                                          "refused", "nan_recoveries"}
     assert [h["wall_s"] for h in history] == sorted(h["wall_s"] for h in history)
     if rule in ("easgd", "averaging"):
         assert summary["staleness"]["mean"] == 0.0
@@ -68,15 +70,19 @@ def load_model_in_subprocess(path: Path) -> int:
 
 
 def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path):
+    """As on separate hosts, and over CurveZMQ: the listed keys train (unlisted ones are refused:
+    test_reliability.py::test_curve_admits_only_listed_keys)."""
+    keys = create_keys(tmp_path / "keys", workers=2)
     server = pserver("--workers", "2", "--shards", "2", "--rule", "downpour", "--epochs", "2", "--hidden", "8",
-                     "--batch-size", "32", "--exit-when-done")
+                     "--batch-size", "32", "--exit-when-done", "--keys", str(keys))
     run = tmp_path / "run"
-    worker = lambda name: subprocess.Popen(
+    worker = lambda name, key: subprocess.Popen(
         [sys.executable, "-m", "runner.worker_cli", "start", "--ps", server.address, "--data", str(fading),
-         "--threads", "1", "--name", name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    workers = [worker("hostA"), worker("hostB")]
+         "--threads", "1", "--name", name, "--keys", str(keys), "--key", key],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    workers = [worker("hostA", "worker0"), worker("hostB", "worker1")]
     evaluator = subprocess.Popen([sys.executable, "-m", "runner.worker_cli", "evaluate", "--ps", server.address,
-                                  "--data", str(fading), "--out", str(run), "--interval-s", "1"],
+                                  "--data", str(fading), "--out", str(run), "--interval-s", "1", "--keys", str(keys)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         reports = []
@@ -101,33 +107,79 @@ def worker_pids(parent: int) -> list[int]:
     return [p.pid for p in procs if "start" in p.cmdline() and any("runner.worker_cli" in a for a in p.cmdline())]
 
 
-@pytest.mark.parametrize("rule", ["easgd", "adag"])
-def test_run_finishes_when_a_worker_is_sigkilled(fading, tmp_path, rule):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "runner.cli", "train", str(fading), "--out", str(run), "--workers", "2",
-           "--rule", rule, "--window", "4", "--round-timeout-s", "5", *TINY[:-5], "--epochs", "30",
-           "--eval-interval-s", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def shard_pids(parent: int) -> list[int]:
+    procs = psutil.Process(parent).children(recursive=True)
+    return [p.pid for p in procs if any("pserver.shard_process" in a for a in p.cmdline())]
+
+
+def train_and_kill(run: Path, args: list[str], victims) -> tuple[dict, str]:
+    """`notpu train`; a quarter of the way in, SIGKILL what `victims(pid)` picks; the run must still finish."""
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "train", *args, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         history = run / "history.jsonl"
 
         def training():
             if proc.poll() is not None:
                 raise AssertionError(proc.communicate()[1][-3000:])
-            if not history.exists():
-                return False
-            lines = history.read_text().splitlines()
-            return lines and json.loads(lines[-1])["updates"] >= 2
+            lines = history.read_text().splitlines() if history.exists() else []
+            return lines and json.loads(lines[-1])["samples"] >= KILL_AT_SAMPLES
 
-        wait_for(training, 180, "training to start")
-        victims = worker_pids(proc.pid)
-        assert len(victims) == 2
-        os.kill(victims[1], signal.SIGKILL)
+        wait_for(training, 180, "a quarter of the run")
+        victim = victims(proc.pid)
+        os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         kill_tree(proc)
     assert proc.returncode == 0, stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    return json.loads((run / "summary.json").read_text()), stdout
+
+
+# Long enough that the kill lands mid-run; the same settings for the undisturbed run.
+KILL_RUN = ["--workers", "2", "--window", "4", "--round-timeout-s", "5", *TINY[:-5], "--epochs", "16",
+            "--eval-interval-s", "1", "--no-progress"]
+KILL_AT_SAMPLES = 2 * 16 * 8 * 32 // 4
+
+
+@pytest.mark.parametrize("rule", ["easgd", "adag"])
+def test_run_finishes_when_a_worker_is_sigkilled(fading, tmp_path, rule):
+    args = [str(fading), "--rule", rule, *KILL_RUN]
+    clean = notpu("train", *args, "--out", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    undisturbed = json.loads((tmp_path / "clean" / "summary.json").read_text())
+
+    def second_worker(pid):
+        pids = worker_pids(pid)
+        assert len(pids) == 2
+        return pids[1]
+
+    summary, stdout = train_and_kill(tmp_path / "run", args, second_worker)
     assert len(summary["lost_workers"]) == 1, summary["lost_workers"]
     assert "lost worker" in stdout
+    print(f"\n{rule}: test AUC {summary['test_auc']:.4f} with a worker killed, {undisturbed['test_auc']:.4f} undisturbed")
+    assert abs(summary["test_auc"] - undisturbed["test_auc"]) <= 0.02
+
+
+def test_run_finishes_when_a_shard_is_sigkilled(fading, tmp_path):
+    run = tmp_path / "run"
+    args = [str(fading), "--rule", "downpour", "--shards", "2", "--checkpoint-every-s", "0.5", *KILL_RUN]
+    summary, _ = train_and_kill(run, args, lambda pid: shard_pids(pid)[0])
+    assert summary["lost_workers"] == [] and summary["samples"] == 2 * 16 * 8 * 32
+    assert "restarting it from its checkpoint" in (run / "logs" / "pserver.log").read_text()
+    assert summary["test_auc"] > AUC_THRESHOLD
+
+
+def test_nan_local_loss_pulls_the_centre_and_shows_in_history(tmp_path):
+    """Two training rows whose values overflow BatchNorm: every batch holding one has a NaN loss."""
+    data = write_fading(tmp_path / "poisoned")
+    X = np.load(data / "X.npy")
+    X[split_indices(len(X)).train[[3, 300]]] = 3e38  # one in each worker's partition
+    np.save(data / "X.npy", X)
+    run = tmp_path / "run"
+    out = notpu("train", str(data), "--out", str(run), "--workers", "2", "--rule", "downpour", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    last = json.loads((run / "history.jsonl").read_text().splitlines()[-1])
+    assert last["nan_recoveries"] > 0 and sum(summary["nan_recoveries"].values()) >= last["nan_recoveries"]
+    assert last["refused"] == 0  # nothing non-finite reached the shards
     assert summary["test_auc"] > AUC_THRESHOLD
