@@ -292,9 +292,10 @@ class Client:
         result = None
         if pull:
             result = self._gather(replies, out, index=-1)
-            self.versions = [int(m.header["version"]) for m in replies]
         elif mode == "elastic":
             result = self._gather(replies, out, index=0)
+        if pull or mode == "elastic":  # E was computed against the centre as of this reply: the worker has seen it
+            self.versions = [int(m.header["version"]) for m in replies]
         return staleness, result
 
     def round(self, value: np.ndarray, number: int, mode: str, alpha: float = 1.0,
