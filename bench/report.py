@@ -63,7 +63,7 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         f"Command: `{command}`",
         "",
         "Every figure is a ratio of medians measured side by side in one run; absolute times on this",
-        "shared 2-core machine move by ±30% from minute to minute. Targets are from issue #5.",
+        "shared 2-core machine move by ±30% from minute to minute. Targets are the project's performance goals.",
         "",
     ]
     conv = b.get("test_convergence_rules")
@@ -102,7 +102,7 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
                   + ", ".join(f"{r} {_f(v.get('first_eval_s'), '{:.1f}')}" for r, v in conv["rules"].items()) + " s.",
                   "Load average (1 min) at the end of each run: plain "
                   f"{k['loadavg']}, " + ", ".join(f"{r} {v['loadavg']}" for r, v in conv["rules"].items()) + ".",
-                  f"Target: speedup_time_to_auc ≥ 1.3."]
+                  "Target: speedup_time_to_auc ≥ 1.3."]
         if conv.get("errors"):
             lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in conv["errors"].items())]
         if plot is not None:

@@ -62,7 +62,7 @@ def summary_text(spec: dict, baseline: dict | None, summary: dict | None) -> str
             f"GRU ({summary.get('rule')}, {summary.get('workers')} workers, {summary.get('epochs')} epochs): "
             f"test AUC {_f(summary.get('test_auc'))}, val AUC {_f(summary.get('val_auc'))}, "
             f"{_f(summary.get('wall_s'), 1)} s, {_f(summary.get('samples_per_s'), 0)} samples/s, "
-            f"mean staleness {_f(summary.get('staleness'), 2) if not isinstance(summary.get('staleness'), dict) else summary.get('staleness')}"
+            f"mean staleness {_f(summary.get('staleness', {}).get('mean'), 2)}"
         )
         if baseline and isinstance(summary.get("test_auc"), (int, float)):
             diff = summary["test_auc"] - baseline["test_auc"]

@@ -20,7 +20,6 @@ again exactly once.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

@@ -1,18 +1,14 @@
-"""Issue #6, server side: CurveZMQ allow-list, shard checkpoints and restarts, lost workers,
+"""Reliability, server side: CurveZMQ allow-list, shard checkpoints and restarts, lost workers,
 the running-median norm guard, and bounded staleness (SSP) — all against `pserver start`."""
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from conftest import wait_for
 from pserver import checkpoint
 from pserver.client import Client, ClientConfig
 from pserver.errors import RemoteError, ServerUnreachable

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -71,23 +69,6 @@ def test_unknown_types_go_to_other(prepared: tuple[Path, Path, dict], tmp_path: 
     np.testing.assert_allclose(x[0, -1, other:other + 5], signed_log1p(np.array([2, -9, -9, -9, -9], np.float32)))
     np.testing.assert_allclose(x[0, -1, 0:5], signed_log1p(np.array([1, 4, 4, 4, 4], np.float32)))
     assert np.count_nonzero(x[0, :-1]) == 0
-
-
-@pytest.fixture
-def notpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    try:
-        import runner.train_cli  # noqa: F401 - owned by the training engineers
-    except ImportError:  # not written yet: a no-op stand-in for this test only
-        stub = types.ModuleType("runner.train_cli")
-        stub.register = lambda sub: None
-        monkeypatch.setitem(sys.modules, "runner.train_cli", stub)
-    from runner.cli import main
-
-    def run(*args: str) -> tuple[int, str]:
-        code = main(list(args))
-        return code, capsys.readouterr().err
-
-    return run
 
 
 def test_predict_cli_and_its_errors(prepared: tuple[Path, Path, dict], run_dir: Path, tmp_path: Path, notpu) -> None:

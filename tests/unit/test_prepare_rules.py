@@ -1,8 +1,6 @@
 """Labels, the newcomer filter and every bad-input error of `notpu prepare`."""
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -47,24 +45,6 @@ def test_labels_and_newcomer_filter(tmp_path: Path) -> None:
     prepare(PrepareConfig(events=str(log), out=str(out3), cutoff="2024-03-01", min_sessions=3, min_active_days=6))
     y3 = dict(zip(np.load(out3 / "ids.npy"), np.load(out3 / "y.npy")))
     assert y3 == {"a6": 0, "a7": 0, "s0": 1, "s1": 1, "s2": 1, "s3": 0}
-
-
-@pytest.fixture
-def notpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """Run `notpu ARGS` in-process; returns (exit code, stderr)."""
-    try:
-        import runner.train_cli  # noqa: F401 - owned by the training engineers
-    except ImportError:  # not written yet: a no-op stand-in for this test only
-        stub = types.ModuleType("runner.train_cli")
-        stub.register = lambda sub: None
-        monkeypatch.setitem(sys.modules, "runner.train_cli", stub)
-    from runner.cli import main
-
-    def run(*args: str) -> tuple[int, str]:
-        code = main(list(args))
-        return code, capsys.readouterr().err
-
-    return run
 
 
 def _csv(tmp_path: Path, text: str) -> Path:
