@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import psutil
-
 from pserver.layout import Layout
+from runner.procs import kill_tree
 
 #: The talk's network (GRU 512 on 50 features), 2,447,562 float32, BatchNorm statistics included.
 TALK_LAYOUT = Layout.from_shapes([
@@ -33,24 +31,6 @@ TALK_LAYOUT = Layout.from_shapes([
 assert TALK_LAYOUT.total == 2_447_562, TALK_LAYOUT.total
 
 QUICK = os.environ.get("NOTPU_BENCH_QUICK") == "1"
-
-
-def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM a process and its children; SIGKILL whatever is left after the grace period."""
-    try:
-        parent = psutil.Process(proc.pid)
-        family = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
 
 
 def _wait_file(path: Path, proc: subprocess.Popen, log_path: Path, timeout_s: float, what: str) -> dict:

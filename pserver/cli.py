@@ -148,17 +148,21 @@ def format_stats(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def run_command(prog: str, args: argparse.Namespace, log_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> int:
+    """Run a parsed command of `prog`: logging set up, a NotpuError as one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, datefmt="%H:%M:%S")
     try:
         return int(args.handler(args) or 0)
     except NotpuError as exc:
-        print(f"pserver {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("pserver", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ an exit code; a `NotpuError` becomes a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from pserver.errors import NotpuError
+from pserver.cli import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,22 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return int(args.handler(args) or 0)
-    except NotpuError as exc:
-        print(f"notpu {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"notpu {args.command}: interrupted", file=sys.stderr)
-        return 130
-
+    return run_command("notpu", build_parser().parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

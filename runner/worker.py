@@ -121,6 +121,7 @@ def _reset_optimizer(model) -> None:
 
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Join, train, report DONE. Returns this worker's report."""
+    load_dataset(cfg.data_dir)  # a missing or malformed DIR is reported before any waiting for the server
     curve = client_curve(cfg.keys_dir, cfg.key_name)
     client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries), curve=curve)
     try:

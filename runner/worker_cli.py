@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Sequence
 
-from pserver.errors import NotpuError
+from pserver.cli import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,17 +77,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        return int(args.handler(args) or 0)
-    except NotpuError as exc:
-        print(f"worker {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
+    return run_command("worker", args, f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s")
 
 if __name__ == "__main__":
     sys.exit(main())

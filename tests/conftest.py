@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from typing import Callable, Iterator
 
 import psutil
 import pytest
+
+from runner.procs import kill_tree
 
 # Workers and tests share 2 cores: keep TensorFlow and BLAS from oversubscribing them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,24 +27,6 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
-    """Stop a process and everything it started; SIGKILL what is left after the grace period."""
-    try:
-        parent = psutil.Process(proc.pid)
-        family = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
 
 
 class Server:
@@ -95,3 +78,15 @@ def no_leftover_processes() -> Iterator[None]:
             p.kill()
         psutil.wait_procs(left, timeout=5)
         pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")
+
+
+@pytest.fixture
+def notpu_cli(capsys: pytest.CaptureFixture):
+    """Run `notpu ARGS` in this process; returns (exit code, stderr)."""
+    from runner.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    return run

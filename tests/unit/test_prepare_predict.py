@@ -71,20 +71,20 @@ def test_unknown_types_go_to_other(prepared: tuple[Path, Path, dict], tmp_path: 
     assert np.count_nonzero(x[0, :-1]) == 0
 
 
-def test_predict_cli_and_its_errors(prepared: tuple[Path, Path, dict], run_dir: Path, tmp_path: Path, notpu) -> None:
+def test_predict_cli_and_its_errors(prepared: tuple[Path, Path, dict], run_dir: Path, tmp_path: Path, notpu_cli) -> None:
     tmp, events, _ = prepared
     out = tmp_path / "scores.csv"
-    code, _ = notpu("predict", str(run_dir / "model.keras"), str(events), "--out", str(out))
+    code, _ = notpu_cli("predict", str(run_dir / "model.keras"), str(events), "--out", str(out))
     assert code == 0 and out.read_text().startswith("id,churn_probability\n")
 
     lonely = tmp_path / "m" / "model.keras"  # a model without a spec beside it
     lonely.parent.mkdir()
     shutil.copy(run_dir / "model.keras", lonely)
-    code, err = notpu("predict", str(lonely), str(events), "--out", str(tmp_path / "x.csv"))
+    code, err = notpu_cli("predict", str(lonely), str(events), "--out", str(tmp_path / "x.csv"))
     assert code == 2 and "pass --spec" in err and not (tmp_path / "x.csv").exists()
 
     other = tmp_path / "other"  # a spec with another number of types than the model takes
     prepare(PrepareConfig(events=str(events), out=str(other), observation_days=30, max_types=4))
-    code, err = notpu("predict", str(run_dir / "model.keras"), str(events), "--out", str(tmp_path / "x.csv"),
+    code, err = notpu_cli("predict", str(run_dir / "model.keras"), str(events), "--out", str(tmp_path / "x.csv"),
                       "--spec", str(other / "spec.json"))
     assert code == 2 and "model takes (days, features) = (30, 40), the spec gives (30, 20)" in err

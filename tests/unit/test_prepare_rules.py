@@ -76,29 +76,29 @@ SMALL = ["--label-days", "7", "--observation-days", "20"]
     (GOOD, ["--label-days", "7", "--observation-days", "20"], "label rule: all 3 customers stayed"),
     (GOOD, ["--min-sessions", "0"], "--min-sessions 0: must be at least 1"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, notpu, content: str, extra: list[str], needle: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, notpu_cli, content: str, extra: list[str], needle: str) -> None:
     out = tmp_path / "out"
-    code, err = notpu("prepare", str(_csv(tmp_path, content)), "--out", str(out), *extra)
+    code, err = notpu_cli("prepare", str(_csv(tmp_path, content)), "--out", str(out), *extra)
     assert code == 2
     assert needle in err and err.startswith("notpu prepare: error: ") and err.count("\n") == 1, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv"]  # no temporary directory left
 
 
-def test_failure_leaves_an_existing_dir_as_it_was(tmp_path: Path, notpu) -> None:
+def test_failure_leaves_an_existing_dir_as_it_was(tmp_path: Path, notpu_cli) -> None:
     out = tmp_path / "out"
-    code, _ = notpu("prepare", str(_csv(tmp_path, TWO_CLASSES)), "--out", str(out), *SMALL)
+    code, _ = notpu_cli("prepare", str(_csv(tmp_path, TWO_CLASSES)), "--out", str(out), *SMALL)
     assert code == 0 and list(np.load(out / "y.npy")) == [0, 0, 1]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    code, err = notpu("prepare", str(_csv(tmp_path, GOOD)), "--out", str(out), "--time-col", "when")
+    code, err = notpu_cli("prepare", str(_csv(tmp_path, GOOD)), "--out", str(out), "--time-col", "when")
     assert code == 2 and "no column 'when'" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path: Path, notpu) -> None:
+def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path: Path, notpu_cli) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, err = notpu("prepare", str(_csv(tmp_path, GOOD)), "--out", str(out))
+    code, err = notpu_cli("prepare", str(_csv(tmp_path, GOOD)), "--out", str(out))
     assert code == 2 and "pass a new or empty directory" in err
     assert (out / "precious.txt").read_text() == "keep me"
