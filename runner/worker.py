@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from models.dataset import load_dataset, split_indices
+from models.dataset import Dataset, load_dataset, split_indices
 from optimizers import make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
@@ -121,19 +121,18 @@ def _reset_optimizer(model) -> None:
 
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Join, train, report DONE. Returns this worker's report."""
-    load_dataset(cfg.data_dir)  # a missing or malformed DIR is reported before any waiting for the server
+    data = load_dataset(cfg.data_dir)  # a missing or malformed DIR is reported before any wait for the server
     curve = client_curve(cfg.keys_dir, cfg.key_name)
     client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries), curve=curve)
     try:
-        return _run(cfg, client)
+        return _run(cfg, client, data)
     finally:
         client.close()
 
 
-def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
+def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     info = client.join(cfg.name, cfg.rank)
     rank, world, run = client.rank, client.world, info["config"]
-    data = load_dataset(cfg.data_dir)
     split = split_indices(len(data.y))
     mine, share = partition(split.train, world, rank)
     batch_size = int(run.get("batch_size", 64))

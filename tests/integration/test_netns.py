@@ -1,4 +1,4 @@
-"""Multi-host behaviour on one machine: the PS and two clients in their own network namespaces.
+"""Multi-host behaviour on one machine: the PS and two clients (or two workers) in their own network namespaces.
 
     ns ps  (10.200.N.1) ──veth── ┐
     ns c1  (10.200.N.2) ──veth── ┼─ br0 in ns br
@@ -8,7 +8,8 @@
 
 The server binds 10.200.N.1 with CurveZMQ keys; the clients push seeded integer
 deltas many times over the lossy link, and the centre must equal initial +
-Σ pushes exactly. Needs root (CAP_NET_ADMIN); skipped with the reason otherwise.
+Σ pushes exactly; then a real training run: `worker start` in each client
+namespace, the evaluator beside the PS. Needs root (CAP_NET_ADMIN); skipped with the reason otherwise.
 Only namespaces, links and addresses the test creates are touched, and all of
 them are deleted in teardown.
 """
@@ -28,6 +29,7 @@ from conftest import kill_tree, wait_for
 from pserver.security import create_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
+from datasets import write_fading  # noqa: E402
 from netns_client import initial  # noqa: E402
 from pusher import deltas  # noqa: E402
 
@@ -131,3 +133,36 @@ def test_clients_in_other_namespaces_over_a_lossy_link(namespaces, tmp_path):
         for p in procs:
             kill_tree(p)
         log.close()
+
+
+def test_workers_in_other_namespaces_train_over_a_lossy_link(namespaces, tmp_path):
+    names, addr, impairment = namespaces
+    data = write_fading(tmp_path / "data", customers=400)
+    keys = str(create_keys(tmp_path / "keys", workers=2))
+    ready, run = tmp_path / "ready.json", tmp_path / "run"
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("pserver", "w1", "w2", "evaluator")}
+    quiet = lambda name: {"stdout": logs[name], "stderr": subprocess.STDOUT}  # noqa: E731
+    procs = [in_ns(names["ps"], "-m", "pserver.cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
+                   "--shards", "2", "--workers", "2", "--rule", "downpour", "--epochs", "2", "--hidden", "8",
+                   "--batch-size", "32", "--worker-timeout-s", "60", "--ready-file", str(ready), "--exit-when-done",
+                   **quiet("pserver"))]
+    try:
+        wait_for(lambda: ready.is_file() or procs[0].poll() is not None, 60, "pserver in its namespace")
+        address = json.loads(ready.read_text())["address"]
+        for ns, key, name in ((names["c1"], "worker0", "w1"), (names["c2"], "worker1", "w2")):
+            procs.append(in_ns(ns, "-m", "runner.worker_cli", "start", "--ps", address, "--data", str(data),
+                               "--threads", "1", "--keys", keys, "--key", key, "--name", name, **quiet(name)))
+        procs.append(in_ns(names["ps"], "-m", "runner.worker_cli", "evaluate", "--ps", address, "--data", str(data),
+                           "--out", str(run), "--interval-s", "2", "--keys", keys, **quiet("evaluator")))
+        assert [p.wait(240) for p in procs[1:]] == [0, 0, 0], (tmp_path / "w2.log").read_text()[-2000:]
+        assert procs[0].wait(60) == 0  # --exit-when-done: both workers said DONE
+    finally:
+        for p in procs:
+            kill_tree(p)
+        for f in logs.values():
+            f.close()
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["worker_names"].values()) == ["w1", "w2"] and summary["lost_workers"] == []
+    assert summary["samples"] == 2 * 2 * 4 * 32  # 400 customers: 256 train rows, 128 per worker, 4 steps of 32
+    print(f"\nnetns training: 2 workers over `{impairment}`, test AUC {summary['test_auc']:.3f}, "
+          f"{summary['wall_s']:.0f} s")
