@@ -102,11 +102,11 @@ class Shard:
             "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
             "BYE": self._bye, "STATS": self._stats, "PING": self._ping, "LOST": self._lost,
         }
-        kernels.warm_up()
 
     # ---- event loop -------------------------------------------------------
 
     def serve(self, ready: Callable[[], None] | None = None) -> None:
+        kernels.warm_up()  # after REGISTER: the server is ready sooner, and early requests queue meanwhile
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if ready is not None:
