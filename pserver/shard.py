@@ -22,13 +22,25 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import kernels, protocol, security
+from pserver import protocol, security
 from pserver.centre import Centre
 from pserver.errors import ProtocolError
 from pserver.norms import NormGuard
 from pserver.protocol import error, field as hfield, ok
 from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
+
+# pserver.kernels, imported (and its kernels loaded from numba's cache) when a shard starts serving:
+# importing numba is most of a shard process's start-up, and the server is ready once shards register.
+kernels: Any = None
+
+
+def _load_kernels() -> None:
+    global kernels
+    from pserver import kernels as loaded
+
+    loaded.warm_up()
+    kernels = loaded
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +118,7 @@ class Shard:
     # ---- event loop -------------------------------------------------------
 
     def serve(self, ready: Callable[[], None] | None = None) -> None:
-        kernels.warm_up()  # after REGISTER: the server is ready sooner, and early requests queue meanwhile
+        _load_kernels()  # after REGISTER: the server is ready sooner, and early requests queue meanwhile
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if ready is not None:
