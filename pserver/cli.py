@@ -148,7 +148,10 @@ def format_stats(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_command(prog: str, args: argparse.Namespace, log_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> int:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_command(prog: str, args: argparse.Namespace, log_format: str = LOG_FORMAT) -> int:
     """Run a parsed command of `prog`: logging set up, a NotpuError as one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, datefmt="%H:%M:%S")
     try:

@@ -79,7 +79,8 @@ class _Heartbeat(threading.Thread):
 
     def __init__(self, cfg: WorkerConfig, rank: int) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.client = Client(cfg.ps, ClientConfig(timeout_s=5.0, retries=2), curve=client_curve(cfg.keys_dir, cfg.key_name))
+        self.client = Client(cfg.ps, ClientConfig(timeout_s=5.0, retries=2),
+                             curve=client_curve(cfg.keys_dir, cfg.key_name))
         self.client.rank = rank
         self.interval_s = cfg.heartbeat_s
         self.samples = 0

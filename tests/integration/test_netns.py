@@ -144,7 +144,8 @@ def test_workers_in_other_namespaces_train_over_a_lossy_link(namespaces, tmp_pat
     quiet = lambda name: {"stdout": logs[name], "stderr": subprocess.STDOUT}  # noqa: E731
     procs = [in_ns(names["ps"], "-m", "pserver.cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
                    "--shards", "2", "--workers", "2", "--rule", "downpour", "--epochs", "6", "--hidden", "16",
-                   "--batch-size", "32", "--learning-rate", "0.01", "--worker-timeout-s", "60", "--ready-file", str(ready), "--exit-when-done",
+                   "--batch-size", "32", "--learning-rate", "0.01", "--worker-timeout-s", "60",
+                   "--ready-file", str(ready), "--exit-when-done",
                    **quiet("pserver"))]
     try:
         wait_for(lambda: ready.is_file() or procs[0].poll() is not None, 60, "pserver in its namespace")
