@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pserver.errors import CheckpointError
+from pserver.shard import Shard, ShardState
 
 log = logging.getLogger(__name__)
 
@@ -194,57 +195,53 @@ def check_snapshot(path: Path, snap: ShardSnapshot, index: int, rng: tuple[int, 
 
 # ---- hooking a Shard up ------------------------------------------------------
 
-def snapshot(shard: Any) -> ShardSnapshot:
+def header_of(state: ShardState) -> ShardSnapshot:
+    """The file header for a shard's snapshot (JSON: worker ids become strings)."""
     return ShardSnapshot(
-        index=shard.config.index, start=shard.start, end=shard.end, total=shard.total, world=shard.world,
-        version=shard.version, round=shard.round.number, fingerprint=getattr(shard, "fingerprint", ""),
-        seqs={str(w): r.seq for w, r in shard._pushes.items()},
-        updates={str(w): int(n) for w, n in shard.stats.updates.items()},
-        lost=sorted(shard.lost), left=sorted(shard.left))
+        index=state.index, start=state.start, end=state.end, total=state.total, world=state.world,
+        version=state.version, round=state.round, fingerprint=state.fingerprint,
+        seqs={str(w): s for w, s in state.seqs.items()}, updates={str(w): n for w, n in state.updates.items()},
+        lost=list(state.lost), left=list(state.left))
 
 
-def restore_shard(shard: Any, path: str | Path) -> ShardSnapshot:
+def state_of(snap: ShardSnapshot, centre: np.ndarray) -> ShardState:
+    """A file's header and slice, as the state `Shard.restore` takes."""
+    return ShardState(
+        index=snap.index, start=snap.start, end=snap.end, total=snap.total, world=snap.world,
+        version=snap.version, round=snap.round, fingerprint=snap.fingerprint,
+        seqs={int(w): s for w, s in snap.seqs.items()}, updates={int(w): n for w, n in snap.updates.items()},
+        lost=tuple(snap.lost), left=tuple(snap.left), centre=centre)
+
+
+def restore_shard(shard: Shard, path: str | Path) -> ShardSnapshot:
     """Load a checkpoint into a fresh Shard (before it serves)."""
-    from pserver.centre import Centre
-    from pserver.protocol import ok
-    from pserver.shard import _PushRecord, _Round
-
     snap, centre = load_shard(path)
     if snap.index != shard.config.index:
         raise CheckpointError(f"checkpoint {path} is shard {snap.index}'s, not shard {shard.config.index}'s")
-    shard.centre = Centre(centre)
-    shard.start, shard.end, shard.total, shard.world = snap.start, snap.end, snap.total, snap.world
-    shard.version = snap.version
-    shard.round = _Round(number=snap.round)
-    shard.fingerprint = snap.fingerprint
-    # A retried push already in the checkpoint is answered, not applied (its original reply is approximated).
-    shard._pushes = {int(w): _PushRecord(seq=s, reply=ok(version=snap.version, staleness=0, applied=True))
-                     for w, s in snap.seqs.items()}
-    for w, n in snap.updates.items():
-        shard.stats.updates[int(w)] = n
-    shard.lost, shard.left = set(snap.lost), set(snap.left)
+    shard.restore(state_of(snap, centre))
     log.info("shard %d restored from %s: [%d, %d) of %d at version %d (written %.1f s ago)", snap.index, path,
              snap.start, snap.end, snap.total, snap.version, time.time() - snap.written_at)
     return snap
 
 
+def _changes(state: ShardState) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """What a new checkpoint is written for: the version, the round or a push's seq moved."""
+    return state.version, state.round, tuple(sorted(state.seqs.items()))
+
+
 class Checkpointer:
     """Saves a shard every ``every_s`` seconds (if it changed) and on demand; called from the shard's tick."""
 
-    def __init__(self, shard: Any, directory: str | Path, every_s: float) -> None:
+    def __init__(self, shard: Shard, directory: str | Path, every_s: float) -> None:
         self.shard = shard
         self.directory = Path(directory)
         self.every_s = every_s
-        self._saved: tuple[int, int, str] | None = None
+        self._saved: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self._last = time.monotonic()
-
-    def _state(self) -> tuple[int, int, str]:
-        s = self.shard
-        return (s.version, s.round.number, repr(sorted((w, r.seq) for w, r in s._pushes.items())))
 
     def mark_saved(self) -> None:
         """The shard was just restored: its state is on disk already."""
-        self._saved = self._state()
+        self._saved = _changes(self.shard.snapshot())
 
     def tick(self) -> None:
         if self.shard.centre is None:
@@ -258,12 +255,12 @@ class Checkpointer:
         if s.centre is None:
             return None
         self._last = time.monotonic()
-        state = self._state()
-        if state == self._saved:
+        state = s.snapshot()
+        if _changes(state) == self._saved:
             return None
         t0 = time.perf_counter()
-        path = save_shard(self.directory, snapshot(s), s.centre.current)
-        self._saved = state
+        path = save_shard(self.directory, header_of(state), state.centre)
+        self._saved = _changes(state)
         log.debug("shard %d checkpoint at version %d in %.1f ms", s.config.index, s.version,
                   (time.perf_counter() - t0) * 1e3)
         return path

@@ -56,7 +56,7 @@ class Coordinator:
         self.ranges: list[tuple[int, int]] = []
         self.workers: dict[int, WorkerInfo] = {}
         self.refused: dict[str, int] = {}
-        self._handlers: dict[str, Callable[[protocol.Message], list[Any]]] = {
+        self.handlers: dict[str, Callable[[protocol.Message], list[Any]]] = {
             "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
             "MODEL": self._model, "STOP": self._stop_run, "LEAVE": self._leave,
@@ -103,9 +103,9 @@ class Coordinator:
         identity = frames[0].bytes
         try:
             msg = protocol.decode(frames[1:])
-            handler = self._handlers.get(msg.op)
+            handler = self.handlers.get(msg.op)
             if handler is None:
-                raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self._handlers)}")
+                raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self.handlers)}")
             reply = handler(msg)
         except ProtocolError as exc:
             self._count(exc.code)

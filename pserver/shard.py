@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import zmq
@@ -30,22 +30,40 @@ from pserver.protocol import error, field as hfield, ok
 from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
 
-# pserver.kernels, imported (and its kernels loaded from numba's cache) when a shard starts serving:
-# importing numba is most of a shard process's start-up, and the server is ready once shards register.
-kernels: Any = None
-
-
-def _load_kernels() -> None:
-    global kernels
-    from pserver import kernels as loaded
-
-    loaded.warm_up()
-    kernels = loaded
-
 log = logging.getLogger(__name__)
 
 PUSH_MODES = ("add", "scaled", "staleness", "elastic")
 ROUND_MODES = ("elastic", "average")
+
+
+class ShardKernels(Protocol):
+    """What a shard calls to apply updates; `pserver.kernels` (Numba) is the one `serve()` loads.
+
+    Each apply kernel writes the candidate centre into ``out`` and returns
+    (every element finite, L2 norm of the update) from the same pass.
+    """
+
+    def check(self, delta: np.ndarray) -> tuple[bool, float]: ...
+    def add(self, centre: np.ndarray, delta: np.ndarray, out: np.ndarray) -> tuple[bool, float]: ...
+    def add_scaled(self, centre: np.ndarray, delta: np.ndarray, scale: np.float32,
+                   out: np.ndarray) -> tuple[bool, float]: ...
+    def elastic(self, centre: np.ndarray, local: np.ndarray, alpha: np.float32, out: np.ndarray,
+                diff: np.ndarray) -> tuple[bool, float]: ...
+    def sum_round(self, centre: np.ndarray, rows: np.ndarray, count: int, scale: float, replace: bool,
+                  out: np.ndarray) -> tuple[bool, float]: ...
+
+
+def numba_kernels() -> ShardKernels:
+    """`pserver.kernels`, compiled or loaded from numba's on-disk cache.
+
+    Importing numba is most of a shard process's start-up (about 0.8 s warm),
+    so `serve()` calls this only after the shard has registered: the server is
+    ready sooner, and requests that arrive meanwhile queue in the socket.
+    """
+    from pserver import kernels
+
+    kernels.warm_up()
+    return kernels
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,48 @@ class ShardConfig:
     keys_dir: str | None = None  # CurveZMQ server keys and allow-list (pserver.security)
 
 
+@dataclass(frozen=True)
+class ShardState:
+    """What a shard needs to resume serving: its range, clocks, per-worker seq table and weights.
+
+    `Shard.snapshot()` returns one; `Shard.restore()` takes one. ``centre`` is
+    a read-only copy, so a snapshot stays valid while the shard goes on.
+    """
+
+    index: int
+    start: int
+    end: int
+    total: int
+    world: int
+    version: int
+    round: int  # the number of the synchronous round now open
+    fingerprint: str  # the model's layout fingerprint, from INIT
+    seqs: dict[int, int]  # worker -> seq of the last push applied
+    updates: dict[int, int]  # worker -> updates applied (the SSP clocks)
+    lost: tuple[int, ...]
+    left: tuple[int, ...]
+    centre: np.ndarray  # (end − start,) float32
+
+
 @dataclass
 class _PushRecord:
     seq: int
     reply: dict[str, Any]
     diff: np.ndarray | None = None  # elastic difference, re-sent on a retried push
+
+
+@dataclass(frozen=True)
+class _Push:
+    """A PUSH that passed every check, ready to apply (now, or when the SSP gate releases it)."""
+
+    identity: bytes
+    worker: int
+    seq: int
+    pulled: int
+    mode: str
+    scale: float
+    pull: bool
+    delta: np.ndarray  # a view on the received frame
 
 
 @dataclass
@@ -80,21 +135,24 @@ class _Round:
 
 
 class Shard:
-    def __init__(self, config: ShardConfig, context: zmq.Context | None = None) -> None:
+    """The state machine of one shard, and its event loop.
+
+    ``kernels`` apply the updates; by default `serve()` loads the Numba ones
+    (`numba_kernels`). ``socket`` is the ROUTER to reply on; by default one is
+    created and bound as ``config`` says. Tests pass both and drive `handle()`
+    with frames built by `pserver.protocol`.
+    """
+
+    def __init__(self, config: ShardConfig, context: zmq.Context | None = None, *,
+                 kernels: ShardKernels | None = None, socket: Any = None) -> None:
         self.config = config
-        self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if config.keys_dir:
-            security.secure_server_socket(self.socket, config.keys_dir)
-        if config.port:
-            self.socket.bind(f"tcp://{config.host}:{config.port}")
-            self.port = config.port
+        if socket is None:
+            socket, self.port = _bind(config, context or zmq.Context.instance())
         else:
-            self.port = self.socket.bind_to_random_port(f"tcp://{config.host}")
+            self.port = config.port
+        self.socket = socket
         self.endpoint = f"{config.advertise_host or config.host}:{self.port}"
+        self.kernels = kernels
         self.centre: Centre | None = None
         self.start = self.end = self.total = 0
         self.world = 0
@@ -108,9 +166,9 @@ class Shard:
         self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
         self.fingerprint = ""  # the model's layout fingerprint, from INIT; kept in checkpoints
         self.norm_guard = NormGuard(config.max_delta_norm_factor) if config.max_delta_norm_factor else None
-        self.gate = StalenessGate(self, config.max_staleness) if config.max_staleness >= 0 else None
-        self._frames: list[Any] = []  # the request being handled, for a PUSH the gate parks
-        self._handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
+        self.gate: StalenessGate[_Push] | None = \
+            StalenessGate(config.max_staleness) if config.max_staleness >= 0 else None
+        self.handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
             "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
             "BYE": self._bye, "STATS": self._stats, "PING": self._ping, "LOST": self._lost,
         }
@@ -118,7 +176,8 @@ class Shard:
     # ---- event loop -------------------------------------------------------
 
     def serve(self, ready: Callable[[], None] | None = None) -> None:
-        _load_kernels()  # after REGISTER: the server is ready sooner, and early requests queue meanwhile
+        if self.kernels is None:
+            self.kernels = numba_kernels()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if ready is not None:
@@ -133,7 +192,7 @@ class Shard:
                     except zmq.Again:
                         break
                     self.handle(frames)
-            self._tick(time.monotonic())
+            self.tick(time.monotonic())
         log.info("shard %d stopping at version %d", self.config.index, self.version)
 
     def stop(self) -> None:
@@ -147,25 +206,34 @@ class Shard:
             signal.signal(sig, lambda *_: self.stop())
 
     def handle(self, frames: list[Any]) -> None:
-        """One request: decode, dispatch, reply. Never raises."""
+        """One request ``[identity, header, arrays...]`` (zmq.Frame): decode, dispatch, reply. Never raises."""
         if len(frames) < 2:
             self.stats.refused["malformed"] += 1
             return  # not even an identity and a header: nothing to answer to
+        if self.kernels is None:
+            self.kernels = numba_kernels()
         identity = frames[0].bytes
         body = frames[1:]
-        self._frames = frames
         self.stats.bytes_in += sum(len(f) for f in body)
+        self._respond(identity, self._dispatch, identity, body)
+
+    def _dispatch(self, identity: bytes, body: list[Any]) -> list[Any] | None:
+        msg = protocol.decode(body)
+        handler = self.handlers.get(msg.op)
+        if handler is None:
+            raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by a shard; expected one of {sorted(self.handlers)}")
+        return handler(identity, msg)
+
+    def _respond(self, identity: bytes, handler: Callable[..., list[Any] | None], *args: Any) -> None:
+        """Run a handler; send its reply, or an error reply if it raised. State is mutated last, so a
+        refused request leaves it unchanged."""
         try:
-            msg = protocol.decode(body)
-            handler = self._handlers.get(msg.op)
-            if handler is None:
-                raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by a shard; expected one of {sorted(self._handlers)}")
-            reply = handler(identity, msg)
+            reply = handler(*args)
         except ProtocolError as exc:
             self.stats.refused[exc.code] += 1
             log.debug("shard %d refused a message: %s", self.config.index, exc)
             reply = protocol.encode(error(exc.code, exc.reason))
-        except Exception as exc:  # a bug must not take the shard down; state is mutated last
+        except Exception as exc:  # a bug must not take the shard down
             self.stats.refused["internal"] += 1
             log.exception("shard %d: internal error", self.config.index)
             reply = protocol.encode(error("internal", f"{type(exc).__name__}: {exc}"))
@@ -187,6 +255,40 @@ class Shard:
         assert self.centre is not None
         frames = protocol.encode(header, [*extra, self.centre.current])
         self._send(identity, frames, track_centre=True)
+
+    # ---- checkpoints --------------------------------------------------------
+
+    def snapshot(self) -> ShardState:
+        """The state a checkpoint keeps; ValueError if the shard holds no weights yet."""
+        if self.centre is None:
+            raise ValueError(f"shard {self.config.index} holds no weights yet: nothing to snapshot")
+        centre = self.centre.current.copy()
+        centre.flags.writeable = False
+        return ShardState(
+            index=self.config.index, start=self.start, end=self.end, total=self.total, world=self.world,
+            version=self.version, round=self.round.number, fingerprint=self.fingerprint,
+            seqs={w: r.seq for w, r in self._pushes.items()},
+            updates={w: int(n) for w, n in self.stats.updates.items()},
+            lost=tuple(sorted(self.lost)), left=tuple(sorted(self.left)), centre=centre)
+
+    def restore(self, state: ShardState) -> None:
+        """Resume from a snapshot (before serving). A retried push whose seq the snapshot holds is
+        answered, not applied again; its reply is approximated (version of the snapshot, staleness 0)."""
+        if state.index != self.config.index:
+            raise ValueError(f"a snapshot of shard {state.index} cannot restore shard {self.config.index}")
+        if state.centre.dtype != np.float32 or state.centre.shape != (state.end - state.start,):
+            raise ValueError(f"snapshot of shard {state.index}: centre {state.centre.dtype} {state.centre.shape} "
+                             f"for range [{state.start}, {state.end})")
+        self.centre = Centre(state.centre)
+        self.start, self.end, self.total, self.world = state.start, state.end, state.total, state.world
+        self.version = state.version
+        self.round = _Round(number=state.round)
+        self.fingerprint = state.fingerprint
+        self._pushes = {w: _PushRecord(seq=s, reply=ok(version=state.version, staleness=0, applied=True))
+                        for w, s in state.seqs.items()}
+        for w, n in state.updates.items():
+            self.stats.updates[w] = n
+        self.lost, self.left = set(state.lost), set(state.left)
 
     # ---- helpers ----------------------------------------------------------
 
@@ -232,7 +334,7 @@ class Shard:
                 raise ProtocolError("mismatch", f"shard {self.config.index} already holds [{self.start}, {self.end}) "
                                                 f"of {self.total}; INIT asked for [{start}, {end}) of {total}")
             return protocol.encode(ok(first=False, version=self.version))
-        finite, _ = kernels.check(arr)
+        finite, _ = self.kernels.check(arr)
         if not finite:
             raise ProtocolError("not_finite", "INIT weights contain NaN or Inf")
         self.centre = Centre(arr)
@@ -251,7 +353,7 @@ class Shard:
         return None
 
     def _push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
-        centre = self._require_ready()
+        self._require_ready()
         h = msg.header
         worker = self._worker(h)
         seq = hfield(h, "seq", int)
@@ -276,20 +378,27 @@ class Shard:
                 return None
             return protocol.encode(header, extra)
 
-        if self.gate is not None and self.gate.hold(worker, seq, self._frames):
-            return None  # SSP: answered when the slowest live worker has caught up
-        staleness = max(self.version - pulled, 0)
+        push = _Push(identity, worker, seq, pulled, mode, scale, want_pull, delta)
+        if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
+            return None  # SSP: parked; applied and answered when the slowest live worker has caught up
+        return self._apply_push(push)
+
+    def _apply_push(self, push: _Push) -> list[Any] | None:
+        centre = self._require_ready()
+        kernels = self.kernels
+        worker, mode, scale = push.worker, push.mode, push.scale
+        staleness = max(self.version - push.pulled, 0)
         out = centre.scratch()
         diff = None
         if mode == "add":
-            finite, norm = kernels.add(centre.current, delta, out)
+            finite, norm = kernels.add(centre.current, push.delta, out)
         elif mode == "scaled":
-            finite, norm = kernels.add_scaled(centre.current, delta, np.float32(scale), out)
+            finite, norm = kernels.add_scaled(centre.current, push.delta, np.float32(scale), out)
         elif mode == "staleness":
-            finite, norm = kernels.add_scaled(centre.current, delta, np.float32(scale / (staleness + 1)), out)
+            finite, norm = kernels.add_scaled(centre.current, push.delta, np.float32(scale / (staleness + 1)), out)
         else:  # elastic: the delta frame is the worker's weights W; E = scale·(W − C)
             diff = np.empty_like(out)
-            finite, norm = kernels.elastic(centre.current, delta, np.float32(scale), out, diff)
+            finite, norm = kernels.elastic(centre.current, push.delta, np.float32(scale), out, diff)
         if not finite:
             centre.discard(out)
             raise ProtocolError("not_finite", f"update from worker {worker} contains NaN or Inf; the centre is unchanged")
@@ -307,20 +416,29 @@ class Shard:
         self.stats.record_staleness(worker, staleness)
         self.stats.last_norm[worker] = norm
         reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
-        self._pushes[worker] = _PushRecord(seq=seq, reply=reply, diff=diff)
+        self._pushes[worker] = _PushRecord(seq=push.seq, reply=reply, diff=diff)
         if self.norm_guard is not None:
             self.norm_guard.accept(norm)
         if self.gate is not None:
-            self.gate.applied(worker)
+            self.gate.record(worker, self.live_workers(), self.stats.updates)
+            self._release_parked()
         extra = [diff] if diff is not None else []
-        if want_pull:
-            self._reply_with_centre(identity, reply, extra)
+        if push.pull:
+            self._reply_with_centre(push.identity, reply, extra)
             return None
         return protocol.encode(reply, extra)
 
+    def _release_parked(self) -> None:
+        """Apply and answer the parked pushes the SSP gate lets go now (after an update, a BYE or a LOST)."""
+        if self.gate is None:
+            return
+        for push in self.gate.release(self.live_workers(), self.stats.updates):
+            self._respond(push.identity, self._apply_push, push)
+
     # ---- synchronous rounds -------------------------------------------------
 
-    def _expected(self) -> set[int]:
+    def live_workers(self) -> set[int]:
+        """The ranks a synchronous round and the SSP gate wait for: in the world, neither lost nor gone."""
         return set(range(self.world)) - self.lost - self.left
 
     def _round_push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
@@ -344,7 +462,7 @@ class Shard:
         if worker in rnd.contributors:  # a retry from a new socket: answer there
             rnd.contributors[worker] = (identity, rnd.contributors[worker][1])
             return None
-        finite, _ = kernels.check(value)
+        finite, _ = self.kernels.check(value)
         if not finite:
             raise ProtocolError("not_finite", f"round {number} value from worker {worker} contains NaN or Inf")
         if rnd.rows is None or not rnd.contributors:
@@ -359,7 +477,7 @@ class Shard:
             rnd.rows[row] = value
         rnd.contributors[worker] = (identity, row)
         self.lost.discard(worker)  # a worker declared lost that comes back rejoins here
-        if self._expected() <= set(rnd.contributors):
+        if self.live_workers() <= set(rnd.contributors):
             self._close_round()
         return None
 
@@ -371,7 +489,7 @@ class Shard:
         out = centre.scratch()
         replace = rnd.mode == "average"
         scale = 1.0 / count if replace else 1.0
-        kernels.sum_round(centre.current, rnd.rows, count, scale, replace, out)
+        self.kernels.sum_round(centre.current, rnd.rows, count, scale, replace, out)
         centre.commit(out)
         self.version += 1
         for worker in rnd.contributors:
@@ -385,27 +503,32 @@ class Shard:
             extra = [rows[row]] if rnd.mode == "elastic" else []
             self._reply_with_centre(identity, header, extra)
 
-    def _tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:
+        """Timers: ``on_tick``, a round open too long, pushes parked too long. The loop calls it every poll."""
         if self.on_tick is not None:
             self.on_tick()
         rnd = self.round
         if rnd.contributors and now - rnd.opened_at > self.config.round_timeout_s:
-            missing = sorted(self._expected() - set(rnd.contributors))
+            missing = sorted(self.live_workers() - set(rnd.contributors))
             log.warning("shard %d: round %d closes without worker(s) %s after %.1f s; they are marked lost",
                         self.config.index, rnd.number, missing, self.config.round_timeout_s)
             self.lost.update(missing)
             self._close_round()
         if self.gate is not None:
-            self.gate.tick(now, self.config.round_timeout_s)
+            overdue = self.gate.overdue(now, self.config.round_timeout_s, self.live_workers(), self.stats.updates)
+            if overdue is not None:
+                log.warning("shard %d: worker(s) %s waited %.1f s for worker(s) %s to catch up; those are marked lost",
+                            self.config.index, overdue.waiting, self.config.round_timeout_s, overdue.laggards)
+                self.lost.update(overdue.laggards)
+                self._release_parked()
 
     def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         worker = self._worker(msg.header)
         self.left.add(worker)
         rnd = self.round
-        if rnd.contributors and self._expected() <= set(rnd.contributors):
+        if rnd.contributors and self.live_workers() <= set(rnd.contributors):
             self._close_round()
-        if self.gate is not None:
-            self.gate.release()
+        self._release_parked()
         return protocol.encode(ok())
 
     def _lost(self, identity: bytes, msg: protocol.Message) -> list[Any]:
@@ -420,10 +543,9 @@ class Shard:
         self.lost.update(lost)
         self.left.update(done)
         rnd = self.round
-        if rnd.contributors and self._expected() <= set(rnd.contributors):
+        if rnd.contributors and self.live_workers() <= set(rnd.contributors):
             self._close_round()
-        if self.gate is not None:
-            self.gate.release()
+        self._release_parked()
         return protocol.encode(ok())
 
     def _stats(self, identity: bytes, msg: protocol.Message) -> list[Any]:
@@ -434,3 +556,21 @@ class Shard:
         if self.gate is not None:
             s["ssp"] = self.gate.to_wire()
         return protocol.encode(ok(stats=s))
+
+
+def _bind(config: ShardConfig, context: zmq.Context) -> tuple[zmq.Socket, int]:
+    """The shard's ROUTER, bound as ``config`` says; returns it and its port."""
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    try:
+        if config.keys_dir:
+            security.secure_server_socket(sock, config.keys_dir)
+        if config.port:
+            sock.bind(f"tcp://{config.host}:{config.port}")
+            return sock, config.port
+        return sock, sock.bind_to_random_port(f"tcp://{config.host}")
+    except BaseException:
+        sock.close(linger=0)
+        raise

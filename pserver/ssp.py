@@ -15,73 +15,82 @@ exactly as a synchronous round closes without its missing workers.
 
 A client that times out while parked retries the same seq on a fresh socket;
 the parked request is then re-addressed, not duplicated.
+
+The gate holds no reference to the shard: the shard asks it whether a push
+may be applied now (`admit`, which parks it otherwise), tells it when one was
+applied (`record`), and applies what `release` hands back. The shard passes
+its live workers and its clocks (updates applied per worker) with each call.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, Iterator, TypeVar
 
-log = logging.getLogger(__name__)
+R = TypeVar("R")  # what the shard parks: its parsed push, answered when released
 
 
 @dataclass
-class _Parked:
-    seq: int
-    frames: list[Any]  # the request as received: [identity, header, delta]
-    since: float
+class _Parked(Generic[R]):
+    request: R
+    since: float  # when this worker's push was first parked (a retry does not reset it)
 
 
-class StalenessGate:
-    def __init__(self, shard: Any, max_staleness: int) -> None:
-        self.shard = shard
+@dataclass(frozen=True)
+class Overdue:
+    """Pushes parked longer than the timeout, and the live laggards holding them back."""
+
+    waiting: list[int]
+    laggards: list[int]
+
+
+class StalenessGate(Generic[R]):
+    def __init__(self, max_staleness: int) -> None:
         self.max_staleness = max_staleness
-        self.parked: dict[int, _Parked] = {}
+        self.parked: dict[int, _Parked[R]] = {}  # worker -> its one parked push
         self.gaps: Counter = Counter()  # clock gap at application -> pushes, for stats
         self.waits = 0  # pushes that had to wait
         self._releasing = False
 
-    def _live(self) -> set[int]:
-        s = self.shard
-        return set(range(s.world)) - s.lost - s.left
-
-    def gap(self, worker: int) -> int | None:
+    @staticmethod
+    def gap(worker: int, live: set[int], clocks: Counter) -> int | None:
         """clock(worker) − min clock of the live workers; None if the worker is not gated."""
-        live = self._live()
         if worker not in live:
             return None
-        updates = self.shard.stats.updates
-        return updates[worker] - min(updates[v] for v in live)
+        return clocks[worker] - min(clocks[v] for v in live)
 
-    def hold(self, worker: int, seq: int, frames: list[Any]) -> bool:
-        """True if this push must wait (it is parked); False to apply it now."""
+    def _may_go(self, worker: int, live: set[int], clocks: Counter) -> bool:
+        gap = self.gap(worker, live, clocks)
+        return gap is None or gap <= self.max_staleness
+
+    def admit(self, worker: int, request: R, live: set[int], clocks: Counter, now: float | None = None) -> bool:
+        """True: apply this push now. False: it is parked, and `release` will hand it back."""
         parked = self.parked.get(worker)
-        if parked is not None and not self._releasing:
-            # A retry on a fresh socket, or a newer push: answer there once it may go.
-            self.parked[worker] = _Parked(seq, frames, parked.since)
-            return True
-        gap = self.gap(worker)
-        if gap is None or gap <= self.max_staleness:
+        if parked is not None:
+            # A retry on a fresh socket, or a newer push: it replaces the parked one, answered once it may go.
+            self.parked[worker] = _Parked(request, parked.since)
             return False
-        if parked is None:
-            self.waits += 1
-        self.parked[worker] = _Parked(seq, frames, parked.since if parked else time.monotonic())
-        return True
+        if self._may_go(worker, live, clocks):
+            return True
+        self.waits += 1
+        self.parked[worker] = _Parked(request, time.monotonic() if now is None else now)
+        return False
 
-    def applied(self, worker: int) -> None:
-        """Called after the shard counted worker's update: record the gap it was applied at, release others."""
-        live = self._live()
+    def record(self, worker: int, live: set[int], clocks: Counter) -> None:
+        """The shard has just counted an update of ``worker`` in ``clocks``: record the gap it was applied at."""
         if worker in live:
-            updates = self.shard.stats.updates
-            before = updates[worker] - 1
-            others = [updates[v] for v in live if v != worker]
+            before = clocks[worker] - 1
+            others = [clocks[v] for v in live if v != worker]
             self.gaps[before - min([before, *others])] += 1
-        self.release()
 
-    def release(self) -> None:
-        """Re-handle parked pushes that may go now (after an update, a BYE or a LOST)."""
+    def release(self, live: set[int], clocks: Counter) -> Iterator[R]:
+        """Hand back, one at a time, the parked pushes that may go now, in worker order, pass after pass.
+
+        The caller applies each one (advancing ``clocks``) before taking the
+        next, so the next one is judged on the new clocks. A call made while
+        an earlier one is still handing back yields nothing.
+        """
         if self._releasing or not self.parked:
             return
         self._releasing = True
@@ -90,27 +99,22 @@ class StalenessGate:
             while progress:
                 progress = False
                 for worker in sorted(self.parked):
-                    gap = self.gap(worker)
-                    if gap is None or gap <= self.max_staleness:
-                        parked = self.parked.pop(worker)
-                        self.shard.handle(parked.frames)
+                    if worker in self.parked and self._may_go(worker, live, clocks):
+                        yield self.parked.pop(worker).request
                         progress = True
         finally:
             self._releasing = False
 
-    def tick(self, now: float, timeout_s: float) -> None:
+    def overdue(self, now: float, timeout_s: float, live: set[int], clocks: Counter) -> Overdue | None:
+        """If a push has been parked longer than ``timeout_s``: who waits, and the live workers at the
+        slowest clock that are not waiting themselves (the shard marks those lost, then releases)."""
         expired = [w for w, p in self.parked.items() if now - p.since > timeout_s]
         if not expired:
-            return
-        live = self._live()
-        updates = self.shard.stats.updates
-        slowest = min(updates[v] for v in live) if live else 0
-        laggards = sorted(v for v in live if updates[v] == slowest and v not in self.parked)
-        log.warning("shard %d: worker(s) %s waited %.1f s for worker(s) %s to catch up; those are marked lost",
-                    self.shard.config.index, expired, timeout_s, laggards)
-        self.shard.lost.update(laggards)
-        self.release()
+            return None
+        slowest = min(clocks[v] for v in live) if live else 0
+        laggards = sorted(v for v in live if clocks[v] == slowest and v not in self.parked)
+        return Overdue(expired, laggards)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return {"max_staleness": self.max_staleness, "waits": self.waits, "parked": sorted(self.parked),
                 "gaps": {str(k): v for k, v in sorted(self.gaps.items())}}
