@@ -208,7 +208,7 @@ class Client:
         reply = self.ask({"op": "JOIN", "name": name, "rank": rank})
         self.rank = self.worker = int(reply["rank"])
         self.world = int(reply["world"])
-        self._set_shards(reply["shards"])
+        self.use_shards(reply["shards"])
         return reply
 
     def init(self, flat: np.ndarray, layout: Layout, architecture: str = "") -> bool:
@@ -219,7 +219,7 @@ class Client:
             raise ValueError(f"initial weights must be float32 ({layout.total},), got {flat.dtype} {flat.shape}")
         reply = self.ask({"op": "INIT", "layout": layout.to_wire(), "architecture": architecture})
         self.world = int(reply["world"])
-        self._set_shards(reply["shards"])
+        self.use_shards(reply["shards"])
         if not reply["first"]:
             return False
         reqs = [protocol.encode({"op": "INIT", "start": s.start, "end": s.end, "total": layout.total,
@@ -238,7 +238,11 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return self.ask({"op": "STATS"})
 
-    def _set_shards(self, shards: list[dict[str, Any]]) -> None:
+    def use_shards(self, shards: list[dict[str, Any]]) -> None:
+        """Talk to these shards from now on: the ``shards`` list of a JOIN, INIT or MODEL reply
+        (``{index, endpoint, start, end}`` each). An observer that takes no rank (the evaluator) calls
+        this with MODEL's list; `join` and `init` call it themselves. Sockets are re-created only if an
+        endpoint changed."""
         infos = [ShardInfo(int(s["index"]), str(s["endpoint"]), int(s.get("start", 0)), int(s.get("end", 0)))
                  for s in shards]
         if [(i.index, i.endpoint) for i in infos] != [(i.index, i.endpoint) for i in self.shards]:
@@ -247,6 +251,8 @@ class Client:
             self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
             self.versions = [0] * len(infos)
         self.shards = infos
+
+    _set_shards = use_shards  # the old private name, still called by runner/evaluator.py
 
     @property
     def total(self) -> int:
