@@ -25,14 +25,39 @@ def _columns(args: argparse.Namespace) -> EventColumns:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.kind == "retail":
+        return _generate_retail(args)
     from models.generate import GeneratorConfig, generate_events, write_events
 
     t0 = time.perf_counter()
-    cfg = GeneratorConfig(players=args.players, days=args.days, seed=args.seed, churn_rate=args.churn_rate, signal=args.signal)
+    cfg = GeneratorConfig(players=args.players, days=90 if args.days is None else args.days, seed=args.seed,
+                          churn_rate=0.3 if args.churn_rate is None else args.churn_rate,
+                          signal=1.0 if args.signal is None else args.signal)
     table = generate_events(cfg)
     write_events(table, args.out)
     print(f"{table.num_rows} events of {cfg.players} players over {cfg.days}+{cfg.label_days} days "
           f"-> {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _generate_retail(args: argparse.Namespace) -> int:
+    from models.generate import write_events
+    from models.generate_retail import RetailConfig, generate_retail_events
+    from pserver.errors import DataError
+
+    given = [flag for flag, value in (("--churn-rate", args.churn_rate), ("--signal", args.signal))
+             if value is not None]
+    if given:
+        verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise DataError(f"{' and '.join(given)} {verb} to --kind mmo only: a retail log's churn follows from its "
+                        f"customers' BG/NBD dropout (see models/generate_retail.py); leave {pronoun} out")
+    t0 = time.perf_counter()
+    cfg = RetailConfig(customers=args.players, seed=args.seed, **({} if args.days is None else {"days": args.days}))
+    table = generate_retail_events(cfg)
+    write_events(table, args.out)
+    print(f"{table.num_rows} events of {cfg.customers} customers over {cfg.days}+{cfg.label_days} days "
+          f"-> {args.out} ({time.perf_counter() - t0:.1f} s); prepare with --session-type purchase --min-sessions 1 "
+          f"--observation-days {cfg.days} --label-days {cfg.label_days} --min-active-days 0")
     return 0
 
 
@@ -84,12 +109,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add generate, prepare, baseline, predict and demo to the `notpu` parser."""
-    p = sub.add_parser("generate", help="write a synthetic MMO game log with churners")
-    p.add_argument("--players", type=int, required=True)
-    p.add_argument("--days", type=int, default=90, help="observation days before the cut-off (21 label days follow)")
+    p = sub.add_parser("generate", help="write a synthetic MMO game log or retail purchase log with churners")
+    p.add_argument("--kind", choices=("mmo", "retail"), default="mmo",
+                   help="mmo: game sessions (default); retail: BG/NBD purchases, visits, returns, email opens")
+    p.add_argument("--players", type=int, required=True, help="players (mmo) or customers (retail) in the log")
+    p.add_argument("--days", type=int, default=None,
+                   help="observation days before the cut-off: mmo 90 (21 label days follow), retail 273 (273 follow)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--churn-rate", type=float, default=0.3)
-    p.add_argument("--signal", type=float, default=1.0, help="strength of churners' fading patterns (0 = none)")
+    p.add_argument("--churn-rate", type=float, default=None, help="mmo only: share of churners (default 0.3)")
+    p.add_argument("--signal", type=float, default=None,
+                   help="mmo only: strength of churners' fading patterns (0 = none, default 1)")
     p.add_argument("--out", required=True, help="events.parquet or events.csv")
     p.set_defaults(handler=cmd_generate)
 
