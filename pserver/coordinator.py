@@ -93,7 +93,7 @@ class Coordinator:
                     except zmq.Again:
                         break
                     self.handle(frames)
-            self._check_liveness(time.monotonic())
+            self.check_liveness(time.monotonic())
 
     def handle(self, frames: list[Any]) -> None:
         """One request: decode, dispatch, reply. Never raises."""
@@ -235,7 +235,7 @@ class Coordinator:
         log.info("worker %d is done: %s", info.rank, info.report)
         return protocol.encode(ok())
 
-    def _check_liveness(self, now: float) -> None:
+    def check_liveness(self, now: float) -> None:
         if not self.worker_timeout_s:
             return
         for w in self.workers.values():

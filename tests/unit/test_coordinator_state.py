@@ -1,0 +1,285 @@
+"""The coordinator's state machine, in process: fabricated frames into `Coordinator.handle`, replies
+out of a stand-in socket. No sockets are bound and no processes started."""
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from pserver import protocol
+from pserver.coordinator import OBSERVER_TIMEOUT_S, Coordinator
+from pserver.layout import Layout, shard_ranges
+
+LAYOUT = Layout.from_shapes([(4, 3), (3,), (5,)])  # 20 floats
+CONFIG = {"rule": "adag", "window": 5}
+
+
+class Wire:
+    """Stands in for the coordinator's ROUTER: records every reply."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, protocol.Message]] = []
+
+    def send_multipart(self, frames, *args, **kwargs):
+        identity, *body = [bytes(f) for f in frames]
+        self.sent.append((identity, protocol.decode(body)))
+
+
+def make(shards: int = 2, world: int = 2, worker_timeout_s: float = 0.0) -> Coordinator:
+    return Coordinator(Wire(), shards=shards, world=world, run_config=CONFIG, worker_timeout_s=worker_timeout_s)
+
+
+def ask(coord: Coordinator, header: dict, identity: bytes = b"peer") -> dict:
+    coord.handle([zmq.Frame(identity), *(zmq.Frame(bytes(f)) for f in protocol.encode(header))])
+    [(who, reply)] = coord.socket.sent
+    coord.socket.sent.clear()
+    assert who == identity and reply.arrays == []
+    return reply.header
+
+
+def refused(reply: dict, code: str) -> bool:
+    return reply["ok"] is False and reply["code"] == code and bool(reply["reason"])
+
+
+def ready(shards: int = 2, world: int = 2, **kw) -> Coordinator:
+    coord = make(shards, world, **kw)
+    for k in range(shards):
+        assert ask(coord, {"op": "REGISTER", "shard": k, "endpoint": f"10.0.0.{k}:700{k}"})["ok"]
+    return coord
+
+
+def initialised(**kw) -> Coordinator:
+    coord = ready(**kw)
+    assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru"})["first"] is True
+    return coord
+
+
+# ---- REGISTER and JOIN ---------------------------------------------------------------------------
+
+def test_join_waits_until_every_shard_registered():
+    coord = make(shards=2)
+    assert ask(coord, {"op": "PING"}) == {"op": "REPLY", "ok": True, "ready": False, "v": 1,
+                                          "shards": [{"index": 0, "endpoint": ""}, {"index": 1, "endpoint": ""}]}
+    ask(coord, {"op": "REGISTER", "shard": 1, "endpoint": "h:2"})
+    assert refused(ask(coord, {"op": "JOIN", "name": "a"}), "not_ready") and not coord.workers
+    ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "h:1"})
+    assert coord.ready and ask(coord, {"op": "JOIN", "name": "a"})["rank"] == 0
+
+
+def test_register_checks_index_and_endpoint_and_follows_a_move():
+    coord = make(shards=2)
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 2, "endpoint": "h:1"}), "malformed")
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "no port"}), "malformed")
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 0}), "malformed")
+    assert coord.endpoints == {}
+    ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "h:1"})
+    ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "h:9"})  # a restarted shard on another port
+    assert coord.endpoints == {0: "h:9"}
+
+
+def test_join_hands_out_ranks_then_refuses():
+    coord = ready(world=2)
+    first = ask(coord, {"op": "JOIN", "name": "a"})
+    assert (first["rank"], first["world"], first["config"], first["layout"], first["architecture"]) == \
+        (0, 2, CONFIG, None, None)
+    assert [s["endpoint"] for s in first["shards"]] == ["10.0.0.0:7000", "10.0.0.1:7001"]
+    assert ask(coord, {"op": "JOIN", "name": "b"})["rank"] == 1
+    reply = ask(coord, {"op": "JOIN", "name": "c"})
+    assert refused(reply, "malformed") and "all 2 ranks are taken" in reply["reason"]
+    assert [w.name for w in coord.workers.values()] == ["a", "b"]
+
+
+def test_join_after_init_carries_the_model_and_the_ranges():
+    coord = initialised()
+    reply = ask(coord, {"op": "JOIN", "name": "a"})
+    assert reply["layout"] == LAYOUT.to_wire() and reply["architecture"] == "gru"
+    assert [(s["start"], s["end"]) for s in reply["shards"]] == shard_ranges(LAYOUT.total, 2)
+
+
+def test_a_lost_rank_can_be_taken_back_a_live_one_cannot():
+    coord = ready(world=2, worker_timeout_s=5.0)
+    ask(coord, {"op": "JOIN", "name": "a"})
+    ask(coord, {"op": "JOIN", "name": "b"})
+    assert refused(ask(coord, {"op": "JOIN", "name": "again", "rank": 1}), "malformed")
+    coord.workers[0].last_seen = coord.workers[1].last_seen = time.monotonic()
+    coord.check_liveness(time.monotonic() + 6.0)
+    assert coord.workers[1].lost
+    assert ask(coord, {"op": "JOIN", "name": "restarted", "rank": 1})["rank"] == 1
+    assert coord.workers[1].name == "restarted" and not coord.workers[1].lost
+
+
+# ---- INIT and MODEL ------------------------------------------------------------------------------
+
+def test_first_init_fixes_the_layout_and_the_ranges():
+    coord = ready(shards=3)
+    called = []
+    coord.on_model = lambda: called.append(coord.layout)
+    reply = ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru"})
+    assert reply["first"] is True and reply["world"] == 2
+    assert coord.ranges == shard_ranges(LAYOUT.total, 3) == [(s["start"], s["end"]) for s in reply["shards"]]
+    assert called == [LAYOUT] and coord.architecture == "gru"
+
+
+def test_later_init_of_the_same_layout_is_not_first():
+    coord = initialised()
+    renamed = Layout.from_shapes([(4, 3), (3,), (5,)], names=["a", "b", "c"])  # names may differ
+    reply = ask(coord, {"op": "INIT", "layout": renamed.to_wire()})
+    assert reply["first"] is False and len(reply["shards"]) == 2
+    assert coord.layout == LAYOUT and coord.architecture == "gru"
+
+
+def test_init_of_another_layout_is_a_mismatch_naming_the_tensor():
+    coord = initialised()
+    other = Layout.from_shapes([(4, 3), (3,), (6,)])
+    reply = ask(coord, {"op": "INIT", "layout": other.to_wire()})
+    assert refused(reply, "mismatch") and "tensor 2" in reply["reason"]
+    assert coord.layout == LAYOUT
+
+
+def test_init_that_cannot_be_split_or_parsed_is_refused():
+    coord = ready(shards=2)
+    assert refused(ask(coord, {"op": "INIT", "layout": [["w", [1]]]}), "size")
+    assert refused(ask(coord, {"op": "INIT", "layout": [["w", [-1]]]}), "malformed")
+    assert refused(ask(coord, {"op": "INIT"}), "malformed")
+    assert coord.layout is None and coord.ranges == []
+
+
+def test_model_is_for_observers_once_initialised():
+    coord = ready()
+    assert refused(ask(coord, {"op": "MODEL", "observer": "eval"}), "not_ready")
+    assert "eval" in coord.observers  # it asked, so it is watching
+    ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru"})
+    reply = ask(coord, {"op": "MODEL"})
+    assert (reply["layout"], reply["architecture"], reply["world"], reply["config"]) == \
+        (LAYOUT.to_wire(), "gru", 2, CONFIG)
+    assert [(s["start"], s["end"]) for s in reply["shards"]] == coord.ranges
+    assert coord.workers == {}  # an observer takes no rank
+
+
+# ---- HEARTBEAT, DONE, LOST, LEAVE, STOP ------------------------------------------------------------
+
+def test_heartbeat_keeps_the_largest_counts_and_tells_who_is_lost():
+    coord = ready(world=2, worker_timeout_s=5.0)
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "JOIN"})
+    assert refused(ask(coord, {"op": "HEARTBEAT", "rank": 7}), "malformed")
+    assert ask(coord, {"op": "HEARTBEAT", "rank": 0, "samples": 640, "nan_recoveries": 1}) == \
+        {"op": "REPLY", "ok": True, "lost": [], "stop": "", "v": 1}
+    ask(coord, {"op": "HEARTBEAT", "rank": 0, "samples": 10})  # an older count arriving late
+    assert (coord.workers[0].samples, coord.workers[0].nan_recoveries) == (640, 1)
+    coord.check_liveness(coord.workers[1].last_seen + 4.0)
+    assert not coord.workers[1].lost
+    coord.workers[0].last_seen = coord.workers[1].last_seen + 10.0  # worker 0 stays in touch
+    coord.check_liveness(coord.workers[1].last_seen + 5.5)
+    assert coord.workers[1].lost and not coord.workers[0].lost
+    assert ask(coord, {"op": "HEARTBEAT", "rank": 0})["lost"] == [1]
+    ask(coord, {"op": "HEARTBEAT", "rank": 1})  # it was only slow: it is back
+    assert not coord.workers[1].lost
+
+
+def test_no_worker_timeout_means_never_lost():
+    coord = ready(world=1)
+    ask(coord, {"op": "JOIN"})
+    coord.check_liveness(time.monotonic() + 1e6)
+    assert not coord.workers[0].lost
+
+
+def test_done_records_the_report_and_finishes_the_run():
+    coord = ready(world=2)
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "JOIN"})
+    assert refused(ask(coord, {"op": "DONE", "rank": 5}), "malformed")
+    ask(coord, {"op": "DONE", "rank": 0, "report": {"samples": 900, "auc": 0.81, "nan_recoveries": True,
+                                                    "curve": [1, 2]}})
+    w = coord.workers[0]
+    assert w.done and w.samples == 900 and w.nan_recoveries == 0  # a bool is not a count
+    assert w.report == {"samples": 900, "auc": 0.81, "nan_recoveries": True}  # the list is dropped
+    assert not coord.finished
+    ask(coord, {"op": "DONE", "rank": 1})
+    assert coord.finished
+    assert coord.summary()["workers"]["1"]["done"] is True
+
+
+def test_a_lost_worker_counts_as_finished():
+    coord = ready(world=2, worker_timeout_s=1.0)
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "DONE", "rank": 0})
+    assert not coord.finished
+    coord.check_liveness(time.monotonic() + 2.0)
+    assert coord.workers[1].lost and not coord.workers[0].lost  # done is never lost
+    assert coord.finished
+
+
+def test_an_observer_holds_the_run_open_until_it_leaves_or_goes_quiet():
+    coord = ready(world=1)
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "MODEL", "observer": "eval"})  # not_ready (no model yet), but now watching
+    ask(coord, {"op": "DONE", "rank": 0})
+    assert not coord.finished
+    coord.observers["eval"] -= OBSERVER_TIMEOUT_S + 1
+    assert coord.finished
+    ask(coord, {"op": "MODEL", "observer": "eval"})  # seen again
+    assert not coord.finished
+    assert ask(coord, {"op": "LEAVE", "observer": "eval"})["ok"] is True
+    assert coord.finished and coord.observers == {}
+    assert ask(coord, {"op": "LEAVE", "observer": "never seen"})["ok"] is True
+
+
+def test_stop_is_told_to_workers_in_heartbeats_first_reason_kept():
+    coord = ready(world=1)
+    ask(coord, {"op": "JOIN"})
+    assert ask(coord, {"op": "HEARTBEAT", "rank": 0})["stop"] == ""
+    assert ask(coord, {"op": "STOP", "reason": "target AUC reached"})["ok"] is True
+    ask(coord, {"op": "STOP", "reason": "another"})
+    assert ask(coord, {"op": "HEARTBEAT", "rank": 0})["stop"] == "target AUC reached"
+    assert coord.summary()["stop"] == "target AUC reached"
+
+
+def test_lost_is_a_shard_op_not_a_coordinator_one():
+    coord = ready()
+    reply = ask(coord, {"op": "LOST", "lost": [0]})
+    assert refused(reply, "unknown_op") and "'LOST' is not served by the coordinator" in reply["reason"]
+
+
+def test_stats_without_shards_to_ask_is_the_summary():
+    coord = make(shards=1)  # no endpoint registered: nothing to ask over the network
+    reply = ask(coord, {"op": "STATS"})
+    assert reply["shards"] == [] and reply["coordinator"] == coord.summary()
+    assert reply["coordinator"]["initialised"] is False and reply["coordinator"]["world"] == 2
+
+
+# ---- bad requests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, code", [
+    ([b"\xc1"], "malformed"),
+    ([msgpack.packb({"v": 0, "op": "JOIN"})], "version"),
+    ([msgpack.packb({"v": 1, "op": "PUSH"})], "unknown_op"),
+    ([msgpack.packb({"v": 1, "op": "JOIN", "rank": "x"})], "malformed"),
+    ([msgpack.packb({"v": 1, "op": "HEARTBEAT", "rank": True})], "malformed"),
+    ([msgpack.packb({"v": 1, "op": "DONE", "rank": 0, "report": [1]})], "malformed"),
+    ([msgpack.packb({"v": 1, "op": "PING", "arrays": [["<f4", 1]]}), b"\0\0\0"], "size"),
+])
+def test_bad_requests_are_refused_and_counted(body, code):
+    coord = ready(world=1)
+    ask(coord, {"op": "JOIN"})
+    coord.handle([zmq.Frame(b"peer"), *(zmq.Frame(b) for b in body)])
+    [(who, reply)] = coord.socket.sent
+    assert who == b"peer" and refused(reply.header, code), reply.header
+    assert coord.refused == {code: 1}
+    assert not coord.workers[0].done and len(coord.workers) == 1
+
+
+def test_a_request_without_a_header_is_counted_not_answered():
+    coord = make()
+    coord.handle([zmq.Frame(b"peer")])
+    assert coord.socket.sent == [] and coord.refused == {"malformed": 1}
+
+
+def test_a_bug_in_a_handler_is_an_internal_error_reply(monkeypatch):
+    coord = make()
+    monkeypatch.setitem(coord.handlers, "PING", lambda msg: {}["missing"])
+    reply = ask(coord, {"op": "PING"})
+    assert refused(reply, "internal") and "KeyError" in reply["reason"] and coord.refused == {"internal": 1}

@@ -1,0 +1,590 @@
+"""The shard's state machine, in process: fabricated frames into `Shard.handle`, replies out of a
+stand-in socket. No sockets are bound and no processes started; the kernels are the real Numba ones
+(loaded once per test session, ~0.8 s from numba's cache), so what is checked is what serves."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from pserver import checkpoint, protocol
+from pserver.shard import Shard, ShardConfig, numba_kernels
+
+N = 10  # floats in the test shard's slice
+
+
+class Wire:
+    """Stands in for the shard's ROUTER: records every reply as bytes when it is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, protocol.Message]] = []
+
+    def send_multipart(self, frames, copy=True, track=False):
+        identity, *body = [bytes(f) for f in frames]  # copied now, as ZeroMQ reads a zero-copy frame later
+        self.sent.append((identity, protocol.decode(body)))
+        return None
+
+    def take(self) -> list[tuple[bytes, protocol.Message]]:
+        out, self.sent = self.sent, []
+        return out
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return numba_kernels()
+
+
+@pytest.fixture
+def make(kernels):
+    def make(**config) -> tuple[Shard, Wire]:
+        wire = Wire()
+        return Shard(ShardConfig(**config), kernels=kernels, socket=wire), wire
+    return make
+
+
+def frames(identity: bytes, header: dict, arrays=()) -> list[zmq.Frame]:
+    return [zmq.Frame(identity), *(zmq.Frame(bytes(f)) for f in protocol.encode(header, arrays))]
+
+
+def ask(shard: Shard, wire: Wire, header: dict, arrays=(), identity: bytes = b"peer") -> protocol.Message | None:
+    """Handle one request; its reply, or None if none was sent (parked)."""
+    shard.handle(frames(identity, header, arrays))
+    replies = [m for who, m in wire.sent if who == identity]
+    wire.sent = [(who, m) for who, m in wire.sent if who != identity]  # replies to others stay to be taken
+    assert len(replies) <= 1
+    return replies[0] if replies else None
+
+
+def refused(reply: protocol.Message | None, code: str) -> bool:
+    return reply is not None and reply.header["ok"] is False and reply.header["code"] == code and bool(reply.header["reason"])
+
+
+def vec(seed: int, n: int = N) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def init(shard: Shard, wire: Wire, x: np.ndarray, world: int = 1, start: int = 0, total: int | None = None):
+    return ask(shard, wire, {"op": "INIT", "start": start, "end": start + x.size, "total": total or start + x.size,
+                             "world": world, "fingerprint": "f" * 64}, [x])
+
+
+def push(shard: Shard, wire: Wire, worker: int, seq: int, delta: np.ndarray, mode: str = "add", scale: float = 1.0,
+         pulled: int = 0, pull: bool = False, identity: bytes | None = None) -> protocol.Message | None:
+    return ask(shard, wire, {"op": "PUSH", "worker": worker, "seq": seq, "pulled": pulled, "mode": mode,
+                             "scale": scale, "pull": pull}, [delta], identity or b"w%d" % worker)
+
+
+def norm64(x: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(np.asarray(x, np.float64) ** 2)))
+
+
+# ---- INIT ------------------------------------------------------------------------------------------
+
+def test_first_init_sets_the_centre_and_range(make):
+    shard, wire = make(index=3)
+    x = vec(0)
+    reply = init(shard, wire, x, world=4, start=20, total=100)
+    assert reply.header == {"op": "REPLY", "ok": True, "first": True, "version": 0, "v": 1}
+    np.testing.assert_array_equal(shard.centre.current, x)
+    assert (shard.start, shard.end, shard.total, shard.world) == (20, 30, 100, 4)
+    assert shard.fingerprint == "f" * 64
+
+
+def test_later_init_of_the_same_range_is_answered_not_applied(make):
+    shard, wire = make()
+    x = vec(0)
+    init(shard, wire, x)
+    push(shard, wire, 0, 1, np.ones(N, np.float32))
+    reply = init(shard, wire, vec(1))  # another worker's initial weights: ignored
+    assert reply.header["ok"] is True and reply.header["first"] is False and reply.header["version"] == 1
+    np.testing.assert_array_equal(shard.centre.current, x + 1)
+
+
+@pytest.mark.parametrize("start, total", [(5, 15), (0, 11)])
+def test_init_of_another_range_is_a_mismatch(make, start, total):
+    shard, wire = make()
+    x = vec(0)
+    init(shard, wire, x)
+    assert refused(init(shard, wire, vec(1), start=start, total=total), "mismatch")
+    np.testing.assert_array_equal(shard.centre.current, x)
+    assert (shard.start, shard.end, shard.total) == (0, N, N)
+
+
+def test_init_is_checked_before_anything_is_kept(make):
+    shard, wire = make()
+    bad = vec(0)
+    bad[3] = np.inf
+    assert refused(init(shard, wire, bad), "not_finite")
+    assert refused(ask(shard, wire, {"op": "INIT", "start": 5, "end": 5, "total": 10, "world": 1}, [vec(0, 0)]),
+                   "malformed")
+    assert refused(ask(shard, wire, {"op": "INIT", "start": 0, "end": N, "total": N, "world": 1}, [vec(0, N - 1)]),
+                   "size")
+    assert refused(ask(shard, wire, {"op": "INIT", "start": 0, "end": N, "total": N, "world": 0}, [vec(0)]),
+                   "malformed")
+    assert shard.centre is None and shard.stats.refused == {"not_finite": 1, "malformed": 2, "size": 1}
+
+
+def test_requests_before_init_are_not_ready(make):
+    shard, wire = make()
+    assert refused(push(shard, wire, 0, 1, vec(0)), "not_ready")
+    assert refused(ask(shard, wire, {"op": "PULL", "worker": 0}), "not_ready")
+    assert refused(ask(shard, wire, {"op": "ROUND", "worker": 0, "round": 0, "mode": "average"}, [vec(0)]),
+                   "not_ready")
+
+
+# ---- PUSH, one mode at a time, against numpy ------------------------------------------------------
+
+def test_push_add(make):
+    shard, wire = make()
+    c, d = vec(0), vec(1)
+    init(shard, wire, c)
+    reply = push(shard, wire, 0, 1, d)
+    assert reply.header["applied"] is True and reply.header["version"] == 1 and reply.header["staleness"] == 0
+    assert reply.arrays == []
+    np.testing.assert_array_equal(shard.centre.current, c + d)
+    assert reply.header["norm"] == pytest.approx(norm64(d), rel=1e-12)
+
+
+def test_push_scaled(make):
+    shard, wire = make()
+    c, d = vec(0), vec(1)
+    init(shard, wire, c)
+    push(shard, wire, 0, 1, d, mode="scaled", scale=0.25)
+    np.testing.assert_array_equal(shard.centre.current, c + np.float32(0.25) * d)
+
+
+def test_push_staleness_divides_by_versions_missed(make):
+    shard, wire = make()
+    c, d1, d2, d3 = vec(0), vec(1), vec(2), vec(3)
+    init(shard, wire, c)
+    push(shard, wire, 1, 1, d1)
+    push(shard, wire, 1, 2, d2)  # version 2 now; worker 0 pulled at version 0: staleness 2
+    reply = push(shard, wire, 0, 1, d3, mode="staleness", scale=0.9, pulled=0)
+    assert reply.header["staleness"] == 2
+    expected = (c + d1) + d2
+    np.testing.assert_array_equal(shard.centre.current, expected + np.float32(0.9 / 3) * d3)
+    assert shard.stats.staleness[0][2] == 1 and shard.stats.staleness[1][:2].tolist() == [1, 1]
+
+
+def test_push_elastic_returns_the_difference(make):
+    shard, wire = make()
+    c, w = vec(0), vec(1)
+    init(shard, wire, c)
+    reply = push(shard, wire, 0, 1, w, mode="elastic", scale=0.3)
+    e = np.float32(0.3) * (w - c)
+    assert len(reply.arrays) == 1
+    np.testing.assert_array_equal(reply.arrays[0], e)
+    np.testing.assert_array_equal(shard.centre.current, c + e)
+    assert reply.header["norm"] == pytest.approx(norm64(e), rel=1e-12)
+
+
+def test_push_with_pull_carries_the_new_centre(make):
+    shard, wire = make()
+    c, w = vec(0), vec(1)
+    init(shard, wire, c)
+    reply = push(shard, wire, 0, 1, w, mode="elastic", scale=0.5, pull=True)
+    e = np.float32(0.5) * (w - c)
+    assert len(reply.arrays) == 2
+    np.testing.assert_array_equal(reply.arrays[0], e)
+    np.testing.assert_array_equal(reply.arrays[1], c + e)
+
+
+def test_pull_answers_the_centre_and_version(make):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c)
+    push(shard, wire, 0, 1, np.ones(N, np.float32))
+    reply = ask(shard, wire, {"op": "PULL", "worker": 7})
+    assert reply.header["version"] == 1
+    np.testing.assert_array_equal(reply.arrays[0], c + 1)
+    assert shard.stats.pulls[7] == 1
+    assert refused(ask(shard, wire, {"op": "PULL", "worker": 7}, [c]), "frames")
+
+
+# ---- retries -------------------------------------------------------------------------------------
+
+def test_a_retried_push_is_applied_once(make):
+    shard, wire = make()
+    c, d = vec(0), vec(1)
+    init(shard, wire, c)
+    first = push(shard, wire, 0, 1, d)
+    again = push(shard, wire, 0, 1, d, identity=b"fresh socket")
+    assert first.header["applied"] is True and again.header["applied"] is False
+    assert again.header["version"] == 1 and shard.version == 1
+    np.testing.assert_array_equal(shard.centre.current, c + d)
+    assert shard.stats.duplicates[0] == 1 and shard.stats.updates[0] == 1
+    older = push(shard, wire, 0, 0, d)
+    assert older.header["applied"] is False
+    push(shard, wire, 0, 2, d)  # the next seq applies
+    np.testing.assert_array_equal(shard.centre.current, (c + d) + d)
+
+
+def test_a_retried_elastic_push_gets_its_difference_again(make):
+    shard, wire = make()
+    c, w = vec(0), vec(1)
+    init(shard, wire, c)
+    first = push(shard, wire, 0, 1, w, mode="elastic", scale=0.5)
+    again = push(shard, wire, 0, 1, w, mode="elastic", scale=0.5)
+    assert again.header["applied"] is False
+    np.testing.assert_array_equal(again.arrays[0], first.arrays[0])
+    np.testing.assert_array_equal(shard.centre.current, c + first.arrays[0])
+
+
+# ---- refusals leave the centre -------------------------------------------------------------------
+
+def test_the_absolute_norm_limit_refuses_and_leaves_the_centre(make):
+    shard, wire = make(max_delta_norm=10.0)
+    c = vec(0)
+    init(shard, wire, c)
+    big = np.full(N, 4.0, np.float32)  # norm 12.6
+    assert refused(push(shard, wire, 0, 1, big), "too_large")
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert shard.version == 0 and shard.stats.updates[0] == 0
+    assert push(shard, wire, 0, 1, big / 2).header["applied"] is True  # the same seq, once acceptable
+
+
+def test_the_norm_guard_refuses_an_explosion_after_warmup(make):
+    shard, wire = make(max_delta_norm_factor=10.0)
+    c = vec(0)
+    init(shard, wire, c)
+    small = np.full(N, 0.01, np.float32)
+    explosion = small * 50
+    for seq in range(1, 21):  # the warm-up: 20 accepted updates
+        assert push(shard, wire, 0, seq, small).header["applied"] is True
+    before = shard.centre.current.copy()
+    reply = push(shard, wire, 0, 21, explosion)
+    assert refused(reply, "too_large") and "median" in reply.header["reason"]
+    np.testing.assert_array_equal(shard.centre.current, before)
+    assert shard.version == 20
+    assert push(shard, wire, 0, 21, small * 5).header["applied"] is True
+
+
+def test_the_norm_guard_lets_anything_through_during_warmup(make):
+    shard, wire = make(max_delta_norm_factor=10.0)
+    init(shard, wire, vec(0))
+    for seq in range(1, 20):
+        push(shard, wire, 0, seq, np.full(N, 0.01, np.float32))
+    assert push(shard, wire, 0, 20, np.full(N, 5.0, np.float32)).header["applied"] is True
+
+
+def test_non_finite_updates_leave_the_centre(make):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c)
+    for mode in ("add", "scaled", "staleness", "elastic"):
+        d = vec(1)
+        d[4] = np.nan
+        assert refused(push(shard, wire, 0, 1, d, mode=mode), "not_finite"), mode
+    assert refused(push(shard, wire, 0, 1, vec(1), mode="scaled", scale=float("inf")), "not_finite")
+    overflow = np.full(N, 3e38, np.float32)  # finite, but c + 2·overflow is not
+    assert refused(push(shard, wire, 0, 1, overflow, mode="scaled", scale=2.0), "not_finite")
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert shard.version == 0
+
+
+@pytest.mark.parametrize("name, body, code", [
+    ("unknown op", [msgpack.packb({"v": 1, "op": "JOIN"})], "unknown_op"),
+    ("not msgpack", [b"\xc1"], "malformed"),
+    ("other version", [msgpack.packb({"v": 2, "op": "PING"})], "version"),
+    ("missing field", [msgpack.packb({"v": 1, "op": "PUSH", "worker": 0, "arrays": [["<f4", N]]}), bytes(4 * N)],
+     "malformed"),
+    ("unknown mode", [msgpack.packb({"v": 1, "op": "PUSH", "worker": 0, "seq": 1, "pulled": 0, "mode": "exec",
+                                     "arrays": [["<f4", N]]}), bytes(4 * N)], "malformed"),
+    ("worker out of range", [msgpack.packb({"v": 1, "op": "PUSH", "worker": -1, "seq": 1, "pulled": 0, "mode": "add",
+                                            "arrays": [["<f4", N]]}), bytes(4 * N)], "malformed"),
+    ("int64 delta", [msgpack.packb({"v": 1, "op": "PUSH", "worker": 0, "seq": 1, "pulled": 0, "mode": "add",
+                                    "arrays": [["<i8", N]]}), bytes(8 * N)], "dtype"),
+    ("wrong length", [msgpack.packb({"v": 1, "op": "PUSH", "worker": 0, "seq": 1, "pulled": 0, "mode": "add",
+                                     "arrays": [["<f4", N + 1]]}), bytes(4 * N + 4)], "size"),
+    ("two arrays", [msgpack.packb({"v": 1, "op": "PUSH", "worker": 0, "seq": 1, "pulled": 0, "mode": "add",
+                                   "arrays": [["<f4", N], ["<f4", N]]}), bytes(4 * N), bytes(4 * N)], "frames"),
+])
+def test_bad_requests_get_an_error_reply_and_change_nothing(make, name, body, code):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c)
+    shard.handle([zmq.Frame(b"peer"), *(zmq.Frame(b) for b in body)])
+    [(who, reply)] = wire.take()
+    assert who == b"peer" and refused(reply, code), reply.header
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert shard.version == 0 and shard.stats.refused == {code: 1}
+
+
+def test_a_request_without_a_header_is_counted_not_answered(make):
+    shard, wire = make()
+    shard.handle([zmq.Frame(b"peer")])
+    assert wire.take() == [] and shard.stats.refused == {"malformed": 1}
+
+
+def test_a_bug_in_a_handler_is_an_internal_error_reply(make, monkeypatch):
+    shard, wire = make()
+    monkeypatch.setitem(shard.handlers, "PING", lambda identity, msg: 1 / 0)
+    reply = ask(shard, wire, {"op": "PING"})
+    assert refused(reply, "internal") and "ZeroDivisionError" in reply.header["reason"]
+
+
+# ---- synchronous rounds --------------------------------------------------------------------------
+
+def round_push(shard, wire, worker, number, value, mode, alpha=1.0, identity=None):
+    return ask(shard, wire, {"op": "ROUND", "worker": worker, "seq": number + 1, "round": number, "mode": mode,
+                             "alpha": alpha}, [value], identity or b"w%d" % worker)
+
+
+def test_elastic_round_closes_when_every_worker_has_sent(make):
+    shard, wire = make()
+    c, w0, w1 = vec(0), vec(1), vec(2)
+    init(shard, wire, c, world=2)
+    assert round_push(shard, wire, 0, 0, w0, "elastic", alpha=0.2) is None  # waits for worker 1
+    np.testing.assert_array_equal(shard.centre.current, c)
+    shard.handle(frames(b"w1", {"op": "ROUND", "worker": 1, "seq": 1, "round": 0, "mode": "elastic", "alpha": 0.2},
+                        [w1]))
+    replies = dict(wire.take())
+    a = np.float32(0.2)
+    e0, e1 = (w0 - c) * a, (w1 - c) * a
+    expected = (c.astype(np.float64) + (e0.astype(np.float64) + e1.astype(np.float64))).astype(np.float32)
+    np.testing.assert_array_equal(shard.centre.current, expected)
+    assert set(replies) == {b"w0", b"w1"}
+    for who, e in ((b"w0", e0), (b"w1", e1)):
+        assert replies[who].header["round"] == 1 and replies[who].header["workers"] == 2
+        np.testing.assert_array_equal(replies[who].arrays[0], e)
+        np.testing.assert_array_equal(replies[who].arrays[1], expected)
+    assert shard.version == 1 and shard.round.number == 1
+
+
+def test_average_round_replaces_the_centre_with_the_mean(make):
+    shard, wire = make()
+    c, xs = vec(0), [vec(1), vec(2), vec(3)]
+    init(shard, wire, c, world=3)
+    for k, x in enumerate(xs):
+        round_push(shard, wire, k, 0, x, "average")
+    expected = (((xs[0].astype(np.float64) + xs[1]) + xs[2]) * (1 / 3)).astype(np.float32)
+    np.testing.assert_array_equal(shard.centre.current, expected)
+    assert shard.round.number == 1
+
+
+def test_round_closes_without_a_worker_the_coordinator_declared_lost(make):
+    shard, wire = make()
+    c, x0, x1 = vec(0), vec(1), vec(2)
+    init(shard, wire, c, world=3)
+    round_push(shard, wire, 0, 0, x0, "average")
+    round_push(shard, wire, 1, 0, x1, "average")
+    assert shard.round.number == 0 and wire.take() == []  # worker 2 is still awaited
+    reply = ask(shard, wire, {"op": "LOST", "lost": [2], "done": []}, identity=b"coordinator")
+    assert reply.header["ok"] is True
+    replies = dict(wire.take())
+    assert set(replies) == {b"w0", b"w1"} and replies[b"w0"].header["workers"] == 2
+    np.testing.assert_array_equal(shard.centre.current, ((x0.astype(np.float64) + x1) * 0.5).astype(np.float32))
+    assert shard.round.number == 1 and shard.lost == {2}
+
+
+def test_round_closes_without_a_worker_that_said_bye(make):
+    shard, wire = make()
+    init(shard, wire, vec(0), world=2)
+    round_push(shard, wire, 0, 0, vec(1), "average")
+    assert ask(shard, wire, {"op": "BYE", "worker": 1}, identity=b"w1").header["ok"] is True
+    assert [who for who, _ in wire.take()] == [b"w0"]
+    np.testing.assert_array_equal(shard.centre.current, vec(1))
+    assert shard.left == {1}
+
+
+def test_round_times_out_without_the_missing_workers_and_marks_them_lost(make):
+    shard, wire = make(round_timeout_s=5.0)
+    init(shard, wire, vec(0), world=3)
+    round_push(shard, wire, 0, 0, vec(1), "average")
+    opened = shard.round.opened_at
+    shard.tick(opened + 4.0)
+    assert shard.round.number == 0 and wire.take() == []
+    shard.tick(opened + 5.1)
+    assert [who for who, _ in wire.take()] == [b"w0"]
+    assert shard.lost == {1, 2} and shard.round.number == 1
+    np.testing.assert_array_equal(shard.centre.current, vec(1))
+    # a lost worker that comes back joins the next round, and is waited for again
+    round_push(shard, wire, 1, 1, vec(2), "average")
+    assert 1 not in shard.lost and shard.round.number == 1
+    round_push(shard, wire, 0, 1, vec(3), "average")
+    assert shard.round.number == 2
+
+
+def test_round_out_of_order_or_of_another_mode_is_refused(make):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c, world=2)
+    assert refused(round_push(shard, wire, 0, 1, vec(1), "average"), "round")
+    round_push(shard, wire, 0, 0, vec(1), "average")
+    assert refused(round_push(shard, wire, 1, 0, vec(2), "elastic"), "round")
+    assert refused(round_push(shard, wire, 2, 0, vec(2), "average"), "malformed")  # outside the world
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert list(shard.round.contributors) == [0]
+
+
+def test_a_retried_round_push_is_answered_on_its_new_socket_once(make):
+    shard, wire = make()
+    init(shard, wire, vec(0), world=2)
+    round_push(shard, wire, 0, 0, vec(1), "average", identity=b"old")
+    round_push(shard, wire, 0, 0, vec(1), "average", identity=b"new")
+    assert round_push(shard, wire, 1, 0, vec(2), "average").header["round"] == 1
+    assert [who for who, _ in wire.take()] == [b"new"]  # not b"old"
+    np.testing.assert_array_equal(shard.centre.current, ((vec(1).astype(np.float64) + vec(2)) / 2).astype(np.float32))
+
+
+# ---- SSP -----------------------------------------------------------------------------------------
+
+def test_ssp_parks_a_push_too_far_ahead_and_releases_it_when_the_laggard_catches_up(make):
+    shard, wire = make(max_staleness=1)
+    c = np.arange(N, dtype=np.float32)  # whole numbers: adding ones is exact in any order
+    one = np.ones(N, np.float32)
+    init(shard, wire, c, world=2)
+    assert push(shard, wire, 0, 1, one).header["applied"]  # gap 0
+    assert push(shard, wire, 0, 2, one).header["applied"]  # gap 1
+    assert push(shard, wire, 0, 3, one) is None  # gap 2 > 1: parked, not applied
+    np.testing.assert_array_equal(shard.centre.current, c + 2)
+    assert shard.gate.to_wire()["parked"] == [0] and shard.gate.waits == 1
+    assert push(shard, wire, 0, 3, one, identity=b"w0 again") is None  # a retry of the parked push: re-addressed
+    shard.handle(frames(b"w1", {"op": "PUSH", "worker": 1, "seq": 1, "pulled": 0, "mode": "add"}, [one]))
+    replies = wire.take()
+    assert [who for who, _ in replies] == [b"w0 again", b"w1"]  # released as worker 1's update was applied
+    assert replies[0][1].header["applied"] is True and replies[0][1].header["version"] == 4
+    np.testing.assert_array_equal(shard.centre.current, c + 4)
+    assert shard.stats.updates == {0: 3, 1: 1}
+    assert shard.gate.to_wire()["parked"] == [] and dict(shard.gate.gaps) == {0: 2, 1: 2}
+
+
+def test_ssp_does_not_hold_back_ids_outside_the_world(make):
+    shard, wire = make(max_staleness=0)
+    init(shard, wire, vec(0), world=2)
+    for seq in range(1, 4):
+        assert push(shard, wire, 9, seq, np.ones(N, np.float32)).header["applied"]
+
+
+def test_ssp_releases_when_the_laggard_is_declared_lost(make):
+    shard, wire = make(max_staleness=0)
+    init(shard, wire, vec(0), world=2)
+    push(shard, wire, 0, 1, np.ones(N, np.float32))
+    assert push(shard, wire, 0, 2, np.ones(N, np.float32)) is None
+    ask(shard, wire, {"op": "LOST", "lost": [1]}, identity=b"coordinator")
+    assert [who for who, _ in wire.take()] == [b"w0"]
+    assert shard.version == 2
+
+
+def test_ssp_releases_a_push_parked_too_long_and_marks_the_laggard_lost(make):
+    shard, wire = make(max_staleness=0, round_timeout_s=5.0)
+    init(shard, wire, vec(0), world=3)
+    push(shard, wire, 0, 1, np.ones(N, np.float32))
+    push(shard, wire, 1, 1, np.ones(N, np.float32))
+    assert push(shard, wire, 0, 2, np.ones(N, np.float32)) is None  # worker 2 has pushed nothing
+    since = shard.gate.parked[0].since
+    shard.tick(since + 4.0)
+    assert wire.take() == [] and shard.lost == set()
+    shard.tick(since + 5.1)
+    assert [who for who, _ in wire.take()] == [b"w0"] and shard.lost == {2}
+
+
+def test_a_refused_push_released_by_the_gate_gets_its_error(make):
+    shard, wire = make(max_staleness=0, max_delta_norm=5.0)
+    c = vec(0)
+    init(shard, wire, c, world=2)
+    push(shard, wire, 0, 1, np.ones(N, np.float32))
+    assert push(shard, wire, 0, 2, np.full(N, 3.0, np.float32)) is None  # too large, but parked first
+    assert push(shard, wire, 1, 1, np.ones(N, np.float32)).header["applied"]
+    [(who, reply)] = wire.take()  # the parked push, released and refused
+    assert who == b"w0" and refused(reply, "too_large")
+    np.testing.assert_array_equal(shard.centre.current, (c + 1) + 1)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def busy_shard(make):
+    shard, wire = make(index=2)
+    init(shard, wire, vec(0), world=3, start=10, total=40)
+    push(shard, wire, 0, 4, vec(1))
+    push(shard, wire, 1, 7, vec(2), mode="scaled", scale=0.5)
+    ask(shard, wire, {"op": "LOST", "lost": [2], "done": [1]}, identity=b"coordinator")
+    round_push(shard, wire, 0, 0, vec(3), "average")  # closes: 1 left, 2 lost
+    return shard, wire
+
+
+def test_snapshot_is_a_read_only_copy(make):
+    shard, wire = busy_shard(make)
+    snap = shard.snapshot()
+    assert (snap.index, snap.start, snap.end, snap.total, snap.world) == (2, 10, 20, 40, 3)
+    assert (snap.version, snap.round, snap.seqs, snap.updates) == (3, 1, {0: 4, 1: 7}, {0: 2, 1: 1})
+    assert (snap.lost, snap.left, snap.fingerprint) == ((2,), (1,), "f" * 64)
+    np.testing.assert_array_equal(snap.centre, shard.centre.current)
+    before = snap.centre.copy()
+    for seq in range(5, 10):  # enough updates for the shard to reuse each of its buffers
+        assert push(shard, wire, 0, seq, vec(seq)).header["applied"]
+    np.testing.assert_array_equal(snap.centre, before)
+    with pytest.raises(ValueError):
+        snap.centre[0] = 1.0
+
+
+def test_snapshot_of_an_empty_shard_is_refused(make):
+    shard, _ = make()
+    with pytest.raises(ValueError, match="no weights"):
+        shard.snapshot()
+
+
+def test_restore_resumes_from_a_snapshot(make, tmp_path):
+    shard, wire = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, checkpoint.header_of(shard.snapshot()), shard.centre.current)
+    fresh, fresh_wire = make(index=2)
+    checkpoint.restore_shard(fresh, path)
+    assert _same(fresh.snapshot(), shard.snapshot())
+    # a retry of a push already applied is answered, not applied again
+    again = push(fresh, fresh_wire, 1, 7, vec(2), mode="scaled", scale=0.5)
+    assert again.header["applied"] is False
+    np.testing.assert_array_equal(fresh.centre.current, shard.centre.current)
+    # and it goes on where the original would
+    for s, w in ((shard, wire), (fresh, fresh_wire)):
+        push(s, w, 0, 5, vec(5))
+        round_push(s, w, 0, 1, vec(6), "average")
+    assert _same(fresh.snapshot(), shard.snapshot())
+
+
+def _same(a, b) -> bool:
+    return a.centre.tobytes() == b.centre.tobytes() and replace(a, centre=None) == replace(b, centre=None)
+
+
+def test_restore_refuses_another_shards_state(make):
+    shard, _ = busy_shard(make)
+    other, _ = make(index=0)
+    with pytest.raises(ValueError, match="shard 2"):
+        other.restore(shard.snapshot())
+    assert other.centre is None
+
+
+def test_a_checkpoint_of_another_shard_is_refused_by_name(make, tmp_path):
+    shard, _ = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, checkpoint.header_of(shard.snapshot()), shard.centre.current)
+    other, _ = make(index=0)
+    with pytest.raises(checkpoint.CheckpointError, match="shard 2's, not shard 0's"):
+        checkpoint.restore_shard(other, path)
+
+
+def test_checkpointer_writes_only_when_something_changed(make, tmp_path):
+    shard, wire = busy_shard(make)
+    saver = checkpoint.Checkpointer(shard, tmp_path, every_s=0.0)
+    assert saver.save() is not None
+    assert saver.save() is None  # nothing new
+    push(shard, wire, 0, 5, vec(5))
+    path = saver.save()
+    snap, centre = checkpoint.load_shard(path)
+    assert snap.version == shard.version and snap.seqs == {"0": 5, "1": 7}
+    np.testing.assert_array_equal(centre, shard.centre.current)
+
+
+# ---- the rest --------------------------------------------------------------------------------------
+
+def test_stats_and_ping(make):
+    shard, wire = make(index=1, max_staleness=3)
+    init(shard, wire, vec(0), world=2)
+    push(shard, wire, 0, 1, vec(1))
+    push(shard, wire, 0, 1, vec(1))
+    assert ask(shard, wire, {"op": "PING"}).header["version"] == 1
+    s = ask(shard, wire, {"op": "STATS"}).header["stats"]
+    assert (s["shard"], s["version"], s["world"], s["initialised"]) == (1, 1, 2, True)
+    assert s["updates"] == {"0": 1} and s["duplicates"] == {"0": 1} and s["ssp"]["max_staleness"] == 3
+    assert s["bytes_in"] == shard.stats.bytes_in > 0
