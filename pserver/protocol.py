@@ -12,7 +12,7 @@ envelope, which ZeroMQ adds and strips itself)::
 The header always carries::
 
     "v"    int   protocol version, must equal PROTOCOL_VERSION
-    "op"   str   the operation (see the OP_* names below)
+    "op"   str   the operation (see Operations below); "REPLY" in replies
 
 and, when array frames follow, ``"arrays"``: a list with one entry per frame,
 ``[dtype, length]`` where dtype is one of ALLOWED_DTYPES (``"<f4"``,
@@ -30,26 +30,49 @@ data, not code.
 Operations
 ==========
 
-Shard (one per contiguous slice ``[start, end)`` of the flat weight vector):
+One line per op (the reply may go on the next line, after ``→``): the
+request's header fields (``?``: optional), the array frames that follow it,
+then the reply's header fields and frames (``if``: only in that case). Every
+reply also carries ``ok``; an error reply carries only ``ok`` (false),
+``code`` and ``reason``. A receiver ignores header fields it does not read (a
+client's ROUND carries its ``seq`` too). ``tests/unit/test_protocol_table.py``
+checks this table against the handlers that `pserver.shard.Shard` and
+`pserver.coordinator.Coordinator` register, and against their replies.
 
-    INIT      {start, end, total, world, rule}       + [slice <f4]  → {ok, version}
-    PULL      {worker}                                              → {ok, version} + [slice]
-    PUSH      {worker, seq, pulled, mode, scale, pull}+ [delta <f4] → {ok, version, staleness, applied}
-                                                                      (+ [slice] if pull)
-    ROUND     {worker, seq, round, mode}              + [value <f4] → {ok, version, round} + [slice]
-                 (synchronous rules; the reply waits for the round to close)
-    BYE       {worker}                                              → {ok}
-    STATS     {}                                                    → {ok, stats}
-    PING      {}                                                    → {ok}
+Shard (one per contiguous slice ``[start, end)`` of the flat weight vector;
+every array is float32, ``<f4``):
+
+    INIT      {start, end, total, world, fingerprint?} + [slice] → {ok, first, version}
+                the first INIT sets the slice; a later one of the same range is answered (first false)
+    PULL      {worker} → {ok, version} + [slice]
+    PUSH      {worker, seq, pulled, mode, scale?, pull?} + [delta]
+              → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
+                mode: add, scaled, staleness or elastic (delta is then the worker's weights W, and
+                E = scale·(W − centre)); a seq not newer than the worker's last is answered, not applied
+    ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
+                synchronous rules (mode elastic or average); the reply waits for the round to close
+    BYE       {worker} → {ok}
+    LOST      {lost, done?} → {ok}
+                from the coordinator: workers declared lost (silent) or done; rounds and SSP stop waiting for them
+    STATS     {} → {ok, stats}
+    PING      {} → {ok, shard, version}
 
 Coordinator (the ``host:port`` that workers are given):
 
-    REGISTER  {shard, endpoint}                                     → {ok}
-    JOIN      {name}                      → {ok, rank, world, config, shards, layout, architecture}
-    INIT      {layout, architecture}                                → {ok, first, shards}
-    DONE      {rank, samples, lost}                                 → {ok}
-    STATS     {}                                                    → {ok, coordinator, shards}
-    PING      {}                                                    → {ok}
+    REGISTER  {shard, endpoint} → {ok}
+                from a shard process when it starts
+    JOIN      {name?, rank?} → {ok, rank, world, config, shards, layout, architecture}
+                rank: a lost worker's own rank, to take it back
+    INIT      {layout, architecture?} → {ok, first, shards, world}
+    MODEL     {observer?} → {ok, layout, architecture, world, config, shards}
+                for observers (the evaluator), which take no rank
+    HEARTBEAT {rank, samples?, nan_recoveries?} → {ok, lost, stop}
+    DONE      {rank, report?} → {ok}
+    STOP      {reason?} → {ok}
+                the run should end early (e.g. a target AUC was reached); heartbeats tell the workers
+    LEAVE     {observer?} → {ok}
+    STATS     {observer?} → {ok, coordinator, shards}
+    PING      {} → {ok, ready, shards}
 """
 from __future__ import annotations
 
