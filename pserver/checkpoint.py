@@ -5,12 +5,13 @@ Files in the checkpoint directory::
     coordinator.json   the layout, architecture, shard ranges, world and layout fingerprint
     shard-K.npz        shard K's slice and a JSON header (see `ShardSnapshot`), one .npz, no pickle
 
-Every file is written to ``NAME.tmp``, fsynced, renamed over ``NAME`` and the
-directory fsynced, so a crash leaves the previous complete file or the new
-one, never half of one. Reading checks everything before a shard serves a
-byte: the zip's own CRCs, a CRC32 of the slice, the slice length against the
-range, and the range and fingerprint against ``coordinator.json``. A torn or
-foreign checkpoint raises CheckpointError naming the file.
+Every file is written by `pserver.fileio`: to a temporary file beside it,
+fsynced, renamed over ``NAME`` and the directory fsynced, so a crash leaves
+the previous complete file or the new one, never half of one. Reading checks
+everything before a shard serves a byte: the zip's own CRCs, a CRC32 of the
+slice, the slice length against the range, and the range and fingerprint
+against ``coordinator.json``. A torn or foreign checkpoint raises
+CheckpointError naming the file.
 
 What a restored shard may have lost: the updates it applied after its last
 checkpoint whose replies had already reached the workers. A push whose reply
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import zipfile
 import zlib
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pserver.errors import CheckpointError
+from pserver.fileio import atomic_write, atomic_write_json
 from pserver.shard import Shard, ShardState
 
 log = logging.getLogger(__name__)
@@ -66,32 +67,6 @@ class ShardSnapshot:
     format: str = FORMAT
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | memoryview | None = None, arrays: dict[str, np.ndarray] | None = None) -> None:
-    """Write bytes (or an .npz of ``arrays``) to ``path`` via tmp + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if arrays is not None:
-            np.savez(f, **arrays)
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_shard(directory: str | Path, snap: ShardSnapshot, centre: np.ndarray) -> Path:
     """Write shard ``snap.index``'s slice (n,) float32 and its header atomically."""
     centre = np.ascontiguousarray(centre, dtype="<f4")
@@ -101,8 +76,8 @@ def save_shard(directory: str | Path, snap: ShardSnapshot, centre: np.ndarray) -
     snap.written_at = time.time()
     meta = np.frombuffer(json.dumps(asdict(snap)).encode(), dtype=np.uint8)
     path = shard_file(directory, snap.index)
-    write_atomic(path, arrays={"centre": centre, "meta": meta})
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: np.savez(f, centre=centre, meta=meta))
 
 
 def load_shard(path: str | Path) -> tuple[ShardSnapshot, np.ndarray]:
@@ -141,8 +116,8 @@ def load_shard(path: str | Path) -> tuple[ShardSnapshot, np.ndarray]:
 
 def save_coordinator(directory: str | Path, state: dict[str, Any]) -> Path:
     path = Path(directory) / COORDINATOR_FILE
-    write_atomic(path, json.dumps(state, indent=1).encode())
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(path, state, indent=1)
 
 
 def load_coordinator(directory: str | Path) -> dict[str, Any]:

@@ -40,6 +40,14 @@ class ServerUnreachable(NotpuError):
     """A server did not answer within the retry budget."""
 
 
+class WaitTimeout(NotpuError):
+    """Something waited for (a file, a process) did not happen within its time limit."""
+
+
+class ProcessExited(NotpuError):
+    """A process exited before doing what it was waited for."""
+
+
 class LayoutMismatch(NotpuError):
     """A model's weight layout differs from the one the server holds."""
 

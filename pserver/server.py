@@ -12,7 +12,6 @@ by itself, so a killed server leaves nothing behind.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -28,6 +26,8 @@ import zmq
 from pserver import checkpoint, security, supervisor
 from pserver.coordinator import Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
+from pserver.fileio import atomic_write_json
+from pserver.procs import stop_trees
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +86,6 @@ def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 
     return subprocess.Popen(cmd)
 
 
-def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            log.warning("process %d ignored SIGTERM for %.0f s; killing it", p.pid, grace_s)
-            p.kill()
-            p.wait(5)
-
-
 def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run in the foreground until SIGINT/SIGTERM (or all workers are done). Returns the final summary."""
     if config.restore and not config.checkpoint_dir:
@@ -154,10 +140,8 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
         if stopping["signal"] is None:
             log.info("pserver ready at %s with %d shard(s), world %d", address, config.shards, config.workers)
             if config.ready_file:
-                tmp = Path(config.ready_file + ".tmp")
-                tmp.write_text(json.dumps({"address": address, "pid": os.getpid(),
-                                           "shards": coord.shard_map()}))
-                os.replace(tmp, config.ready_file)
+                atomic_write_json(config.ready_file, {"address": address, "pid": os.getpid(),
+                                                      "shards": coord.shard_map()})
             if on_ready:
                 on_ready(address)
 
@@ -173,7 +157,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
             coord.serve(until=finished)
         return coord.summary()
     finally:
-        stop_processes(procs)
+        stop_trees(procs, grace_s=5.0)
         notifier.close()
         sock.close(linger=0)
         security.stop_authenticators()
