@@ -252,7 +252,7 @@ class Client:
             self.versions = [0] * len(infos)
         self.shards = infos
 
-    _set_shards = use_shards  # the old private name, still called by runner/evaluator.py
+    _set_shards = use_shards  # the old private name; tests/integration (netns_client.py, test_reliability.py) use it
 
     @property
     def total(self) -> int:

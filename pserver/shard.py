@@ -2,10 +2,11 @@
 
 The shard is a single-threaded event loop. Every request is decoded and
 checked by `pserver.protocol` before any state is read; a handler either
-returns reply frames or, for a synchronous round, parks the request until the
-round closes. A bad request gets an error reply, is counted, and leaves the
-centre and the version unchanged: handlers validate everything first and
-mutate last.
+returns reply frames or parks the request: a synchronous round's until the
+round closes, a push past the SSP bound until the gate (`pserver.ssp`) lets
+it go, when it is applied and answered. A bad request gets an error reply, is
+counted, and leaves the centre and the version unchanged: handlers validate
+everything first and mutate last.
 
 Because of retry logic, pushes are made idempotent by a per-worker sequence
 number: a push whose seq is not newer than the last one applied for that
