@@ -1,24 +1,52 @@
 """Each rule, run through real shard processes, equals its numpy re-statement (DESIGN.md §4).
 
-The problem is a linear least-squares model trained with plain SGD on a fixed
-data order, so every local step is deterministic. Asynchronous rules run two
+The problem is a linear least-squares model on a fixed data order, so every
+worker's gradient sequence is a deterministic function of its weights (one
+quadratic per batch). Local steps use the rule's own local optimizer
+(`optimizers.RULES[rule].local_optimizer`, built by `models.gru.make_optimizer`):
+real Keras steps on a flat `tf.Variable`, whose state (moments, momentum, step
+count) carries across exchanges as in a worker. Asynchronous rules run two
 workers alternating in one process (a fixed interleaving, which the numpy
-re-statement follows); synchronous rules run the two workers in threads,
-since a round waits for both.
+re-statement follows); synchronous rules run the two workers in threads, since
+a round waits for both.
+
+Two references per rule:
+
+- the rule's exchange equations in numpy with the *same Keras* local steps,
+  replayed: the shards must match it exactly (the exchange is float32 on both
+  sides, and Keras' elementwise CPU kernels give the same bits for the same
+  inputs);
+- the rule's exchange equations *and* the local optimizer's equations in numpy
+  (Adam, Nadam as Keras 3 writes it, SGD with Nesterov momentum 0.9, plain
+  SGD): the shards must match it within `ATOL` (float32 rounding of
+  differently ordered operations, carried over 24 steps).
+
+EAMSGD differs from AEASGD only in its local optimizer (momentum), so its
+expected centre must differ from AEASGD's by far more than `ATOL`, and it does.
 """
+from __future__ import annotations
+
+import functools
 import threading
+from typing import Callable
 
 import numpy as np
 import pytest
 
-from optimizers import make_rule, rule_config
+from optimizers import RULES, make_rule
 from pserver.client import Client
 from pserver.layout import Layout
 
 pytestmark = pytest.mark.integration
 
-FEATURES, BATCH, STEPS, LR = 13, 8, 24, np.float32(0.05)
+FEATURES, BATCH, STEPS, LR = 13, 8, 24, 0.05
 LAYOUT = Layout.from_shapes([(FEATURES,), (1,)])  # weights and bias: 14 floats, over 2 shards
+ASYNC_WINDOW, SYNC_WINDOW = 4, 6
+ALPHA = 0.45  # β/n with β = 0.9, n = 2, for the elastic rules; given explicitly, not the table's default
+ELASTIC = {"aeasgd", "eamsgd", "easgd"}
+# The centre is O(1); two float32 computations of the same 24 optimizer steps differ by a few ulp per step.
+ATOL = 2e-5
+F32 = np.float32
 
 
 def data(worker: int):
@@ -28,31 +56,100 @@ def data(worker: int):
     return X, y
 
 
-def sgd_step(w: np.ndarray, X: np.ndarray, y: np.ndarray, t: int) -> np.ndarray:
-    """One plain SGD step on batch t of least squares; float32 throughout."""
+def gradient(w: np.ndarray, X: np.ndarray, y: np.ndarray, t: int) -> np.ndarray:
+    """The gradient of batch t's mean squared error at w; float32 (total,)."""
     xb, yb = X[t * BATCH:(t + 1) * BATCH], y[t * BATCH:(t + 1) * BATCH]
     err = xb @ w[:FEATURES] + w[FEATURES] - yb  # (batch,)
-    grad = np.concatenate([xb.T @ err, [err.sum()]]).astype(np.float32) * np.float32(2 / BATCH)
-    return (w - LR * grad).astype(np.float32)
+    return np.concatenate([xb.T @ err, [err.sum()]]).astype(np.float32) * np.float32(2 / BATCH)
 
 
 def initial() -> np.ndarray:
     return np.random.default_rng(1).standard_normal(LAYOUT.total).astype(np.float32)
 
 
+def alpha_of(rule: str) -> float:
+    return ALPHA if rule in ELASTIC else 0.0
+
+
+# ---- local optimizers: real Keras, and the same equations in numpy ------------------------
+
+class KerasLocal:
+    """The rule's local optimizer as a worker runs it: Keras steps on one flat tf.Variable."""
+
+    def __init__(self, name: str) -> None:
+        import tensorflow as tf
+
+        from models.gru import make_optimizer
+
+        self.tf = tf
+        self.optimizer = make_optimizer(name, LR)
+        self.var = tf.Variable(np.zeros(LAYOUT.total, np.float32))
+
+    def __call__(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+        self.var.assign(w)  # after an exchange the worker continues from the rule's vector (set_weights)
+        self.optimizer.apply([self.tf.constant(g)], [self.var])
+        return self.var.numpy()
+
+
+class NumpyLocal:
+    """The same optimizer's update equations, float32, in the order Keras 3 writes them
+    (keras/src/optimizers/{adam,nadam,sgd}.py; defaults β1 0.9, β2 0.999, ε 1e-7, momentum 0.9)."""
+
+    def __init__(self, name: str) -> None:
+        if name not in ("adam", "nadam", "nesterov", "sgd"):
+            raise AssertionError(f"no numpy re-statement of local optimizer {name!r}")
+        self.name = name
+        self.t = 0  # Keras' `iterations`: steps taken before this one
+        self.m = np.zeros(LAYOUT.total, np.float32)
+        self.v = np.zeros(LAYOUT.total, np.float32)
+        self.u_product = F32(1.0)  # Nadam's running product of μ_t
+
+    def __call__(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+        lr, b1, b2, eps = F32(LR), F32(0.9), F32(0.999), F32(1e-7)
+        one_minus_b1, one_minus_b2 = F32(1 - 0.9), F32(1 - 0.999)
+        step, nxt = F32(self.t + 1), F32(self.t + 2)
+        if self.name == "sgd":
+            w = w - g * lr
+        elif self.name == "nesterov":  # m ← μm − ηg;  w ← w + μm − ηg
+            mu = F32(0.9)
+            self.m = self.m * mu - g * lr
+            w = w + (self.m * mu - g * lr)
+        elif self.name == "adam":  # m̂/√v̂ with the bias corrections folded into the rate
+            rate = lr * np.sqrt(F32(1) - b2 ** step) / (F32(1) - b1 ** step)
+            self.m = self.m + (g - self.m) * one_minus_b1
+            self.v = self.v + (g * g - self.v) * one_minus_b2
+            w = w - (self.m * rate) / (np.sqrt(self.v) + eps)
+        else:  # nadam: μ_t = β1(1 − ½·0.96^t); the momentum term looks one step ahead with μ_{t+1}
+            u_t = b1 * (F32(1) - F32(0.5) * F32(0.96) ** step)
+            u_next = b1 * (F32(1) - F32(0.5) * F32(0.96) ** nxt)
+            self.u_product = F32(self.u_product * b1 * (F32(1) - F32(0.5) * F32(0.96) ** step))  # in this order
+            u_product_next = self.u_product * u_next
+            self.m = self.m + (g - self.m) * (F32(1) - b1)  # Nadam subtracts in float32, Adam in Python floats
+            self.v = self.v + (g * g - self.v) * (F32(1) - b2)
+            m_hat = (u_next * self.m) / (F32(1) - u_product_next) + ((F32(1) - u_t) * g) / (F32(1) - self.u_product)
+            v_hat = self.v / (F32(1) - b2 ** step)
+            w = w - (m_hat * lr) / (np.sqrt(v_hat) + eps)
+        self.t += 1
+        return np.asarray(w, np.float32)
+
+
+Local = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
 # ---- numpy re-statements of the table in DESIGN.md §4 --------------------------------------
 
-def reference_async(rule: str, window: int, alpha: float) -> np.ndarray:
+def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local]) -> np.ndarray:
     C = initial()
     version = 0
     W = [C.copy(), C.copy()]
+    opt = [local(), local()]
     pulled = [C.copy(), C.copy()]
     pulled_version = [0, 0]
     data_ = [data(0), data(1)]
     for block in range(STEPS // window):
         for i in (0, 1):  # the same interleaving as the test drives
             for t in range(block * window, (block + 1) * window):
-                W[i] = sgd_step(W[i], *data_[i], t)
+                W[i] = opt[i](W[i], gradient(W[i], *data_[i], t))
             if rule in ("downpour", "adag", "dynsgd"):
                 delta = W[i] - pulled[i]
                 if rule == "downpour":
@@ -72,14 +169,15 @@ def reference_async(rule: str, window: int, alpha: float) -> np.ndarray:
     return C
 
 
-def reference_sync(rule: str, window: int, alpha: float) -> np.ndarray:
+def reference_sync(rule: str, window: int, alpha: float, local: Callable[[], Local]) -> np.ndarray:
     C = initial()
     W = [C.copy(), C.copy()]
+    opt = [local(), local()]
     data_ = [data(0), data(1)]
     for block in range(STEPS // window):
         for i in (0, 1):
             for t in range(block * window, (block + 1) * window):
-                W[i] = sgd_step(W[i], *data_[i], t)
+                W[i] = opt[i](W[i], gradient(W[i], *data_[i], t))
         if rule == "easgd":
             E = [np.float32(alpha) * (W[i] - C) for i in (0, 1)]
             C = (C.astype(np.float64) + E[0].astype(np.float64) + E[1].astype(np.float64)).astype(np.float32)
@@ -90,50 +188,67 @@ def reference_sync(rule: str, window: int, alpha: float) -> np.ndarray:
     return C
 
 
+def check(rule: str, got: np.ndarray, reference: Callable[..., np.ndarray], window: int) -> None:
+    name = RULES[rule].local_optimizer
+    replayed = reference(rule, window, alpha_of(rule), functools.partial(KerasLocal, name))
+    np.testing.assert_array_equal(got, replayed, err_msg=f"{rule}: the exchange equations")
+    restated = reference(rule, window, alpha_of(rule), functools.partial(NumpyLocal, name))
+    np.testing.assert_allclose(got, restated, rtol=0, atol=ATOL, err_msg=f"{rule}: {name}'s equations")
+    assert np.abs(restated - initial()).max() > 100 * ATOL  # the local steps moved the centre measurably
+
+
 # ---- the same through real shards --------------------------------------------------------
 
-def run_worker(client: Client, rule_name: str, window: int, alpha: float, worker: int, barrier=None):
-    rule = make_rule(rule_name, client, window=window, alpha=alpha, round_timeout_s=30)
+def run_worker(client: Client, rule_name: str, window: int, worker: int):
+    rule = make_rule(rule_name, client, window=window, alpha=alpha_of(rule_name), round_timeout_s=30)
+    local = KerasLocal(RULES[rule_name].local_optimizer)
     w = rule.start(None)
     X, y = data(worker)
     for block in range(STEPS // window):
         for t in range(block * window, (block + 1) * window):
-            w = sgd_step(w, X, y, t)
-        if barrier is not None:  # alternate: worker 0's exchange, then worker 1's
-            barrier(worker, block)
+            w = local(w, gradient(w, X, y, t))
         w = rule.step(w)
     return rule
 
 
 @pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
 def test_async_rule_equals_numpy(pserver, rule_name):
-    cfg = rule_config(rule_name, window=4, workers=2)
+    window = ASYNC_WINDOW
     server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
     clients = [Client(server.address) for _ in range(2)]
     for c in clients:
         c.join()
     assert clients[0].init(initial(), LAYOUT)
     assert not clients[1].init(initial(), LAYOUT)
-    rules = [make_rule(rule_name, c, window=cfg["window"], alpha=cfg["alpha"]) for c in clients]
+    rules = [make_rule(rule_name, c, window=window, alpha=alpha_of(rule_name)) for c in clients]
+    local = [KerasLocal(RULES[rule_name].local_optimizer) for _ in clients]
     W = [r.start(None) for r in rules]
     datasets = [data(0), data(1)]
-    for block in range(STEPS // cfg["window"]):
+    for block in range(STEPS // window):
         for i in (0, 1):
-            for t in range(block * cfg["window"], (block + 1) * cfg["window"]):
-                W[i] = sgd_step(W[i], *datasets[i], t)
+            for t in range(block * window, (block + 1) * window):
+                W[i] = local[i](W[i], gradient(W[i], *datasets[i], t))
             W[i] = rules[i].step(W[i])
-    expected = reference_async(rule_name, cfg["window"], cfg["alpha"])
-    np.testing.assert_array_equal(clients[0].pull(), expected)
+    got = clients[0].pull()
+    check(rule_name, got, reference_async, window)
     for r in rules:  # turns alternate: each exchange sees exactly the other worker's one push since its own
         assert r.staleness[1:] == [1] * (len(r.staleness) - 1), r.staleness
     for c in clients:
         c.close()
 
 
+def test_eamsgd_local_steps_use_momentum_so_its_trajectory_is_not_aeasgds():
+    eamsgd, aeasgd = RULES["eamsgd"].local_optimizer, RULES["aeasgd"].local_optimizer
+    assert eamsgd in ("nadam", "nesterov"), f"EAMSGD's local steps should use Nesterov momentum, not {eamsgd!r}"
+    assert eamsgd != aeasgd
+    ours = reference_async("eamsgd", ASYNC_WINDOW, ALPHA, functools.partial(NumpyLocal, eamsgd))
+    theirs = reference_async("aeasgd", ASYNC_WINDOW, ALPHA, functools.partial(NumpyLocal, aeasgd))
+    assert np.abs(ours - theirs).max() > 100 * ATOL, np.abs(ours - theirs).max()
+
+
 @pytest.mark.parametrize("rule_name", ["easgd", "averaging"])
 def test_sync_rule_equals_numpy(pserver, rule_name):
-    window = 6
-    cfg = rule_config(rule_name, window=window, workers=2)
+    window = SYNC_WINDOW
     server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
     clients = [Client(server.address) for _ in range(2)]
     for c in clients:
@@ -144,7 +259,7 @@ def test_sync_rule_equals_numpy(pserver, rule_name):
 
     def work(i):
         try:
-            run_worker(clients[i], rule_name, window, cfg["alpha"], i)
+            run_worker(clients[i], rule_name, window, i)
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -153,9 +268,8 @@ def test_sync_rule_equals_numpy(pserver, rule_name):
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors and not any(t.is_alive() for t in threads)
-    expected = reference_sync(rule_name, window, cfg["alpha"])
-    np.testing.assert_array_equal(clients[0].pull(), expected)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    check(rule_name, clients[0].pull(), reference_sync, window)
     stats = clients[0].stats()
     assert [s["round"] for s in stats["shards"]] == [STEPS // window] * 2
     for c in clients:
