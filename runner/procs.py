@@ -1,25 +1,16 @@
-"""Stopping a process together with everything it started."""
+"""Stopping a process together with everything it started: `pserver.procs.stop_tree`, the one
+process-tree stop, under the name and argument order that `bench/` still calls."""
 from __future__ import annotations
 
 import signal
 import subprocess
 
-import psutil
+from pserver.procs import stop_tree
+
+__all__ = ["kill_tree"]
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
-    """Send `sig` to a process; SIGKILL it and its descendants if any is left after the grace period."""
-    try:
-        parent = psutil.Process(proc.pid)
-        family = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
+    """`stop_tree(proc, grace_s, sig)`: `sig` to the process, SIGKILL to it and its descendants
+    still there after ``grace_s``."""
+    stop_tree(proc, grace_s=grace_s, sig=sig)

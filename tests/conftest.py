@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from runner.procs import kill_tree
+from pserver.procs import stop_tree
 
 # Workers and tests share 2 cores: keep TensorFlow and BLAS from oversubscribing them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -64,7 +64,7 @@ def pserver(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for s in started:
-        kill_tree(s.proc)
+        stop_tree(s.proc)
 
 
 @pytest.fixture(autouse=True)

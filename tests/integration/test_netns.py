@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import kill_tree, wait_for
+from conftest import wait_for
+from pserver.procs import stop_tree
 from pserver.security import create_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,7 +132,7 @@ def test_clients_in_other_namespaces_over_a_lossy_link(namespaces, tmp_path):
               f"{dropped} packet(s) dropped on c2's link")
     finally:
         for p in procs:
-            kill_tree(p)
+            stop_tree(p)
         log.close()
 
 
@@ -159,7 +160,7 @@ def test_workers_in_other_namespaces_train_over_a_lossy_link(namespaces, tmp_pat
         assert procs[0].wait(60) == 0  # --exit-when-done: both workers said DONE
     finally:
         for p in procs:
-            kill_tree(p)
+            stop_tree(p)
         for f in logs.values():
             f.close()
     summary = json.loads((run / "summary.json").read_text())

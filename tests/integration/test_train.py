@@ -11,10 +11,11 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import kill_tree, wait_for  # noqa: E402
+from conftest import wait_for  # noqa: E402
 from datasets import write_fading  # noqa: E402
 
 from models.dataset import split_indices  # noqa: E402
+from pserver.procs import stop_tree  # noqa: E402
 from pserver.security import create_keys  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -94,7 +95,7 @@ def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path
         assert server.proc.wait(60) == 0  # --exit-when-done: every worker said DONE
     finally:
         for p in (*workers, evaluator):
-            kill_tree(p)
+            stop_tree(p)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rule"] == "downpour" and summary["shards"] == 2
     assert sorted(summary["worker_names"].values()) == ["hostA", "hostB"]
@@ -129,7 +130,7 @@ def train_and_kill(run: Path, args: list[str], victims) -> tuple[dict, str]:
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        kill_tree(proc)
+        stop_tree(proc)
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads((run / "summary.json").read_text()), stdout
 
