@@ -110,6 +110,9 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
             lines += ["", f"![val AUC against wall time]({plot.name})"]
         lines.append("")
 
+    sm = b.get("test_samples_to_target")
+    if sm:
+        lines += _samples_section(sm)
     t = b.get("test_transport_round_trip")
     if t:
         lines += [
@@ -204,6 +207,63 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
             "",
         ]
     out.write_text("\n".join(lines))
+
+
+def _samples_section(sm: dict[str, Any]) -> list[str]:
+    """bench/test_bench_samples.py: samples to the target per rule × workers, as a ratio to plain Keras'."""
+    k, workers = sm["keras"], [str(n) for n in sm["workers"]]
+    head = "| rule | " + " | ".join(f"{n} worker{'s' if n != '1' else ''}" for n in workers) + " |"
+    rule_line = "| --- |" + " --- |" * len(workers)
+
+    def cell(rule: str, n: str) -> str:
+        run = sm["runs"].get(rule, {}).get(n)
+        if run is None:
+            return "failed" if f"{rule}-{n}" in sm.get("errors", {}) else "–"
+        ratio = sm["samples_ratio_vs_keras"].get(rule, {}).get(n)
+        if ratio is None and run["samples_to_target"] is None:
+            return f"not reached (best {run['best_val_auc']:.4f})"
+        if ratio is None:  # plain Keras was at the target before it trained (a tiny --quick model)
+            return f"– ({run['samples_to_target']:,.0f})"
+        return f"**{ratio:.2f}** ({run['samples_to_target']:,.0f})"
+
+    lines = [
+        "## Statistical efficiency: samples to the target past 2 workers",
+        "",
+        f"{sm['players']:,} generated players, {sm['days']} days, GRU {sm['hidden']}, {sm['epochs']} epochs, batch 64; "
+        f"each rule with its default settings, 1 thread per worker. Figure = training samples (over all workers) "
+        f"until the centre's val AUC reaches {sm['target_val_auc']:.4f} = {sm['target_fraction']:.0%} of plain "
+        f"Keras' final val AUC, {sm['interpolation']}, divided by plain Keras' samples to the same target "
+        f"({_f(k['samples_to_target'], '{:,.0f}')} of {k['samples']:,}; 1 process × {k['threads']} threads, "
+        f"val AUC {k['val_auc']:.4f}, test AUC {k['test_auc']:.4f}). Samples to target in parentheses. Wall time is "
+        f"not the figure: up to 8 workers share the 2 cores.",
+        "",
+        head, rule_line,
+        *(f"| {rule} | " + " | ".join(cell(rule, n) for n in workers) + " |" for rule in sm["rules"]),
+        "",
+        "Final test AUC of each run (plain Keras " + f"{k['test_auc']:.4f}):",
+        "",
+        head, rule_line,
+        *(f"| {rule} | " + " | ".join(_f(sm["runs"].get(rule, {}).get(n, {}).get("test_auc"), "{:.4f}")
+                                      for n in workers) + " |" for rule in sm["rules"]),
+        "",
+        f"Evaluations every {sm['eval_interval_s']:g} s: plain Keras every {_f(k['samples_between_evals'], '{:,.0f}')} "
+        f"samples (median), the rules every " + ", ".join(
+            f"{rule} " + "/".join(_f(sm["runs"].get(rule, {}).get(n, {}).get("samples_between_evals"), "{:,.0f}")
+                                  for n in workers) for rule in sm["rules"]) + f" (at {'/'.join(workers)} workers). "
+        "notpu's samples come from the workers' heartbeats, read after each evaluation: read a figure as ± about "
+        "1 s plus one evaluation of training (see bench/test_bench_samples.py).",
+    ]
+    lost = [f"{rule} × {n}: {run['lost_workers']}" for rule, per in sm["runs"].items() for n, run in per.items()
+            if run.get("lost_workers")]
+    if lost:
+        lines.append("Runs that lost workers: " + "; ".join(lost) + ".")
+    met = [rule for rule in sm["rules"] if (x := sm["samples_ratio_vs_keras"].get(rule, {}).get("8")) is not None
+           and x <= 1.5]
+    lines.append("Goal: the rule the README recommends needs ≤ 1.5× plain Keras' samples at 8 workers"
+                 + (f"; within it at 8 workers: {', '.join(met) or 'none'}." if "8" in workers else "."))
+    if sm.get("errors"):
+        lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in sm["errors"].items())]
+    return lines + [""]
 
 
 def write_plot(data: dict[str, Any], out: Path) -> bool:
