@@ -1,4 +1,4 @@
-"""The data commands of `notpu`: generate, prepare, baseline, predict, demo.
+"""The data commands of `notpu`: generate, prepare, baseline, predict.
 
 Each handler builds the same frozen config the Python API takes and returns an
 exit code; heavy imports (LightGBM, TensorFlow, matplotlib) happen inside the
@@ -101,14 +101,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from models.demo import DemoConfig, demo
-
-    return demo(DemoConfig(out=args.out, players=args.players, seed=args.seed, epochs=args.epochs, hidden=args.hidden))
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add generate, prepare, baseline, predict and demo to the `notpu` parser."""
+    """Add generate, prepare, baseline and predict to the `notpu` parser."""
     p = sub.add_parser("generate", help="write a synthetic MMO game log or retail purchase log with churners")
     p.add_argument("--kind", choices=("mmo", "retail"), default="mmo",
                    help="mmo: game sessions (default); retail: BG/NBD purchases, visits, returns, email opens")
@@ -148,11 +142,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff", help="end of the observation window, ISO date (default: end of the log)")
     _add_columns(p, from_spec=True)
     p.set_defaults(handler=cmd_predict)
-
-    p = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
-    p.add_argument("--out", default="notpu-demo")
-    p.add_argument("--players", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--hidden", type=int, default=64)
-    p.set_defaults(handler=cmd_demo)

@@ -3,6 +3,6 @@
 This package must not import TensorFlow: `pserver` reads the rule table to
 validate `--rule` and to hand defaults to workers.
 """
-from optimizers.base import RULES, Exchange, Rule, make_rule, rule_config
+from optimizers.base import RECOMMENDED_RULE, RULES, Effective, Exchange, Rule, effective_settings, get_rule, make_rule, rule_config
 
-__all__ = ["RULES", "Exchange", "Rule", "make_rule", "rule_config"]
+__all__ = ["RECOMMENDED_RULE", "RULES", "Effective", "Exchange", "Rule", "effective_settings", "get_rule", "make_rule", "rule_config"]

@@ -1,9 +1,48 @@
-"""The rule table (DESIGN.md §4) and the interface every rule implements.
+"""The rule table, how a rule's defaults are resolved for one run, and the interface every rule implements.
 
 A rule sees the worker's local weights as one flat float32 vector W (total,)
 and a `pserver.client.Client`. Every `window` local steps the worker loop calls
 `exchange(W)`; the rule talks to the shards and returns the vector the worker
 continues from. Local steps use the worker's own Keras optimizer.
+
+Defaults, and why. Each was measured with `notpu train --workers 2` against
+one plain Keras process on the same model, data, split, batch and epochs
+(the README's "Which rule when" has the figures); the causes:
+
+- **λ is capped by the data.** A λ larger than the steps in an epoch means
+  almost no exchanges on small data (1,500 players, λ = 32: the AEASGD centre
+  received 2 updates in 3 epochs and stayed near its initial AUC). The rule's
+  λ is an upper bound: a worker exchanges at least 4 times an epoch and 12
+  times a run. An explicit `--window` is taken as given.
+- **The learning rate is the one a single process would use**; each rule
+  scales it so that the centre advances per sample as fast as plain Keras:
+  - DOWNPOUR adds every worker's whole Δ: per sample the centre moves as
+    plain Keras does. Scale 1.
+  - ADAG moves the centre by Δ/λ, one mean local step per λ steps: per
+    sample λ times slower than plain Keras (λ = 12: test AUC 0.647 against
+    0.824 on 1,500 players). Its local rate is λ × the base, and λ is 2:
+    Adam at 12 × 0.001 is too coarse for the GRU (20,000 players: 0.897
+    against 0.927 at λ = 12, 0.920 at λ = 4, 0.925 at λ = 2).
+  - DynSGD divides Δ by staleness + 1, and with n asynchronous workers the
+    staleness is about n − 1: per sample n times slower. Scale n.
+  - Averaging keeps the centre at the mean of the workers, and a mean of n
+    workers moves as one worker does: n times slower. Scale n (the linear
+    scaling rule of large-batch SGD); rounds every quarter epoch.
+  - The elastic rules also pull each worker back towards a centre that
+    trails it. In steady state (every worker and the centre moving at u per
+    window, workers at v per local step) the centre needs nα·gap = u and a
+    worker λv − α·gap = u, so u = λv · n/(n + 1): the elastic force costs
+    1/(n + 1) of the progress on top of the mean's 1/n. Scale n + 1
+    (20,000 players, AEASGD: 0.918 at scale n, 0.922 at n + 1, plain Keras
+    0.927). λ = 8 (the EASGD paper's τ ≈ 10; 8 and 24 scored the same).
+- **α = 0.9/n** for every elastic rule (the EASGD paper's β = pα = 0.9):
+  with the old asynchronous α = 0.05 and n = 2 the centre trailed the
+  workers by about λ/(nα) = 10 windows.
+- **EAMSGD's local optimizer is Nadam** (Adam with Nesterov momentum):
+  the rule's point is momentum in the local steps, and SGD with Nesterov
+  momentum, the paper's choice, trains this GRU far worse than Adam does in
+  the same epochs (20,000 players: 0.909; a 1,500-player log at SGD's default
+  0.001: 0.504).
 """
 from __future__ import annotations
 
@@ -14,46 +53,115 @@ import numpy as np
 
 from pserver.errors import ConfigError
 
+#: The base learning rate of each local optimizer: what one plain Keras process would use.
+BASE_LEARNING_RATE = {"adam": 1e-3, "nadam": 1e-3, "sgd": 1e-2, "nesterov": 1e-2}
+#: λ is capped so a worker exchanges at least this often (small data still gets many exchanges).
+MIN_EXCHANGES_PER_EPOCH = 4
+MIN_EXCHANGES_PER_RUN = 12
+#: β of the EASGD paper: α = β/n.
+ELASTIC_BETA = 0.9
+
 
 @dataclass(frozen=True)
 class Rule:
     name: str
     sync: bool  # rounds: every live worker's contribution before the centre moves
-    window: int  # λ: local steps between exchanges (0: one epoch)
-    alpha: float = 0.0  # elastic coefficient (EASGD family); 0 where unused
+    window: int  # λ: local steps between exchanges, an upper bound (0: none but the data cap)
+    elastic: bool = False  # α(W − C) both ways; α defaults to β/n
     local_optimizer: str = "adam"  # the worker's own optimizer for local steps
+    lr_scale: str = "none"  # the local rate is the base × this: "none", "window" (λ), "workers" (n), "elastic" (n + 1)
     doc: str = ""
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("downpour", sync=False, window=5, doc="push Δ = W − W_pulled, pull C; C ← C + Δ"),
-    Rule("adag", sync=False, window=12, doc="push Δ/λ, pull C; C ← C + Δ/λ (accumulated gradient normalisation)"),
-    Rule("dynsgd", sync=False, window=5, doc="push Δ with the pulled version; C ← C + Δ/(staleness + 1)"),
-    # α = ηρ with η = 0.01, ρ = 5 (Zhang, Choromanska, LeCun 2015; dist-keras defaults)
-    Rule("aeasgd", sync=False, window=32, alpha=0.05, doc="E = α(W − C); W ← W − E; C ← C + E"),
-    Rule("eamsgd", sync=False, window=32, alpha=0.05, local_optimizer="nesterov",
-         doc="as AEASGD, local steps with SGD + Nesterov momentum 0.9"),
-    # α = 0.9/p is filled in by rule_config once the world size p is known
-    Rule("easgd", sync=True, window=32, alpha=0.0, doc="round r: E_i = α(W_i − C_r); C_{r+1} = C_r + Σ E_i"),
-    Rule("averaging", sync=True, window=0, doc="round = one epoch: C_{r+1} = mean_i W_i"),
+    Rule("adag", sync=False, window=2, lr_scale="window",
+         doc="push Δ/λ, pull C; C ← C + Δ/λ (accumulated gradient normalisation)"),
+    Rule("dynsgd", sync=False, window=5, lr_scale="workers", doc="push Δ with the pulled version; C ← C + Δ/(staleness + 1)"),
+    Rule("aeasgd", sync=False, window=8, elastic=True, lr_scale="elastic", doc="E = α(W − C); W ← W − E; C ← C + E"),
+    Rule("eamsgd", sync=False, window=8, elastic=True, local_optimizer="nadam", lr_scale="elastic",
+         doc="as AEASGD, local steps with Nesterov momentum (Nadam)"),
+    Rule("easgd", sync=True, window=8, elastic=True, lr_scale="elastic",
+         doc="round r: E_i = α(W_i − C_r); C_{r+1} = C_r + Σ E_i"),
+    Rule("averaging", sync=True, window=0, lr_scale="workers", doc="round r: C_{r+1} = mean_i W_i"),
 )}
 
+#: What `--rule` defaults to and the demo uses (the README's "Which rule when" says why).
+RECOMMENDED_RULE = "adag"
 
-def rule_config(name: str, window: int | None = None, alpha: float | None = None, workers: int = 1) -> dict[str, Any]:
-    """The rule's settings as they travel to workers: defaults with overrides applied."""
-    rule = RULES.get(name.lower())
+
+def get_rule(name: str) -> Rule:
+    rule = RULES.get(str(name).lower())
     if rule is None:
         raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
-    w = rule.window if window is None else int(window)
-    if w < 0:
-        raise ConfigError(f"--window must be ≥ 0 (0 = one epoch), got {w}")
-    a = rule.alpha if alpha is None else float(alpha)
-    if rule.name == "easgd" and alpha is None:
-        a = 0.9 / max(workers, 1)
-    if rule.alpha or rule.name == "easgd":
-        if not 0 < a <= 1:
-            raise ConfigError(f"--alpha must be in (0, 1], got {a}")
-    return {"rule": rule.name, "sync": rule.sync, "window": w, "alpha": a, "local_optimizer": rule.local_optimizer}
+    return rule
+
+
+def rule_config(name: str, window: int | None = None, alpha: float | None = None,
+                learning_rate: float | None = None, workers: int = 1) -> dict[str, Any]:
+    """The rule's settings as they travel to workers: the user's overrides, None where the default applies.
+
+    Defaults that depend on the data (λ) or the world size (α, the learning
+    rate's scale) are resolved by `effective_settings` once both are known.
+    """
+    rule = get_rule(name)
+    if window is not None and int(window) < 0:
+        raise ConfigError(f"--window must be ≥ 0 (0 = one epoch), got {window}")
+    if alpha is not None:
+        if not rule.elastic:
+            raise ConfigError(f"--alpha is the elastic coefficient of aeasgd, eamsgd and easgd; {rule.name} has none")
+        if not 0 < float(alpha) <= 1:
+            raise ConfigError(f"--alpha must be in (0, 1], got {alpha}")
+    if learning_rate is not None and not float(learning_rate) > 0:
+        raise ConfigError(f"--learning-rate must be positive, got {learning_rate}")
+    return {"rule": rule.name, "sync": rule.sync, "window": None if window is None else int(window),
+            "alpha": None if alpha is None else float(alpha),
+            "learning_rate": None if learning_rate is None else float(learning_rate),
+            "local_optimizer": rule.local_optimizer}
+
+
+@dataclass(frozen=True)
+class Effective:
+    """What one run actually uses: λ, α and the local optimizer's rate, resolved from the run config."""
+
+    rule: str
+    window: int  # λ in local steps
+    alpha: float  # 0 for rules without one
+    local_optimizer: str
+    base_learning_rate: float  # what one plain Keras process would use
+    learning_rate: float  # the local optimizer's rate: the base × the rule's scale
+    steps_per_epoch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "window": self.window, "alpha": self.alpha, "local_optimizer": self.local_optimizer,
+                "base_learning_rate": self.base_learning_rate, "learning_rate": self.learning_rate,
+                "steps_per_epoch": self.steps_per_epoch}
+
+
+def effective_settings(run: dict[str, Any], workers: int, steps_per_epoch: int) -> Effective:
+    """Resolve a run config's defaults for `workers` workers taking `steps_per_epoch` local steps an epoch.
+
+    Every worker and the evaluator call this with the same inputs, so they agree without another message.
+    """
+    rule = get_rule(run["rule"])
+    n = max(int(workers), 1)
+    spe = max(int(steps_per_epoch), 1)
+    epochs = max(int(run.get("epochs") or 1), 1)
+    if run.get("window") is not None and int(run["window"]) > 0:
+        window = int(run["window"])
+    elif run.get("window") == 0:
+        window = spe  # asked for: one exchange per epoch
+    else:
+        cap = max(min(spe // MIN_EXCHANGES_PER_EPOCH, spe * epochs // MIN_EXCHANGES_PER_RUN), 1)
+        window = min(rule.window, cap) if rule.window else cap
+    alpha = 0.0
+    if rule.elastic:
+        alpha = float(run["alpha"]) if run.get("alpha") is not None else ELASTIC_BETA / n
+    optimizer = run.get("local_optimizer") or rule.local_optimizer
+    base = float(run["learning_rate"]) if run.get("learning_rate") is not None else BASE_LEARNING_RATE[optimizer]
+    scale = {"none": 1, "window": window, "workers": n, "elastic": n + 1}[rule.lr_scale]
+    return Effective(rule=rule.name, window=window, alpha=alpha, local_optimizer=optimizer, base_learning_rate=base,
+                     learning_rate=base * scale, steps_per_epoch=spe)
 
 
 def as_flat(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from optimizers import rule_config
+from optimizers import RECOMMENDED_RULE, RULES, rule_config
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError
 from pserver.server import ServerConfig, run_server
@@ -24,19 +24,21 @@ log = logging.getLogger(__name__)
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options that describe the run; shared with `notpu train`."""
-    p.add_argument("--rule", default="adag", help="downpour, adag, dynsgd, aeasgd, eamsgd, easgd, averaging (default adag)")
+    p.add_argument("--rule", default=RECOMMENDED_RULE,
+                   help=f"{', '.join(RULES)} (default {RECOMMENDED_RULE})")
     p.add_argument("--window", type=int, default=None, help="λ, local steps between exchanges (default: the rule's)")
     p.add_argument("--alpha", type=float, default=None, help="elastic coefficient of the EASGD family (default: the rule's)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64, help="GRU width (the talk's model: 512)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="the local optimizer's step size")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
+                        "it: ADAG × λ, the elastic rules and averaging × workers")
 
 
 def run_config_from(args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    cfg = rule_config(args.rule, args.window, args.alpha, workers)
-    cfg.update(epochs=int(args.epochs), batch_size=int(args.batch_size), hidden=int(args.hidden),
-               learning_rate=float(args.learning_rate))
+    cfg = rule_config(args.rule, args.window, args.alpha, args.learning_rate, workers)
+    cfg.update(epochs=int(args.epochs), batch_size=int(args.batch_size), hidden=int(args.hidden))
     if cfg["epochs"] < 1 or cfg["batch_size"] < 1 or cfg["hidden"] < 1:
         raise NotpuError("--epochs, --batch-size and --hidden must be positive")
     return cfg

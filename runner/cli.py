@@ -1,8 +1,8 @@
 """`notpu`: the product's command line.
 
 Each subcommand lives with the code it drives and registers itself here:
-data commands (generate, prepare, baseline, predict, demo) in `models.cli`,
-training in `runner.train_cli`. Handlers take the parsed namespace and return
+data commands (generate, prepare, baseline, predict) in `models.cli`,
+training and the demo in `runner.train_cli`. Handlers take the parsed namespace and return
 an exit code; a `NotpuError` becomes a one-line message and exit code 2.
 """
 from __future__ import annotations

@@ -71,6 +71,25 @@ def _trim(bins: list[int]) -> list[int]:
     return bins[:end]
 
 
+#: Fewer centre updates per worker than this and the run learned little from exchanges: warn.
+MIN_UPDATES_PER_WORKER = 10
+
+
+def run_warnings(run: dict[str, Any], world: int, updates: dict[str, int], history: list[dict[str, Any]],
+                 final_val_auc: float) -> list[str]:
+    """What a user must hear about a run that may not have learned: too few exchanges, no progress."""
+    out = []
+    version = max(updates.values(), default=0)
+    per_worker = version if run.get("sync") else version / max(world, 1)  # a round holds every worker's update
+    if per_worker < MIN_UPDATES_PER_WORKER:
+        out.append(f"the centre received {per_worker:.1f} updates per worker (fewer than {MIN_UPDATES_PER_WORKER}): "
+                   f"the workers hardly exchanged; use a smaller --window or more --epochs")
+    if history and not final_val_auc > history[0]["val_auc"]:
+        out.append(f"the final val AUC {final_val_auc:.4f} is not above the first one {history[0]['val_auc']:.4f}: "
+                   f"the centre did not learn; check the learning rate and the rule's settings in summary.json")
+    return out
+
+
 class Evaluator:
     def __init__(self, cfg: EvaluatorConfig) -> None:
         from runner.worker import client_curve
@@ -96,7 +115,7 @@ class Evaluator:
         from models.gru import compile_model
 
         reply = self.client.ask({"op": "MODEL", "observer": self.name})  # waits (bounded) for the first worker's INIT
-        self.client._set_shards(reply["shards"])
+        self.client.use_shards(reply["shards"])
         self.layout = Layout.from_wire(reply["layout"])
         self.run = reply["config"]
         self.world = int(reply["world"])
@@ -104,15 +123,25 @@ class Evaluator:
         compile_model(model)
         return model
 
+    def _effective(self) -> dict[str, Any]:
+        """λ, α and the local rate the workers resolved: the same pure function on the same inputs."""
+        from optimizers import effective_settings
+        from runner.worker import steps_per_epoch
+
+        batch = int(self.run.get("batch_size") or 64)
+        return effective_settings(self.run, self.world, steps_per_epoch(len(self.split.train), self.world, batch)).as_dict()
+
     def _score(self, model, rows: np.ndarray) -> np.ndarray:
         x = np.asarray(self.data.X[rows], dtype=np.float32)  # (rows, days, features)
         return model.predict(x, batch_size=1024, verbose=0)[:, 1]
 
     def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any]]:
+        # samples and updates are read before the pull, so the line never credits the centre with training
+        # it has not had yet (the heartbeats' samples may still trail it by up to one heartbeat)
+        stats = self.client.ask({"op": "STATS", "observer": self.name})
         centre = self.client.pull()
         model.set_weights(unflatten(centre, self.layout))
         val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], self._score(model, self.val_rows))
-        stats = self.client.ask({"op": "STATS", "observer": self.name})
         coord, shards = stats["coordinator"], [s for s in stats["shards"] if "version" in s]
         histograms: dict[str, list[int]] = {}
         for s in shards:
@@ -172,14 +201,22 @@ class Evaluator:
                       "score": test_scores}).to_csv(self.out / "test_scores.csv", index=False)
         coord = state["coordinator"]
         workers = coord["workers"]
+        updates = {str(s["shard"]): s["version"] for s in state["shards"]}
+        effective = self._effective()
+        warnings = run_warnings(self.run, self.world, updates, self.history, val_auc)
+        for w in warnings:
+            log.warning("%s", w)
         samples = sum(int(w.get("samples", 0)) for w in workers.values())
         train_s = max((float(w["report"].get("wall_s", 0)) for w in workers.values() if w.get("report")), default=0.0)
         target = self.cfg.target_auc
         reached = next((h["wall_s"] for h in self.history if target and h["val_auc"] >= target), None)
         summary = {
             "rule": self.run.get("rule"), "workers": self.world, "shards": len(coord["shards"]),
-            "epochs": self.run.get("epochs"), "window": self.run.get("window"), "hidden": self.run.get("hidden"),
-            "batch_size": self.run.get("batch_size"),
+            "epochs": self.run.get("epochs"), "window": effective["window"], "alpha": effective["alpha"],
+            "hidden": self.run.get("hidden"), "batch_size": self.run.get("batch_size"),
+            "local_optimizer": effective["local_optimizer"], "learning_rate": effective["learning_rate"],
+            "base_learning_rate": effective["base_learning_rate"], "seed": self.run.get("seed"),
+            "run_config": self.run, "effective": effective, "warnings": warnings,
             "wall_s": round(wall_s, 3), "train_s": round(train_s, 3), "samples": samples,
             "samples_per_s": round(samples / train_s, 2) if train_s else 0.0,
             "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
@@ -187,7 +224,7 @@ class Evaluator:
             "target_auc": target, "time_to_target_s": reached, "stopped_early": coord.get("stop") or "",
             "staleness": {"mean": mean_staleness(state["staleness"]),
                           "histograms": {w: _trim(bins) for w, bins in state["staleness"].items()}},
-            "updates": {str(s["shard"]): s["version"] for s in state["shards"]},
+            "updates": updates,
             "refused": {str(s["shard"]): s["refused"] for s in state["shards"]},
             "nan_recoveries": {r: int(w.get("nan_recoveries", 0)) for r, w in workers.items()},
             "lost_workers": sorted(int(r) for r, w in workers.items() if w["lost"]),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, IO
 
 from models.dataset import load_dataset
-from optimizers import rule_config
+from optimizers import RECOMMENDED_RULE, rule_config
 from pserver.errors import ConfigError, NotpuError
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,13 @@ class TrainConfig:
     data_dir: str
     out_dir: str
     workers: int = 2
-    rule: str = "adag"
+    rule: str = RECOMMENDED_RULE
     window: int | None = None  # λ; None: the rule's default
     alpha: float | None = None
     epochs: int = 3
     batch_size: int = 64
     hidden: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # what one plain Keras process would use; None: the local optimizer's default
     shards: int = 1
     target_auc: float | None = None
     threads: int | None = None  # per worker; None: cores // workers (at least 1)
@@ -110,7 +110,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run a whole local training; returns the summary also written to RUN/summary.json."""
     if config.workers < 1 or config.shards < 1:
         raise ConfigError("--workers and --shards must be at least 1")
-    run_cfg = rule_config(config.rule, config.window, config.alpha, config.workers)  # checks the rule early
+    run_cfg = rule_config(config.rule, config.window, config.alpha, config.learning_rate,
+                          config.workers)  # checks the rule early
     data = load_dataset(config.data_dir)  # checks the data before any process starts
     del data
     out = Path(config.out_dir)
@@ -120,6 +121,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
     checkpoints = ["--checkpoint-dir", str(out / "checkpoints"), "--checkpoint-every-s",
                    str(config.checkpoint_every_s)] if config.checkpoint_every_s > 0 else []
+    overrides = [*(["--window", str(run_cfg["window"])] if run_cfg["window"] is not None else []),
+                 *(["--alpha", str(run_cfg["alpha"])] if run_cfg["alpha"] is not None else []),
+                 *(["--learning-rate", str(run_cfg["learning_rate"])] if run_cfg["learning_rate"] is not None else [])]
     threads = config.threads or max((os.cpu_count() or 1) // config.workers, 1)
     started_at = time.time()
     children = _Children(out / "logs")
@@ -128,9 +132,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         server = children.start("pserver", _python(
             "pserver.cli", "start", "--port", "0", "--shards", str(config.shards), "--workers", str(config.workers),
-            "--rule", run_cfg["rule"], "--window", str(run_cfg["window"]), "--alpha", str(run_cfg["alpha"] or 0.5),
+            "--rule", run_cfg["rule"], *overrides,
             "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--hidden", str(config.hidden),
-            "--learning-rate", str(config.learning_rate), "--round-timeout-s", str(config.round_timeout_s),
+            "--round-timeout-s", str(config.round_timeout_s),
             "--worker-timeout-s", str(config.worker_timeout_s), "--ready-file", str(ready), *checkpoints))
         address = _wait_ready(ready, server, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
@@ -154,6 +158,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     lost.update(int(rank) for rank, name in names.items() if int(name.rsplit("-", 1)[-1]) in dead)
     summary["lost_workers"] = sorted(lost)
     summary["threads_per_worker"] = threads
+    summary["seed"] = config.seed
     summary["wall_s"] = round(time.time() - started_at, 3)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if lost:

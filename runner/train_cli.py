@@ -1,4 +1,4 @@
-"""`notpu train`: local multiprocess training (see runner.local)."""
+"""`notpu train` (local multiprocess training, see runner.local) and `notpu demo` (the whole path, see runner.demo)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=cmd_train)
 
+    d = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
+    d.add_argument("--out", default="notpu-demo")
+    d.add_argument("--players", type=int, default=3000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--hidden", type=int, default=64)
+    d.set_defaults(handler=cmd_demo)
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from runner.local import TrainConfig, train
@@ -39,3 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "
           f"{summary['staleness']['mean']:.2f}{lost} -> {args.out}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from runner.demo import DemoConfig, demo
+
+    return demo(DemoConfig(out=args.out, players=args.players, seed=args.seed, epochs=args.epochs, hidden=args.hidden))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from models.dataset import Dataset, load_dataset, split_indices
-from optimizers import make_rule
+from optimizers import effective_settings, make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
 from pserver.layout import Layout, flatten, unflatten
@@ -114,6 +114,12 @@ def partition(train: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, int
     return parts[rank], min(len(p) for p in parts)
 
 
+def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
+    """Local steps each worker takes per epoch: its (smallest) share of the training rows in batches."""
+    share = min(len(p) for p in np.array_split(np.arange(train_rows), world))
+    return max(math.ceil(share / batch_size), 1)
+
+
 def _reset_optimizer(model) -> None:
     """Zero the optimizer's slots (Adam's moments, momentum): after a NaN step they hold NaN too."""
     for v in model.optimizer.variables:
@@ -135,21 +141,21 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     info = client.join(cfg.name, cfg.rank)
     rank, world, run = client.rank, client.world, info["config"]
     split = split_indices(len(data.y))
-    mine, share = partition(split.train, world, rank)
+    mine, _ = partition(split.train, world, rank)
     batch_size = int(run.get("batch_size", 64))
-    steps_per_epoch = max(math.ceil(share / batch_size), 1)
-    window = int(run.get("window", 0)) or steps_per_epoch  # 0: one exchange per epoch (averaging)
+    spe = steps_per_epoch(len(split.train), world, batch_size)
+    eff = effective_settings(run, world, spe)
+    window = eff.window
     epochs = int(run.get("epochs", 1))
-    log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d", rank, world, len(mine), steps_per_epoch,
-             run.get("rule"), window)
+    log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g", rank, world, len(mine),
+             spe, eff.rule, window, eff.alpha, eff.local_optimizer, eff.learning_rate)
 
     _apply_tf_threads(cfg.threads)
     import keras
 
     from models.gru import ModelConfig, build_model, compile_model, one_hot
 
-    optimizer = run.get("local_optimizer", "adam")
-    lr = float(run.get("learning_rate", 1e-3))
+    optimizer, lr = eff.local_optimizer, eff.learning_rate
     if info.get("architecture"):
         model = keras.models.model_from_json(info["architecture"])
         compile_model(model, optimizer, lr)
@@ -161,7 +167,7 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     first = client.init(flatten(weights), layout, model.to_json())
     log.info("worker %d %s the centre (%d floats)", rank, "initialised" if first else "joined", layout.total)
 
-    rule = make_rule(run["rule"], client, window=window, alpha=float(run.get("alpha", 0.0)))
+    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha)
     w = rule.start(flatten(weights))
     model.set_weights(unflatten(w, layout))
 
@@ -175,7 +181,7 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     try:
         for epoch in range(epochs):
             order = rng.permutation(len(mine))
-            for s in range(steps_per_epoch):
+            for s in range(spe):
                 take = order[np.arange(s * batch_size, (s + 1) * batch_size) % len(order)]
                 rows = np.sort(mine[take])  # sorted: the memory map reads forward
                 xb = np.asarray(data.X[rows], dtype=np.float32)  # (batch, days, features)

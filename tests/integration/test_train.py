@@ -20,8 +20,9 @@ from pserver.security import create_keys  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# A tiny GRU on 800 customers: seconds per run on 2 cores. The learning rate is
-# 10× Adam's default because ADAG moves the centre by Δ/λ per window.
+# A tiny GRU on 800 customers: seconds per run on 2 cores. The base learning rate
+# is 10× Adam's default: 512 training rows in 6 epochs are few steps to learn from.
+# (Each rule with only its defaults, against plain Keras: test_rules_learn.py.)
 TINY = ["--hidden", "16", "--batch-size", "32", "--epochs", "6", "--learning-rate", "0.01", "--eval-interval-s", "1",
         "--no-progress"]
 # Untrained, these models score 0.3–0.6 on this data; a logistic regression on the
@@ -36,37 +37,6 @@ def fading(tmp_path_factory):
 
 def notpu(*args, timeout_s=300):
     return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, timeout=timeout_s)
-
-
-@pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging"])
-def test_each_rule_learns_through_notpu_train(fading, tmp_path, rule):
-    run = tmp_path / "run"
-    extra = ["--window", "4"] if rule in ("aeasgd", "eamsgd", "easgd") else []  # λ=32 is a whole epoch here
-    out = notpu("train", str(fading), "--out", str(run), "--workers", "2", "--rule", rule, *TINY, *extra)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rule"] == rule and summary["workers"] == 2 and summary["lost_workers"] == []
-    assert summary["test_auc"] > AUC_THRESHOLD, summary
-    # 800 customers → 512 train rows, 256 per worker → 8 steps of 32 per epoch, for 6 epochs, × 2 workers
-    assert summary["samples"] == 2 * 6 * 8 * 32
-    assert (run / "model.keras").stat().st_size > 0
-    scores = (run / "test_scores.csv").read_text().splitlines()
-    assert scores[0] == "id,label,score" and len(scores) - 1 == len(split_indices(800).test)
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert history and set(history[0]) == {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness",
-                                          "refused", "nan_recoveries"}
-    assert [h["wall_s"] for h in history] == sorted(h["wall_s"] for h in history)
-    if rule in ("easgd", "averaging"):
-        assert summary["staleness"]["mean"] == 0.0
-
-
-def load_model_in_subprocess(path: Path) -> int:
-    code = ("import keras, sys; m = keras.saving.load_model(sys.argv[1]); "
-            "print(sum(int(w.size) for w in m.get_weights()))")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.strip().splitlines()[-1])
 
 
 def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path):

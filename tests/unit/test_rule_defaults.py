@@ -1,0 +1,92 @@
+"""The rules' defaults resolved for a run: λ capped by the data, α = 0.9/n, the learning rate scaled per rule."""
+import pytest
+
+from optimizers import RECOMMENDED_RULE, RULES, effective_settings, rule_config
+from optimizers.base import BASE_LEARNING_RATE
+from pserver.errors import ConfigError
+
+
+def resolve(rule, workers=2, steps=100, epochs=3, **overrides):
+    run = rule_config(rule, workers=workers, **overrides)
+    run["epochs"] = epochs
+    return effective_settings(run, workers, steps)
+
+
+def test_every_rule_has_a_default_and_the_recommended_one_exists():
+    assert RECOMMENDED_RULE in RULES
+    for name in RULES:
+        eff = resolve(name)
+        assert eff.rule == name and eff.window >= 1 and eff.learning_rate > 0
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_small_data_still_gets_many_exchanges(name):
+    # 1,500 players, 2 workers, batch 64: 8 steps an epoch; λ = 32 would mean one exchange in 3 epochs
+    eff = resolve(name, steps=8, epochs=3)
+    assert 3 * 8 // eff.window >= 12
+    assert eff.window <= 8 // 4
+
+
+def test_large_data_keeps_the_rules_window():
+    assert resolve("downpour", steps=1000).window == 5
+    assert resolve("adag", steps=1000).window == 2
+    assert resolve("aeasgd", steps=1000).window == 8
+    assert resolve("averaging", steps=1000).window == 250  # a quarter epoch
+
+
+def test_an_explicit_window_is_taken_as_given():
+    assert resolve("aeasgd", steps=8, window=32).window == 32
+    assert resolve("averaging", steps=80, window=0).window == 80  # 0: one round per epoch
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_learning_rate_scales_so_the_centre_keeps_plain_keras_pace(workers):
+    base = BASE_LEARNING_RATE["adam"]
+    assert resolve("downpour", workers).learning_rate == pytest.approx(base)
+    adag = resolve("adag", workers)
+    assert adag.learning_rate == pytest.approx(base * adag.window)  # Δ/λ: one mean local step per push
+    assert resolve("dynsgd", workers).learning_rate == pytest.approx(base * workers)
+    assert resolve("averaging", workers).learning_rate == pytest.approx(base * workers)
+    for name in ("aeasgd", "easgd"):
+        assert resolve(name, workers).learning_rate == pytest.approx(base * (workers + 1))
+    eam = resolve("eamsgd", workers)
+    assert eam.local_optimizer == "nadam"
+    assert eam.learning_rate == pytest.approx(BASE_LEARNING_RATE["nadam"] * (workers + 1))
+
+
+def test_a_given_learning_rate_is_the_base_the_rule_scales():
+    eff = resolve("easgd", workers=4, learning_rate=0.002)
+    assert eff.base_learning_rate == 0.002 and eff.learning_rate == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_elastic_alpha_is_beta_over_workers(workers):
+    for name in ("aeasgd", "eamsgd", "easgd"):
+        assert resolve(name, workers).alpha == pytest.approx(0.9 / workers)
+    assert resolve("aeasgd", workers, alpha=0.3).alpha == 0.3
+    assert resolve("downpour", workers).alpha == 0.0
+
+
+def test_bad_settings_are_refused_with_the_option_named():
+    with pytest.raises(ConfigError, match="unknown rule"):
+        rule_config("sgd")
+    with pytest.raises(ConfigError, match="--alpha"):
+        rule_config("downpour", alpha=0.5)
+    with pytest.raises(ConfigError, match="--alpha"):
+        rule_config("easgd", alpha=1.5)
+    with pytest.raises(ConfigError, match="--window"):
+        rule_config("adag", window=-1)
+    with pytest.raises(ConfigError, match="--learning-rate"):
+        rule_config("adag", learning_rate=0)
+
+
+def test_runs_that_may_not_have_learned_are_warned_about():
+    from runner.evaluator import run_warnings
+
+    history = [{"val_auc": 0.60}, {"val_auc": 0.70}]
+    assert run_warnings({"sync": False}, 2, {"0": 40}, history, 0.75) == []
+    few = run_warnings({"sync": False}, 2, {"0": 2}, history, 0.75)  # AEASGD's old 2 updates in a run
+    assert len(few) == 1 and "1.0 updates per worker" in few[0]
+    assert run_warnings({"sync": True}, 2, {"0": 12}, history, 0.75) == []  # a round holds every worker's update
+    flat = run_warnings({"sync": False}, 2, {"0": 40}, history, 0.60)
+    assert len(flat) == 1 and "not above the first" in flat[0]
