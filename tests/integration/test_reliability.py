@@ -3,6 +3,7 @@ the running-median norm guard, and bounded staleness (SSP) — all against `pser
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,8 @@ from pserver.client import Client, ClientConfig
 from pserver.errors import RemoteError, ServerUnreachable
 from pserver.layout import Layout
 from pserver.security import client_curve, create_keys
+
+from conftest import wait_for
 
 pytestmark = pytest.mark.integration
 LAYOUT = Layout.from_shapes([(50, 30), (30,), (1001,)])  # 2531 floats
@@ -50,7 +53,7 @@ def test_curve_admits_only_listed_keys(pserver, tmp_path):
             with pytest.raises(ServerUnreachable):
                 call()
         # and straight at a shard, which it learns nothing about but may guess
-        c._set_shards([{"index": s.index, "endpoint": s.endpoint, "start": s.start, "end": s.end} for s in good.shards])
+        c.use_shards([{"index": s.index, "endpoint": s.endpoint, "start": s.start, "end": s.end} for s in good.shards])
         with pytest.raises(ServerUnreachable):
             c.pull()
         c.worker = 99
@@ -86,11 +89,16 @@ def test_killed_shard_restarts_from_its_checkpoint(pserver, tmp_path):
     one = np.ones(LAYOUT.total, np.float32)
     for _ in range(30):
         c.push(one)
-    time.sleep(every_s * 3)  # at least one checkpoint holds all 30
+
+    def checkpointed() -> int:  # written atomically (pserver.fileio): present means complete
+        path = ckpt / "shard-0.npz"
+        return checkpoint.load_shard(path)[0].version if path.exists() else -1
+
+    wait_for(lambda: checkpointed() >= 30, 20 * every_s + 10, "a checkpoint of shard 0 holding all 30 pushes")
     for _ in range(20):
         c.push(one)  # some of these may be after the last checkpoint
     victim = shard_procs(server)[0]
-    on_disk = checkpoint.load_shard(ckpt / "shard-0.npz")[0].version  # it can only grow before the kill
+    on_disk = checkpointed()  # it can only grow before the kill
     assert on_disk >= 30
     t0 = time.monotonic()
     victim.send_signal(signal.SIGKILL)
@@ -156,14 +164,19 @@ def test_lost_worker_is_told_to_shards_and_closes_rounds(pserver):
     a.init(initial(), LAYOUT)
     b.heartbeat()
     t0 = time.monotonic()
-    for _ in range(8):  # a keeps beating; b falls silent
+
+    def b_lost_everywhere() -> bool:  # a keeps beating (every poll); b falls silent
         a.heartbeat()
-        time.sleep(0.25)
+        stats = a.stats()
+        return stats["coordinator"]["workers"]["1"]["lost"] and all(s["lost"] == [1] for s in stats["shards"])
+
+    wait_for(b_lost_everywhere, 10, "the coordinator to declare b lost and tell the shards", interval_s=0.25)
     nxt, centre, _ = a.round(initial() + 2, 0, "average", timeout_s=10)  # closes without b, long before 60 s
     assert time.monotonic() - t0 < 10 and nxt == 1
     np.testing.assert_array_equal(centre, initial() + 2)
     stats = a.stats()
     assert stats["coordinator"]["workers"]["1"]["lost"] is True and stats["shards"][0]["lost"] == [1]
+    assert stats["coordinator"]["workers"]["0"]["lost"] is False  # a's beats kept it in
     text = subprocess.run([sys.executable, "-m", "pserver.cli", "stats", server.address],
                           capture_output=True, text=True, timeout=60).stdout
     assert "worker 1 b lost" in text and "lost [1]" in text
@@ -198,25 +211,30 @@ def test_ssp_bounds_the_clock_gap(pserver):
     one = np.ones(LAYOUT.total, np.float32)
     for _ in range(k + 1):
         fast.push(one)  # gaps 0, 1, 2: allowed
-    slow_thread_done = []
+    slow_pushed: list[int] = []  # slow's pushes answered so far
+    errors: list[BaseException] = []
 
     def slow_pushes():
-        for _ in range(6):
-            time.sleep(0.3)
-            slow.pull()
-            slow.push(one)
-        slow_thread_done.append(True)
+        try:
+            # slow does not move until fast's 4th push (gap 3 > 2) is parked at every shard
+            wait_for(lambda: all(s["ssp"]["parked"] == [fast.worker] for s in slow.stats()["shards"]), 20,
+                     "fast's push to be parked")
+            for _ in range(6):
+                slow.pull()
+                slow.push(one)
+                slow_pushed.append(1)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
 
-    import threading
     t = threading.Thread(target=slow_pushes)
     t.start()
-    t0 = time.monotonic()
-    fast.push(one)  # gap 3 > 2: waits for slow's first push (about 0.3 s)
-    assert time.monotonic() - t0 > 0.2
+    fast.push(one)  # gap 3 > 2: answered only once slow's first push is in
+    assert all(s["updates"].get(str(slow.worker), 0) >= 1 for s in fast.stats()["shards"]), \
+        "fast's push past the bound was answered before the slow worker pushed"
     for _ in range(5):
         fast.push(one)
     t.join(30)
-    assert slow_thread_done
+    assert not t.is_alive() and not errors and len(slow_pushed) == 6, errors
     s = fast.stats()["shards"][0]
     gaps = {int(g): n for g, n in s["ssp"]["gaps"].items()}
     assert max(gaps) <= k and sum(gaps.values()) == 9 + 6 and s["ssp"]["waits"] >= 1
