@@ -49,6 +49,7 @@ class _Peer:
         self.endpoint = endpoint
         self.curve = curve
         self.socket: zmq.Socket | None = None
+        self.retries = 0  # requests re-sent to this endpoint (on a fresh socket) after a timeout
         self.connect()
 
     def connect(self) -> None:
@@ -142,6 +143,7 @@ def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Cli
             log.warning("no reply to %s from %s within %.1f s; retry %d of %d in %.2f s", what,
                         ", ".join(peers[i].endpoint for i in sorted(waiting)), timeout_s, attempt, config.retries, backoff)
             for i in waiting:
+                peers[i].retries += 1
                 peers[i].connect()
         time.sleep(backoff if waiting else min(config.backoff_s, 0.1))
         if waiting:
@@ -196,6 +198,7 @@ class Client:
         self.seq = 0
         self.world = 0
         self.rank = -1
+        self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
 
     # ---- coordinator --------------------------------------------------------
 
@@ -248,11 +251,18 @@ class Client:
         if [(i.index, i.endpoint) for i in infos] != [(i.index, i.endpoint) for i in self.shards]:
             for p in self._peers:
                 p.close()
+            self._retired_retries += sum(p.retries for p in self._peers)
             self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
             self.versions = [0] * len(infos)
         self.shards = infos
 
     _set_shards = use_shards  # the old private name; tests/integration (netns_client.py, test_reliability.py) use it
+
+    @property
+    def retries(self) -> int:
+        """Requests this client re-sent after a timeout (each on a fresh socket), to the coordinator or to
+        any shard, since it was made. Read-only; the log says the same one warning at a time."""
+        return self.coordinator.retries + self._retired_retries + sum(p.retries for p in self._peers)
 
     @property
     def total(self) -> int:
