@@ -71,6 +71,8 @@ def _trim(bins: list[int]) -> list[int]:
     return bins[:end]
 
 
+#: While waiting for the next evaluation, how often to ask whether every worker is done.
+FINISH_POLL_S = 0.5
 #: Fewer centre updates per worker than this and the run learned little from exchanges: warn.
 MIN_UPDATES_PER_WORKER = 10
 
@@ -135,27 +137,33 @@ class Evaluator:
         x = np.asarray(self.data.X[rows], dtype=np.float32)  # (rows, days, features)
         return model.predict(x, batch_size=1024, verbose=0)[:, 1]
 
-    def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any]]:
-        # samples and updates are read before the pull, so the line never credits the centre with training
-        # it has not had yet (the heartbeats' samples may still trail it by up to one heartbeat)
+    def _state(self) -> dict[str, Any]:
+        """The coordinator's and the shards' counters, with the shards' staleness histograms summed per worker."""
         stats = self.client.ask({"op": "STATS", "observer": self.name})
-        centre = self.client.pull()
-        model.set_weights(unflatten(centre, self.layout))
-        val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], self._score(model, self.val_rows))
         coord, shards = stats["coordinator"], [s for s in stats["shards"] if "version" in s]
         histograms: dict[str, list[int]] = {}
         for s in shards:
             for worker, bins in s["staleness"].items():
                 acc = histograms.setdefault(worker, [0] * len(bins))
                 histograms[worker] = [a + b for a, b in zip(acc, bins)]
+        return {"coordinator": coord, "shards": shards, "staleness": histograms}
+
+    def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any]]:
+        # samples and updates are read before the pull, so the line never credits the centre with training
+        # it has not had yet (the heartbeats' samples may still trail it by up to one heartbeat)
+        state = self._state()
+        coord, shards = state["coordinator"], state["shards"]
+        centre = self.client.pull()
+        model.set_weights(unflatten(centre, self.layout))
+        val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], self._score(model, self.val_rows))
         line = {"wall_s": round(time.time() - self.started_at, 3),
                 "samples": sum(int(w.get("samples", 0)) for w in coord["workers"].values()),
                 "updates": max((s["version"] for s in shards), default=0),
                 "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
-                "mean_staleness": round(mean_staleness(histograms), 4),
+                "mean_staleness": round(mean_staleness(state["staleness"]), 4),
                 "refused": sum(sum(s["refused"].values()) for s in shards),
                 "nan_recoveries": sum(int(w.get("nan_recoveries", 0)) for w in coord["workers"].values())}
-        return line, {"coordinator": coord, "shards": shards, "staleness": histograms}
+        return line, state
 
     def _finished(self, coord: dict[str, Any]) -> bool:
         workers = coord["workers"].values()
@@ -179,10 +187,18 @@ class Evaluator:
             if target and not stop_sent and line["val_auc"] >= target:
                 self.client.ask({"op": "STOP", "reason": f"val AUC {line['val_auc']:.4f} reached --target-auc {target}"})
                 stop_sent = True
-            if self._finished(state["coordinator"]):
+            if self._finished(state["coordinator"]) or self._wait_or_finished(tick + self.cfg.interval_s):
                 break
-            time.sleep(max(self.cfg.interval_s - (time.monotonic() - tick), 0.05))
-        return self._finish(model, state)
+        return self._finish(model, self._state())  # the counters as the run ended
+
+    def _wait_or_finished(self, until: float) -> bool:
+        """Sleep until the next evaluation, but wake as soon as the run is over (a long interval must not delay it)."""
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, FINISH_POLL_S))
+            coord = self.client.ask({"op": "STATS", "observer": self.name})["coordinator"]
+            if self._finished(coord):
+                return True
+        return False
 
     def _finish(self, model, state: dict[str, Any]) -> dict[str, Any]:
         wall_s = time.time() - self.started_at
