@@ -5,15 +5,19 @@ their λ, α and learning-rate scaling resolved from the data and the world),
 and is compared with `python -m bench.keras_run`, one process of plain Keras
 on the same data, split, model, batch, local rate and epochs.
 
-The tolerance, 0.02 of AUC, is argued from the noise of these sizes: the
-comparison is paired (the same validation and test customers, the same
-initial weights), and what differs between a rule and plain Keras is the
-order and grouping of the same batches. We compare the mean of val and test
-AUC (about 1,000 customers in all), whose run-to-run spread for plain Keras
-alone, changing only the seed of the batch order, was 0.006–0.011 on these
-data. A rule that does not learn as well is further off than that: before
-its defaults took the data size and the world into account, ADAG scored
-0.18 and AEASGD 0.31 below plain Keras on the small MMO log.
+The comparison is paired (the same validation and test customers, the same
+initial weights) on the mean of val and test AUC (about 1,100 customers on
+each log). What differs between a rule and plain Keras is how the same
+batches are grouped and ordered, and plain Keras alone, changing only its
+seed (initial weights and batch order), already moves by up to 0.021 on the small retail
+log (val/test means 0.657, 0.664, 0.677 for seeds 1, 0, 2: a GRU three
+epochs into 273 mostly empty days is still on the steep part of its curve)
+and by less than 0.01 on the small MMO log. So plain Keras runs with two
+seeds, and a rule passes when it is at most 0.02 below the lower of them: a
+rule run is one more draw of the same noise, and a rule that does not keep
+plain Keras' pace falls much further (before its defaults took the data size
+and the world into account, ADAG scored 0.18 and AEASGD 0.31 below plain
+Keras on a small MMO log).
 """
 from __future__ import annotations
 
@@ -22,14 +26,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.dataset import split_indices
+from runner.worker import steps_per_epoch
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# generating, preparing and 4 plain Keras runs happen in the first test: more than the default 300 s on a busy machine
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 RULES = ("downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging")
 TOLERANCE = 0.02
+KERAS_SEEDS = (0, 1)
 COMMON = ["--epochs", "3", "--hidden", "16"]
 KINDS = {
     # 3,000 players, 90 days: ~2,900 customers, 16 steps an epoch per worker.
@@ -65,12 +73,17 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def keras_reference(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Per kind, the plain Keras run (of KERAS_SEEDS) with the lower val/test mean."""
     root = tmp_path_factory.mktemp("keras")
     refs = {}
     for kind, data in prepared.items():
-        _cli("-m", "bench.keras_run", "--data", str(data), "--out", str(root / kind), "--threads", "2",
-             "--interval-s", "1000", *COMMON)
-        refs[kind] = json.loads((root / kind / "summary.json").read_text())
+        runs = []
+        for seed in KERAS_SEEDS:
+            out = root / f"{kind}-{seed}"
+            _cli("-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", "2",
+                 "--interval-s", "1000", "--seed", str(seed), *COMMON)
+            runs.append(json.loads((out / "summary.json").read_text()))
+        refs[kind] = min(runs, key=_score)
     return refs
 
 
@@ -86,14 +99,17 @@ def test_rule_with_defaults_learns_as_well_as_plain_keras(prepared, keras_refere
     assert summary["warnings"] == [], summary["warnings"]
     assert _score(summary) >= _score(plain) - TOLERANCE, (
         f"{rule} on {kind}: val/test AUC {summary['val_auc']:.4f}/{summary['test_auc']:.4f} against plain Keras "
-        f"{plain['val_auc']:.4f}/{plain['test_auc']:.4f}; effective settings {summary['effective']}")
-    # the same samples as plain Keras: every worker its share, in whole batches, for every epoch
-    assert summary["samples"] == plain["samples"] or abs(summary["samples"] - plain["samples"]) <= 2 * 64 * 3
+        f"{plain['val_auc']:.4f}/{plain['test_auc']:.4f} (the lower of seeds {KERAS_SEEDS}); "
+        f"effective settings {summary['effective']}")
+    # the same epochs as plain Keras: every worker its share of the training rows, in whole batches, every epoch
+    rows = len(split_indices(len(np.load(data / "y.npy"))).train)
+    assert summary["samples"] == 2 * 3 * steps_per_epoch(rows, 2, 64) * 64
+    assert abs(summary["samples"] - plain["samples"]) <= 3 * 2 * 64
     eff = summary["effective"]
     assert summary["learning_rate"] == eff["learning_rate"] and summary["window"] == eff["window"]
     assert summary["run_config"]["rule"] == rule and summary["seed"] == 0
     scores = (run / "test_scores.csv").read_text().splitlines()
-    n = len(split_indices(len(__import__("numpy").load(data / "y.npy"))).test)
+    n = len(split_indices(len(np.load(data / "y.npy"))).test)
     assert scores[0] == "id,label,score" and len(scores) - 1 == n
     if rule in ("easgd", "averaging"):
         assert summary["staleness"]["mean"] == 0.0

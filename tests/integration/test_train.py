@@ -39,6 +39,15 @@ def notpu(*args, timeout_s=300):
     return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True, timeout=timeout_s)
 
 
+def load_model_in_subprocess(path: Path) -> int:
+    code = ("import keras, sys; m = keras.saving.load_model(sys.argv[1]); "
+            "print(sum(int(w.size) for w in m.get_weights()))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path):
     """As on separate hosts, and over CurveZMQ: the listed keys train (unlisted ones are refused:
     test_reliability.py::test_curve_admits_only_listed_keys)."""
