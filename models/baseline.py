@@ -19,8 +19,8 @@ import numpy as np
 
 from models.dataset import load_dataset, split_indices
 from models.features import AGGREGATIONS, BLOCK_ROWS, signed_expm1
-from models.outdir import write_text_atomic
-from pserver.errors import DataError
+from models.fileio import write_text_atomic
+from models.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_retail(args: argparse.Namespace) -> int:
     from models.generate import write_events
     from models.generate_retail import RetailConfig, generate_retail_events
-    from pserver.errors import DataError
+    from models.errors import DataError
 
     given = [flag for flag, value in (("--churn-rate", args.churn_rate), ("--signal", args.signal))
              if value is not None]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pserver.errors import DataError
+from models.errors import DataError
 
 TEST_FRACTION = 0.2  # of all customers
 VAL_FRACTION = 0.2   # of what is left after the test set

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pserver.errors import DataError
+from models.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ per session [S] and per event [E]; the only Python loops run over event types.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from models.events import DAY_S
-from pserver.errors import DataError
+from models.fileio import atomic_path
+from models.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -252,16 +252,12 @@ def write_events(table: pa.Table, out: str | Path) -> Path:
     if not (suffix.endswith(".parquet") or suffix.endswith(".csv")):
         raise DataError(f"--out {out}: name the file *.parquet or *.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         if suffix.endswith(".parquet"):
             pq.write_table(table, tmp, row_group_size=BATCH_ROWS_OUT)
         else:
             plain = table.set_column(0, "id", table["id"].cast(pa.string()))
             plain = plain.set_column(2, "event_type", plain["event_type"].cast(pa.string()))
             pacsv.write_csv(plain, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 

@@ -65,7 +65,7 @@ import pyarrow as pa
 
 from models.events import DAY_S
 from models.generate import START_UNIX_S
-from pserver.errors import DataError
+from models.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from pserver.errors import DataError
+from models.errors import DataError
 
 
 def check_replaceable(out: Path, marker: str) -> None:
@@ -39,11 +39,3 @@ def staged_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.errors import DataError
 from models.events import DAY_S, EventColumns, check_columns, iter_events, last_timestamp
 from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window
+from models.fileio import atomic_path
 from models.prepare import OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
-from pserver.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,8 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         scores.to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out, float(probs.mean()))
     return scores
 

@@ -24,7 +24,7 @@ import pandas as pd
 from models.events import DAY_S, CodeBook, EventColumns, check_columns, detect_format, iter_events
 from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, feature_names
 from models.outdir import check_replaceable, staged_dir
-from pserver.errors import DataError
+from models.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from models.outdir import write_text_atomic
+from models.fileio import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,11 @@ def plot_report(history: list[dict], baseline: dict | None, title: str, out_png:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def summary_text(spec: dict, baseline: dict | None, summary: dict | None) -> str:

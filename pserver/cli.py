@@ -1,9 +1,17 @@
-"""`pserver`: start a parameter server, or read its statistics.
+"""`pserver`'s pieces: the server's options, `keys`, `stats`, and the error handling every notpu program shares.
 
     pserver start --port 5555 --shards 2 --workers 4 --rule adag
     pserver stats 127.0.0.1:5555 [--json]
 
-The command line builds the same `ServerConfig` the Python API takes.
+`pserver` imports nothing of ours, so it does not know the update rules: the
+`pserver` program, whose `start` takes the run options (--rule, --epochs, ...),
+is `runner.pserver_cli`; it builds its parser here, with `RunOptions` from the
+rule table. Run without them (`build_parser()`), `start` takes the run config
+as one JSON document (--run-json), or the whole `ServerConfig` (--config-json,
+what `notpu train` passes), and hands it to workers unread.
+
+The command line builds the same `ServerConfig` the Python API takes; every
+option's default is that of its `ServerConfig` field.
 """
 from __future__ import annotations
 
@@ -11,69 +19,106 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
-from optimizers import RECOMMENDED_RULE, RULES, rule_config
 from pserver.client import Client, ClientConfig
-from pserver.errors import NotpuError
+from pserver.errors import ConfigError, NotpuError
 from pserver.server import ServerConfig, run_server
 from pserver.stats import histogram_summary, mean_staleness
 
 log = logging.getLogger(__name__)
 
-
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options that describe the run; shared with `notpu train`."""
-    p.add_argument("--rule", default=RECOMMENDED_RULE,
-                   help=f"{', '.join(RULES)} (default {RECOMMENDED_RULE})")
-    p.add_argument("--window", type=int, default=None, help="λ, local steps between exchanges (default: the rule's)")
-    p.add_argument("--alpha", type=float, default=None, help="elastic coefficient of the EASGD family (default: the rule's)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=64, help="GRU width (the talk's model: 512)")
-    p.add_argument("--learning-rate", type=float, default=None,
-                   help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
-                        "it: ADAG × λ, the elastic rules and averaging × workers")
+MIB = 1 << 20
+#: `pserver start` listens on a fixed, well-known port by default (people type it into `worker start --ps`);
+#: `ServerConfig.port` is 0 (a free port) for programs, which read the address from the ready file.
+DEFAULT_PORT = 5555
 
 
-def run_config_from(args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    cfg = rule_config(args.rule, args.window, args.alpha, args.learning_rate, workers)
-    cfg.update(epochs=int(args.epochs), batch_size=int(args.batch_size), hidden=int(args.hidden))
-    if cfg["epochs"] < 1 or cfg["batch_size"] < 1 or cfg["hidden"] < 1:
-        raise NotpuError("--epochs, --batch-size and --hidden must be positive")
-    return cfg
+class RunOptions(Protocol):
+    """The options that describe a run (rule, hyper-parameters, epochs, model), added to `pserver start`."""
+
+    def add(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def config(self, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+        """The run config workers are handed (checked: a wrong option is a NotpuError)."""
+        ...
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pserver", description="notpu's ZeroMQ parameter server")
+def add_server_options(s: argparse.ArgumentParser) -> None:
+    """`pserver start`'s options other than the run's; defaults are `ServerConfig`'s."""
+    d = ServerConfig
+    s.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"the coordinator's port; 0 picks a free one (default {DEFAULT_PORT})")
+    s.add_argument("--shards", type=int, default=d.shards, help=f"shard processes (default {d.shards})")
+    s.add_argument("--workers", type=int, default=d.workers, help="world size: how many workers will join")
+    s.add_argument("--max-message-mb", type=float, default=d.max_message_bytes / MIB,
+                   help="ZeroMQ drops peers sending larger frames")
+    s.add_argument("--max-delta-norm", type=float, default=d.max_delta_norm,
+                   help="refuse updates with a larger L2 norm (0: off)")
+    s.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
+                   help=f"a synchronous round closes without missing workers after this long (default {d.round_timeout_s:g})")
+    s.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
+                   help="declare a silent worker lost (0: never)")
+    s.add_argument("--ready-file", default=d.ready_file, help="write {address, pid} here as JSON once ready")
+    s.add_argument("--exit-when-done", action="store_true", default=d.exit_when_done,
+                   help="stop once every worker is done or lost")
+    s.add_argument("--insecure", action="store_true", default=d.insecure,
+                   help="allow binding a non-loopback address without keys")
+    s.add_argument("--keys", default=d.keys_dir, metavar="DIR",
+                   help="CurveZMQ: encrypt, and admit only the public keys in DIR/allowed (see `pserver keys`)")
+    s.add_argument("--checkpoint-dir", default=d.checkpoint_dir, metavar="DIR",
+                   help="shards save their slice here; a shard that dies is restarted from it")
+    s.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
+                   help=f"seconds between checkpoints (default {d.checkpoint_every_s:g})")
+    s.add_argument("--restore", default=d.restore, metavar="DIR", help="resume the model and every shard from DIR")
+    s.add_argument("--max-delta-norm-factor", type=float, default=d.max_delta_norm_factor,
+                   help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
+    s.add_argument("--max-staleness", type=int, default=d.max_staleness,
+                   help="SSP: a worker more than K updates ahead of the slowest live one waits (-1: off)")
+    s.add_argument("--config-json", default=None, metavar="JSON",
+                   help="the whole ServerConfig (its run config included) as one JSON object, instead of the "
+                        "other options; what `notpu train` passes")
+
+
+def server_config_from(args: argparse.Namespace, run: dict[str, Any]) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, shards=args.shards, workers=args.workers, run=run,
+        max_message_bytes=int(args.max_message_mb * MIB), max_delta_norm=args.max_delta_norm,
+        round_timeout_s=args.round_timeout_s, worker_timeout_s=args.worker_timeout_s,
+        ready_file=args.ready_file, exit_when_done=args.exit_when_done, insecure=args.insecure,
+        keys_dir=args.keys, checkpoint_dir=args.checkpoint_dir, checkpoint_every_s=args.checkpoint_every_s,
+        restore=args.restore, max_delta_norm_factor=args.max_delta_norm_factor, max_staleness=args.max_staleness)
+
+
+class _RunJson:
+    """Run options for a `pserver start` that does not know the rules: the run config as one JSON object."""
+
+    def add(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--run-json", default="{}", metavar="JSON",
+                            help="the run config workers are handed (rule, hyper-parameters, epochs, model), as is")
+
+    def config(self, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+        try:
+            run = json.loads(args.run_json)
+        except ValueError as exc:
+            raise ConfigError(f"--run-json: not JSON ({exc})") from None
+        if not isinstance(run, dict):
+            raise ConfigError(f"--run-json: expected a JSON object, got {type(run).__name__}")
+        return run
+
+
+def build_parser(run_options: RunOptions | None = None, prog: str = "pserver") -> argparse.ArgumentParser:
+    """`pserver`'s parser; `start` takes `run_options` (default: the run config as --run-json)."""
+    parser = argparse.ArgumentParser(prog=prog, description="notpu's ZeroMQ parameter server")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    run_options = run_options or _RunJson()
     s = sub.add_parser("start", help="run a coordinator and its shards in the foreground")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=5555, help="the coordinator's port; 0 picks a free one")
-    s.add_argument("--shards", type=int, default=1, help="shard processes (default 1)")
-    s.add_argument("--workers", type=int, default=1, help="world size: how many workers will join")
-    add_run_options(s)
-    s.add_argument("--max-message-mb", type=float, default=2048, help="ZeroMQ drops peers sending larger frames")
-    s.add_argument("--max-delta-norm", type=float, default=0.0, help="refuse updates with a larger L2 norm (0: off)")
-    s.add_argument("--round-timeout-s", type=float, default=60.0,
-                   help="a synchronous round closes without missing workers after this long")
-    s.add_argument("--worker-timeout-s", type=float, default=0.0, help="declare a silent worker lost (0: never)")
-    s.add_argument("--ready-file", default=None, help="write {address, pid} here as JSON once ready")
-    s.add_argument("--exit-when-done", action="store_true", help="stop once every worker is done or lost")
-    s.add_argument("--insecure", action="store_true", help="allow binding a non-loopback address without keys")
-    s.add_argument("--keys", default=None, metavar="DIR",
-                   help="CurveZMQ: encrypt, and admit only the public keys in DIR/allowed (see `pserver keys`)")
-    s.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="shards save their slice here; a shard that dies is restarted from it")
-    s.add_argument("--checkpoint-every-s", type=float, default=30.0, help="seconds between checkpoints (default 30)")
-    s.add_argument("--restore", default=None, metavar="DIR", help="resume the model and every shard from DIR")
-    s.add_argument("--max-delta-norm-factor", type=float, default=0.0,
-                   help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
-    s.add_argument("--max-staleness", type=int, default=-1,
-                   help="SSP: a worker more than K updates ahead of the slowest live one waits (-1: off)")
-    s.set_defaults(handler=cmd_start)
+    add_server_options(s)
+    run_options.add(s)
+    s.set_defaults(handler=cmd_start, run_options=run_options, start_parser=s)
 
     k = sub.add_parser("keys", help="create a server key pair and worker key pairs for --keys")
     k.add_argument("dir", help="directory to create (server.key*, workers/, allowed/)")
@@ -88,16 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOT_OPTIONS = {"command", "verbose", "handler", "run_options", "start_parser", "config_json"}
+
+
+def start_config(args: argparse.Namespace) -> ServerConfig:
+    """The `ServerConfig` of a parsed `start`: from --config-json, or from the options."""
+    if args.config_json is None:
+        return server_config_from(args, args.run_options.config(args, args.workers))
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in _NOT_OPTIONS and v != args.start_parser.get_default(k))
+    if given:
+        raise ConfigError(f"--config-json is the whole configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+    return ServerConfig.from_json(args.config_json)
+
+
 def cmd_start(args: argparse.Namespace) -> int:
-    config = ServerConfig(
-        host=args.host, port=args.port, shards=args.shards, workers=args.workers,
-        run=run_config_from(args, args.workers),
-        max_message_bytes=int(args.max_message_mb * (1 << 20)), max_delta_norm=args.max_delta_norm,
-        round_timeout_s=args.round_timeout_s, worker_timeout_s=args.worker_timeout_s,
-        ready_file=args.ready_file, exit_when_done=args.exit_when_done, insecure=args.insecure,
-        keys_dir=args.keys, checkpoint_dir=args.checkpoint_dir, checkpoint_every_s=args.checkpoint_every_s,
-        restore=args.restore, max_delta_norm_factor=args.max_delta_norm_factor, max_staleness=args.max_staleness)
-    run_server(config, on_ready=lambda address: print(f"pserver ready at {address}", flush=True))
+    run_server(start_config(args), on_ready=lambda address: print(f"pserver ready at {address}", flush=True))
     return 0
 
 
@@ -153,12 +204,14 @@ def format_stats(reply: dict[str, Any]) -> str:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def run_command(prog: str, args: argparse.Namespace, log_format: str = LOG_FORMAT) -> int:
-    """Run a parsed command of `prog`: logging set up, a NotpuError as one line on stderr and exit code 2."""
+def run_command(prog: str, args: argparse.Namespace, log_format: str = LOG_FORMAT,
+                expected: tuple[type[BaseException], ...] = (NotpuError,)) -> int:
+    """Run a parsed command of `prog`: logging set up, an `expected` error (NotpuError; programs that load
+    data add `models.errors.DataError`) as one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, datefmt="%H:%M:%S")
     try:
         return int(args.handler(args) or 0)
-    except NotpuError as exc:
+    except expected as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -167,8 +220,15 @@ def run_command(prog: str, args: argparse.Namespace, log_format: str = LOG_FORMA
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`pserver` without the rule table: `start` takes --run-json or --config-json."""
     return run_command("pserver", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Transitional: `python -m pserver.cli start --rule ...` is still how test_netns.py and bench/_procs.py start
+    # the `pserver` program, which lives in runner (it needs the rule table; see runner.pserver_cli). run_module
+    # is not an import of runner by pserver: only this script entry hands over. Remove once they run
+    # `python -m runner.pserver_cli`; until then `python -m pserver.cli` means the whole `pserver` program.
+    import runpy
+
+    runpy.run_module("runner.pserver_cli", run_name="__main__", alter_sys=True)

@@ -56,9 +56,5 @@ class CheckpointError(NotpuError):
     """A checkpoint is torn, missing, or belongs to another model."""
 
 
-class DataError(NotpuError):
-    """A user's file, column or option cannot be used as given."""
-
-
 class ConfigError(NotpuError):
     """A command-line option or configuration value is invalid."""

@@ -12,13 +12,14 @@ by itself, so a killed server leaves nothing behind.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import zmq
@@ -28,20 +29,26 @@ from pserver.coordinator import Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees
+from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
+    """Everything `pserver start` needs; `pserver start`'s options default to these fields.
+
+    Settings the shards share take their defaults from `ShardConfig`, so each is defined once.
+    """
+
+    host: str = ShardConfig.host
     port: int = 0  # 0: a port chosen by the OS (printed when ready)
     shards: int = 1
     workers: int = 1  # the world size workers are told
     run: dict[str, Any] = field(default_factory=dict)  # rule, hyper-parameters, epochs, model: passed to workers
-    max_message_bytes: int = 1 << 31
-    max_delta_norm: float = 0.0
-    round_timeout_s: float = 60.0
+    max_message_bytes: int = ShardConfig.max_message_bytes
+    max_delta_norm: float = ShardConfig.max_delta_norm
+    round_timeout_s: float = ShardConfig.round_timeout_s  # also handed to workers in the run config (their wait)
     worker_timeout_s: float = 0.0
     startup_timeout_s: float = 30.0  # how long to wait for every shard to register
     ready_file: str | None = None
@@ -51,8 +58,45 @@ class ServerConfig:
     checkpoint_dir: str | None = None  # shards checkpoint here; a dead shard is restarted from it
     checkpoint_every_s: float = 30.0
     restore: str | None = None  # resume the model and every shard from this checkpoint directory
-    max_delta_norm_factor: float = 0.0
-    max_staleness: int = -1
+    max_delta_norm_factor: float = ShardConfig.max_delta_norm_factor
+    max_staleness: int = ShardConfig.max_staleness
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServerConfig":
+        """A `ServerConfig` from one JSON object (fields by name; missing ones take their defaults)."""
+        return config_from_json(cls, text)
+
+    def shard(self, index: int, port: int = 0) -> ShardConfig:
+        """Shard `index`'s config: the settings the shards share, from this one."""
+        return ShardConfig(index=index, host=self.host, port=port, max_message_bytes=self.max_message_bytes,
+                           max_delta_norm=self.max_delta_norm, round_timeout_s=self.round_timeout_s,
+                           max_delta_norm_factor=self.max_delta_norm_factor, max_staleness=self.max_staleness,
+                           keys_dir=self.keys_dir)
+
+    def run_for_workers(self) -> dict[str, Any]:
+        """The run config workers are handed: the run's, and the round timeout the shards close rounds after
+        (a worker waits that long, and a little more, for a round's reply)."""
+        return {**self.run, "round_timeout_s": self.round_timeout_s}
+
+
+def config_from_json(cls: type, text: str) -> Any:
+    """An instance of the dataclass `cls` from one JSON object; unknown or ill-typed fields are a ConfigError."""
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{cls.__name__}: not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(values).__name__}")
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
 def _check(config: ServerConfig) -> None:
@@ -72,18 +116,16 @@ def _check(config: ServerConfig) -> None:
 
 def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 0,
                 restore: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pserver.shard_process", "--index", str(index), "--coordinator", coordinator,
-           "--host", config.host, "--parent", str(os.getpid()),
-           "--max-message-bytes", str(config.max_message_bytes), "--max-delta-norm", str(config.max_delta_norm),
-           "--round-timeout-s", str(config.round_timeout_s), "--port", str(port),
-           "--max-delta-norm-factor", str(config.max_delta_norm_factor), "--max-staleness", str(config.max_staleness)]
-    if config.keys_dir:
-        cmd += ["--keys", config.keys_dir]
-    if config.checkpoint_dir:
-        cmd += ["--checkpoint-dir", config.checkpoint_dir, "--checkpoint-every-s", str(config.checkpoint_every_s)]
-        if restore:
-            cmd.append("--restore")
-    return subprocess.Popen(cmd)
+    """Start shard `index` (`python -m pserver.shard_process --index K --config-json ...`): its whole
+    configuration in one JSON document, a `ShardProcessConfig`."""
+    from pserver.shard_process import ShardProcessConfig
+
+    proc_config = ShardProcessConfig(shard=config.shard(index, port), coordinator=coordinator, parent=os.getpid(),
+                                     checkpoint_dir=config.checkpoint_dir,
+                                     checkpoint_every_s=config.checkpoint_every_s,
+                                     restore=bool(restore and config.checkpoint_dir))
+    return subprocess.Popen([sys.executable, "-m", "pserver.shard_process", "--index", str(index),
+                             "--config-json", proc_config.to_json()])
 
 
 def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -105,7 +147,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     except zmq.ZMQError as exc:
         raise ConfigError(f"cannot bind {config.host}:{config.port}: {exc}; pick another --port") from None
     address = f"{config.host}:{port}"
-    coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run,
+    coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run_for_workers(),
                         worker_timeout_s=config.worker_timeout_s)
     if config.keys_dir:
         coord.curve = security.internal_curve(config.keys_dir)

@@ -75,7 +75,11 @@ class ShardConfig:
     advertise_host: str | None = None  # the host workers should dial, if not `host`
     max_message_bytes: int = 1 << 31  # ZeroMQ drops a peer that sends a larger frame
     max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
-    round_timeout_s: float = 60.0  # a synchronous round closes without the missing workers after this
+    # A synchronous round closes without the missing workers after this; they are marked lost and the world
+    # shrinks for the rest of the run. 60 s, not local mode's former 30 s: dropping a slow but live worker
+    # (a GC pause, a busy or slower host, a long averaging window) costs it for good, waiting for a dead one
+    # costs the seconds once. The one default: ServerConfig, `pserver start` and `notpu train` take it from here.
+    round_timeout_s: float = 60.0
     poll_interval_s: float = 0.1  # how often timers (round timeout, checkpoints) are looked at
     max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
     max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)

@@ -1,49 +1,69 @@
-"""Entry point of one shard process: `python -m pserver.shard_process --index K --coordinator H:P`.
+"""Entry point of one shard process: `python -m pserver.shard_process --index K --config-json JSON`.
 
-`pserver start` runs one of these per shard; they are not meant to be started by hand.
+`pserver start` runs one of these per shard; they are not meant to be started
+by hand. The JSON document is a `ShardProcessConfig` (the `ShardConfig` the
+server derived from its own, and where to register and checkpoint); `--index`
+repeats the shard's index so that process listings show it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import zmq
 
 from pserver import checkpoint, security
 from pserver.client import ClientConfig, request
-from pserver.errors import NotpuError
+from pserver.errors import ConfigError, NotpuError
 from pserver.shard import Shard, ShardConfig
 
 log = logging.getLogger("pserver.shard")
 
 
+@dataclass(frozen=True)
+class ShardProcessConfig:
+    """One shard process's whole configuration, as `pserver start` hands it over."""
+
+    shard: ShardConfig
+    coordinator: str  # host:port to register with
+    checkpoint_every_s: float  # no default here: `ServerConfig.checkpoint_every_s` is the one
+    parent: int = 0  # stop when this process is gone (0: never)
+    checkpoint_dir: str | None = None
+    restore: bool = False  # resume from checkpoint_dir/shard-K.npz if it exists
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardProcessConfig":
+        try:
+            values = json.loads(text)
+            shard = ShardConfig(**values.pop("shard"))
+            return cls(shard=shard, **values)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"--config-json is not a ShardProcessConfig: {exc!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver.shard_process")
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--coordinator", required=True, help="host:port to register with")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--advertise-host", default=None)
-    p.add_argument("--parent", type=int, default=0, help="stop when this process is gone")
-    p.add_argument("--max-message-bytes", type=int, default=1 << 31)
-    p.add_argument("--max-delta-norm", type=float, default=0.0)
-    p.add_argument("--round-timeout-s", type=float, default=60.0)
-    p.add_argument("--max-delta-norm-factor", type=float, default=0.0)
-    p.add_argument("--max-staleness", type=int, default=-1)
-    p.add_argument("--keys", default=None, help="CurveZMQ keys directory (pserver keys)")
-    p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--checkpoint-every-s", type=float, default=30.0)
-    p.add_argument("--restore", action="store_true", help="resume from --checkpoint-dir/shard-K.npz if it exists")
+    p.add_argument("--index", type=int, required=True, help="the shard's index (as in --config-json)")
+    p.add_argument("--config-json", required=True, metavar="JSON", help="a ShardProcessConfig as one JSON object")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("NOTPU_LOG", "INFO"),
                         format=f"%(asctime)s %(levelname)s shard{args.index}: %(message)s", datefmt="%H:%M:%S")
-    config = ShardConfig(index=args.index, host=args.host, port=args.port, advertise_host=args.advertise_host,
-                         max_message_bytes=args.max_message_bytes, max_delta_norm=args.max_delta_norm,
-                         round_timeout_s=args.round_timeout_s, max_delta_norm_factor=args.max_delta_norm_factor,
-                         max_staleness=args.max_staleness, keys_dir=args.keys)
+    try:
+        proc = ShardProcessConfig.from_json(args.config_json)
+        if proc.shard.index != args.index:
+            raise ConfigError(f"--index {args.index} but --config-json is shard {proc.shard.index}'s")
+    except NotpuError as exc:
+        log.error("%s", exc)
+        return 2
+    config = proc.shard
     try:
         shard = _bind(config)
     except NotpuError as exc:
@@ -52,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     shard.install_signal_handlers()
     saver = None
     try:
-        if args.checkpoint_dir:
-            saver = checkpoint.Checkpointer(shard, args.checkpoint_dir, args.checkpoint_every_s)
-            path = checkpoint.shard_file(args.checkpoint_dir, args.index)
-            if args.restore and path.exists():
+        if proc.checkpoint_dir:
+            saver = checkpoint.Checkpointer(shard, proc.checkpoint_dir, proc.checkpoint_every_s)
+            path = checkpoint.shard_file(proc.checkpoint_dir, config.index)
+            if proc.restore and path.exists():
                 checkpoint.restore_shard(shard, path)
                 saver.mark_saved()
-            elif args.restore:
+            elif proc.restore:
                 log.warning("no checkpoint %s: starting empty, waiting for an INIT", path)
-        parent_gone = (lambda: os.getppid() != args.parent) if args.parent else (lambda: False)
+        parent_gone = (lambda: os.getppid() != proc.parent) if proc.parent else (lambda: False)
 
         def tick() -> None:
             if parent_gone():
@@ -69,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 saver.tick()
 
         shard.on_tick = tick
-        curve = security.internal_curve(args.keys) if args.keys else None
-        request(args.coordinator, {"op": "REGISTER", "shard": args.index, "endpoint": shard.endpoint},
+        curve = security.internal_curve(config.keys_dir) if config.keys_dir else None
+        request(proc.coordinator, {"op": "REGISTER", "shard": config.index, "endpoint": shard.endpoint},
                 config=ClientConfig(timeout_s=2.0, retries=10), curve=curve)
         shard.serve()
         if saver is not None:

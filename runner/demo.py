@@ -13,6 +13,7 @@ from pathlib import Path
 from models.baseline import BaselineConfig, baseline
 from models.generate import GeneratorConfig, generate_events, write_events
 from models.outdir import check_replaceable
+from pserver.fileio import atomic_write_text
 from models.prepare import PrepareConfig, prepare
 from models.report import write_report
 from optimizers import RECOMMENDED_RULE
@@ -46,7 +47,7 @@ def demo(cfg: DemoConfig) -> int:
     summary = train(TrainConfig(data_dir=str(data_dir), out_dir=str(run_dir), workers=2, rule=RECOMMENDED_RULE,
                                 epochs=cfg.epochs, hidden=cfg.hidden, batch_size=cfg.batch_size))
     text = write_report(out, spec, base, run_dir, dict(summary))
-    (out / "summary.json").write_text(json.dumps({"baseline": base, "gru": summary}, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps({"baseline": base, "gru": summary}, indent=2, default=str) + "\n")
     print(text, end="")
     print(f"report: {out / 'report.png'}, {out / 'report.txt'} ({time.perf_counter() - t0:.0f} s)")
     return 0

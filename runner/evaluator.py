@@ -29,6 +29,7 @@ import numpy as np
 
 from models.dataset import load_dataset, split_indices
 from pserver.client import Client, ClientConfig
+from pserver.fileio import atomic_write_json, atomic_write_text
 from pserver.layout import Layout, unflatten
 from pserver.stats import mean_staleness
 
@@ -210,7 +211,7 @@ class Evaluator:
         model.save(self.out / "model.keras")
         spec = Path(self.cfg.data_dir) / "spec.json"
         if spec.is_file():  # `notpu predict` finds the feature spec next to the model
-            (self.out / "spec.json").write_text(spec.read_text())
+            atomic_write_text(self.out / "spec.json", spec.read_text())
         import pandas as pd
 
         pd.DataFrame({"id": self.data.ids[self.split.test], "label": self.data.y[self.split.test],
@@ -247,9 +248,7 @@ class Evaluator:
             "worker_names": {r: w.get("name", "") for r, w in workers.items()},
             "worker_reports": {r: w.get("report", {}) for r, w in workers.items()},
         }
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.out / "summary.json")
+        atomic_write_json(self.out / "summary.json", summary, indent=2)
         log.info("final: val AUC %.4f, test AUC %.4f -> %s", val_auc, test_auc, self.out)
         self.client.ask({"op": "LEAVE", "observer": self.name})
         self.client.close()

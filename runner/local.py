@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,35 +23,49 @@ from pathlib import Path
 from typing import Any, IO
 
 from models.dataset import load_dataset
-from optimizers import RECOMMENDED_RULE, rule_config
-from pserver.errors import ConfigError, NotpuError
+from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
+from pserver.fileio import atomic_write_json
+from pserver.procs import stop_trees, wait_for_file
+from pserver.server import ServerConfig
+from runner.evaluator import EvaluatorConfig
+from runner.run_config import RunConfig
+from runner.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """`notpu train`'s configuration; its options default to these fields. The run's own settings (rule to
+    hidden) default to `RunConfig`'s, the server's to `ServerConfig`'s, each defined once there."""
+
     data_dir: str
     out_dir: str
-    workers: int = 2
-    rule: str = RECOMMENDED_RULE
-    window: int | None = None  # λ; None: the rule's default
-    alpha: float | None = None
-    epochs: int = 3
-    batch_size: int = 64
-    hidden: int = 64
-    learning_rate: float | None = None  # what one plain Keras process would use; None: the local optimizer's default
-    shards: int = 1
+    workers: int = 2  # two processes share a laptop's cores and show the parameter server at work
+    rule: str = RunConfig.rule
+    window: int | None = RunConfig.window  # λ; None: the rule's default
+    alpha: float | None = RunConfig.alpha
+    epochs: int = RunConfig.epochs
+    batch_size: int = RunConfig.batch_size
+    hidden: int = RunConfig.hidden
+    learning_rate: float | None = RunConfig.learning_rate  # what one plain Keras process would use
+    shards: int = ServerConfig.shards
     target_auc: float | None = None
     threads: int | None = None  # per worker; None: cores // workers (at least 1)
-    eval_interval_s: float = 3.0
-    round_timeout_s: float = 30.0  # a synchronous round closes without a dead worker after this
-    worker_timeout_s: float = 30.0  # a worker silent this long is declared lost
+    eval_interval_s: float = EvaluatorConfig.interval_s
+    round_timeout_s: float = ServerConfig.round_timeout_s  # a synchronous round closes without a dead worker after this
+    # A worker silent this long is declared lost. `pserver start` never declares one lost (ServerConfig: 0, a
+    # worker on another host may be restarted by hand); here the driver sees its workers die, and the run goes on.
+    worker_timeout_s: float = 30.0
     startup_timeout_s: float = 60.0
     finish_timeout_s: float = 300.0  # after the last worker exits, how long the evaluator may take
-    checkpoint_every_s: float = 30.0  # shards checkpoint to RUN/checkpoints; a dead shard restarts from it. 0: off
+    checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
     progress: bool = True
-    seed: int = 0
+    seed: int = WorkerConfig.seed
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(rule=self.rule, window=self.window, alpha=self.alpha, learning_rate=self.learning_rate,
+                         epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden)
 
 
 def _python(module: str, *args: str) -> list[str]:
@@ -80,38 +93,31 @@ class _Children:
         return "\n".join(text[-lines:])
 
     def stop_all(self, grace_s: float = 10.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for name, p in self.procs.items():
-            try:
-                p.wait(max(deadline - time.monotonic(), 0.05))
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) did not stop in %.0f s; killing it", name, p.pid, grace_s)
-                p.kill()
-                p.wait(10)
-        for f in self._files:
-            f.close()
+        """SIGTERM to every child, SIGKILL to what is left of their trees after `grace_s`."""
+        try:
+            stop_trees(self.procs.values(), grace_s=grace_s)
+        finally:
+            for f in self._files:
+                f.close()
 
 
 def _wait_ready(path: Path, server: subprocess.Popen, children: _Children, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.is_file():
-            return json.loads(path.read_text())["address"]
-        if server.poll() is not None:
-            raise NotpuError(f"pserver exited with code {server.returncode} before it was ready:\n{children.tail('pserver')}")
-        time.sleep(0.05)
-    raise NotpuError(f"pserver was not ready within {timeout_s:g} s; see {children.log_dir / 'pserver.log'}")
+    try:
+        wait_for_file(path, timeout_s, alive=lambda: server.poll() is None)
+    except ProcessExited:
+        raise NotpuError(f"pserver exited with code {server.returncode} before it was ready:\n"
+                         f"{children.tail('pserver')}") from None
+    except WaitTimeout:
+        raise NotpuError(f"pserver was not ready within {timeout_s:g} s; "
+                         f"see {children.log_dir / 'pserver.log'}") from None
+    return json.loads(path.read_text())["address"]
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run a whole local training; returns the summary also written to RUN/summary.json."""
     if config.workers < 1 or config.shards < 1:
         raise ConfigError("--workers and --shards must be at least 1")
-    run_cfg = rule_config(config.rule, config.window, config.alpha, config.learning_rate,
-                          config.workers)  # checks the rule early
+    run_cfg = config.run_config().to_wire(config.workers)  # checks the rule and the options early
     data = load_dataset(config.data_dir)  # checks the data before any process starts
     del data
     out = Path(config.out_dir)
@@ -119,23 +125,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for stale in ("history.jsonl", "summary.json", ".finish", ".pserver.json"):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
-    checkpoints = ["--checkpoint-dir", str(out / "checkpoints"), "--checkpoint-every-s",
-                   str(config.checkpoint_every_s)] if config.checkpoint_every_s > 0 else []
-    overrides = [*(["--window", str(run_cfg["window"])] if run_cfg["window"] is not None else []),
-                 *(["--alpha", str(run_cfg["alpha"])] if run_cfg["alpha"] is not None else []),
-                 *(["--learning-rate", str(run_cfg["learning_rate"])] if run_cfg["learning_rate"] is not None else [])]
     threads = config.threads or max((os.cpu_count() or 1) // config.workers, 1)
     started_at = time.time()
     children = _Children(out / "logs")
     ready = out / ".pserver.json"
     finish = out / ".finish"
+    server_config = ServerConfig(
+        port=0, shards=config.shards, workers=config.workers, run=run_cfg, round_timeout_s=config.round_timeout_s,
+        worker_timeout_s=config.worker_timeout_s, ready_file=str(ready),
+        **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
+           if config.checkpoint_every_s > 0 else {}))
     try:
-        server = children.start("pserver", _python(
-            "pserver.cli", "start", "--port", "0", "--shards", str(config.shards), "--workers", str(config.workers),
-            "--rule", run_cfg["rule"], *overrides,
-            "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--hidden", str(config.hidden),
-            "--round-timeout-s", str(config.round_timeout_s),
-            "--worker-timeout-s", str(config.worker_timeout_s), "--ready-file", str(ready), *checkpoints))
+        server = children.start("pserver", _python("pserver.cli", "start", "--config-json", server_config.to_json()))
         address = _wait_ready(ready, server, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
                  threads, run_cfg["rule"])
@@ -160,7 +161,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary["threads_per_worker"] = threads
     summary["seed"] = config.seed
     summary["wall_s"] = round(time.time() - started_at, 3)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "summary.json", summary, indent=2)
     if lost:
         log.warning("the run finished without worker(s) %s", sorted(lost))
     return summary

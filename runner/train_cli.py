@@ -3,24 +3,27 @@ from __future__ import annotations
 
 import argparse
 
-from pserver.cli import add_run_options
+from runner.local import TrainConfig
+from runner.run_config import add_run_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    d = TrainConfig  # every default is the field's (runner.local imports no TensorFlow)
     t = sub.add_parser("train", help="train the GRU on one machine with N workers and a sharded parameter server")
     t.add_argument("dir", help="a prepared DIR (from `notpu prepare`)")
     t.add_argument("--out", required=True, help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
-    t.add_argument("--workers", type=int, default=2)
-    t.add_argument("--shards", type=int, default=1)
+    t.add_argument("--workers", type=int, default=d.workers, help=f"default {d.workers}")
+    t.add_argument("--shards", type=int, default=d.shards, help=f"default {d.shards}")
     add_run_options(t)
-    t.add_argument("--threads", type=int, default=None, help="TensorFlow threads per worker (default cores/workers)")
-    t.add_argument("--target-auc", type=float, default=None, help="stop when val AUC reaches this")
-    t.add_argument("--eval-interval-s", type=float, default=3.0)
-    t.add_argument("--round-timeout-s", type=float, default=30.0)
-    t.add_argument("--checkpoint-every-s", type=float, default=30.0,
+    t.add_argument("--threads", type=int, default=d.threads, help="TensorFlow threads per worker (default cores/workers)")
+    t.add_argument("--target-auc", type=float, default=d.target_auc, help="stop when val AUC reaches this")
+    t.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s, help=f"default {d.eval_interval_s:g}")
+    t.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
+                   help=f"a synchronous round closes without a dead worker after this (default {d.round_timeout_s:g})")
+    t.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
                    help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from its "
-                        "checkpoint and the run goes on (0: no checkpoints; default 30)")
-    t.add_argument("--seed", type=int, default=0)
+                        f"checkpoint and the run goes on (0: no checkpoints; default {d.checkpoint_every_s:g})")
+    t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=cmd_train)
 
@@ -34,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.local import TrainConfig, train
+    from runner.local import train
 
     summary = train(TrainConfig(
         data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,

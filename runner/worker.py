@@ -26,6 +26,8 @@ from optimizers import effective_settings, make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
 from pserver.layout import Layout, flatten, unflatten
+from pserver.shard import ShardConfig
+from runner.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +141,22 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
 
 def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     info = client.join(cfg.name, cfg.rank)
-    rank, world, run = client.rank, client.world, info["config"]
+    rank, world = client.rank, client.world
+    # Heartbeats start at once: importing TensorFlow and building the model can take longer than the
+    # server's --worker-timeout-s on a busy machine, and a worker declared lost then is left out of every round.
+    beat = _Heartbeat(cfg, rank)
+    beat.start()
+    run = RunConfig.with_defaults(info["config"])  # a hand-written --run-json may leave keys out
     split = split_indices(len(data.y))
     mine, _ = partition(split.train, world, rank)
-    batch_size = int(run.get("batch_size", 64))
+    batch_size = int(run["batch_size"])
     spe = steps_per_epoch(len(split.train), world, batch_size)
     eff = effective_settings(run, world, spe)
     window = eff.window
-    epochs = int(run.get("epochs", 1))
+    epochs = int(run["epochs"])
+    # The server closes a round without missing workers after its round timeout (in the run config, so the
+    # two agree); the reply to that round then still has to reach us: one request's timeout on top.
+    round_wait_s = float(info["config"].get("round_timeout_s", ShardConfig.round_timeout_s)) + cfg.timeout_s
     log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g", rank, world, len(mine),
              spe, eff.rule, window, eff.alpha, eff.local_optimizer, eff.learning_rate)
 
@@ -160,19 +170,17 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
         model = keras.models.model_from_json(info["architecture"])
         compile_model(model, optimizer, lr)
     else:
-        model = build_model(ModelConfig(days=data.X.shape[1], features=data.X.shape[2], hidden=int(run.get("hidden", 64)),
+        model = build_model(ModelConfig(days=data.X.shape[1], features=data.X.shape[2], hidden=int(run["hidden"]),
                                         learning_rate=lr, optimizer=optimizer, seed=cfg.seed))
     weights = model.get_weights()
     layout = Layout.of(weights, [w.path for w in model.weights])
     first = client.init(flatten(weights), layout, model.to_json())
     log.info("worker %d %s the centre (%d floats)", rank, "initialised" if first else "joined", layout.total)
 
-    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha)
+    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha, round_timeout_s=round_wait_s)
     w = rule.start(flatten(weights))
     model.set_weights(unflatten(w, layout))
 
-    beat = _Heartbeat(cfg, rank)
-    beat.start()
     rng = np.random.default_rng(cfg.seed * 1_000 + rank)
     samples = steps = nan_recoveries = 0
     losses: list[float] = []

@@ -13,7 +13,9 @@ import os
 import sys
 from typing import Sequence
 
+from models.errors import DataError
 from pserver.cli import run_command
+from pserver.errors import NotpuError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("worker", args, f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s")
+    return run_command("worker", args, f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s",
+                       expected=(NotpuError, DataError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,7 @@ def pserver(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def start(*args: str, timeout_s: float = 30.0) -> Server:
         ready = tmp_path / f"ready{len(started)}.json"
         log_path = tmp_path / f"pserver{len(started)}.log"
-        cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--ready-file", str(ready), *args]
+        cmd = [sys.executable, "-m", "runner.pserver_cli", "start", "--port", "0", "--ready-file", str(ready), *args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         server = Server(proc, "", log_path)

@@ -14,7 +14,7 @@ from models.events import DAY_S
 from models.generate import START_UNIX_S, write_events
 from models.generate_retail import EVENT_TYPES, RetailConfig, generate_retail_events
 from models.prepare import PrepareConfig, prepare
-from pserver.errors import DataError
+from models.errors import DataError
 from runner.cli import main
 
 OBS, LABEL = 273, 273

@@ -1,0 +1,30 @@
+"""`pserver`: start a parameter server, or read its statistics (the `pserver` console script).
+
+    pserver start --port 5555 --shards 2 --workers 4 --rule adag
+    pserver keys DIR --workers 4
+    pserver stats 127.0.0.1:5555 [--json]
+
+The parser is `pserver.cli`'s, with the run options (--rule, --window,
+--epochs, ...) from `runner.run_config`: `pserver` itself does not import the
+update rules. `python -m runner.pserver_cli` is the same program.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from pserver.cli import build_parser as _build_parser
+from pserver.cli import run_command
+from runner.run_config import RuleRunOptions
+
+
+def build_parser():
+    return _build_parser(RuleRunOptions())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("pserver", build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Dependencies point one way, and every default is defined once.
+
+    pserver     imports nothing of ours (wire, shards, coordinator, client)
+    optimizers  imports only pserver
+    models      imports nothing of the training side (data, features, the network)
+    runner      may import all
+
+Imports are read with `ast` from the source files, so a lazy import inside a
+function counts as much as one at the top.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("pserver", "optimizers", "models", "runner")
+FORBIDDEN = {
+    "pserver": {"optimizers", "models", "runner"},
+    "optimizers": {"models", "runner"},
+    "models": {"pserver", "optimizers", "runner"},
+    "runner": set(),
+}
+
+
+def imported_packages(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import in the file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = path.relative_to(ROOT).parts[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, package if node.level else (node.module or "").split(".")[0]))
+    return found
+
+
+def violations() -> list[str]:
+    out = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for line, name in imported_packages(path):
+                if name in FORBIDDEN[package]:
+                    out.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    return out
+
+
+def test_dependencies_point_one_way():
+    assert violations() == []
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
+    """The walk itself works: a lazy, relative or aliased import of a forbidden package is found."""
+    fake = tmp_path / "models"
+    fake.mkdir()
+    (fake / "bad.py").write_text("def f():\n    import pserver.errors as e\n    from optimizers import base\n")
+    (fake / "ok.py").write_text("from . import errors\nimport numpy\n")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    monkeypatch.setattr(f"{__name__}.PACKAGES", ("models",))
+    assert violations() == ["models/bad.py:2 imports pserver", "models/bad.py:3 imports optimizers"]
+
+
+# ---- one default per setting ---------------------------------------------------------------------------------
+
+def _defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
+    return {a.dest: a.default for a in parser._actions if a.dest not in ("help",) and a.default is not argparse.SUPPRESS}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _field_defaults(cls) -> dict[str, object]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def test_pserver_start_defaults_are_server_config_defaults():
+    from pserver.cli import DEFAULT_PORT, MIB, build_parser
+    from pserver.server import ServerConfig
+    from pserver.shard import ShardConfig
+    from runner.pserver_cli import build_parser as full_parser
+    from runner.run_config import RunConfig
+
+    server = _field_defaults(ServerConfig)
+    option_field = {"keys": "keys_dir", "max_message_mb": "max_message_bytes"}
+    for parser in (build_parser(), full_parser()):
+        got = _defaults(_subparser(parser, "start"))
+        assert got.pop("port") == DEFAULT_PORT  # a person's default; programs pass 0 (ServerConfig.port)
+        assert got.pop("max_message_mb") * MIB == server["max_message_bytes"]
+        assert got.pop("config_json") is None
+        got.pop("run_json", None)
+        for name in [n for n in got if n in {f.name for f in fields(RunConfig)}]:
+            assert got.pop(name) == getattr(RunConfig, name), name
+        for option, value in got.items():
+            assert value == server[option_field.get(option, option)], option
+    # the settings the shards share are defined once, in ShardConfig
+    for name in ("host", "max_message_bytes", "max_delta_norm", "round_timeout_s", "max_delta_norm_factor",
+                 "max_staleness"):
+        assert server[name] == getattr(ShardConfig, name), name
+
+
+def test_notpu_train_defaults_are_train_config_defaults():
+    from runner.cli import build_parser
+    from runner.local import TrainConfig
+    from runner.run_config import RunConfig
+
+    train = _field_defaults(TrainConfig)
+    got = _defaults(_subparser(build_parser(), "train"))
+    for option in ("dir", "out", "no_progress"):
+        got.pop(option)
+    assert got, "no options read"
+    for option, value in got.items():
+        assert value == train[option], option
+    for name in (f.name for f in fields(RunConfig)):
+        assert train[name] == getattr(RunConfig, name), name
+
+
+def test_round_timeout_is_defined_once():
+    from pserver.server import ServerConfig
+    from pserver.shard import ShardConfig
+    from runner.local import TrainConfig
+
+    assert ServerConfig.round_timeout_s == ShardConfig.round_timeout_s == TrainConfig.round_timeout_s
+    assert ServerConfig(round_timeout_s=7.0).run_for_workers()["round_timeout_s"] == 7.0
+
+
+def test_configs_travel_as_one_json_document():
+    from pserver.errors import ConfigError
+    from pserver.server import ServerConfig
+    from pserver.shard_process import ShardProcessConfig
+
+    config = ServerConfig(shards=3, workers=2, run={"rule": "adag", "epochs": 2}, round_timeout_s=5.0,
+                          checkpoint_dir="/tmp/x", keys_dir="/tmp/k")
+    assert ServerConfig.from_json(config.to_json()) == config
+    proc = ShardProcessConfig(shard=config.shard(2, port=1234), coordinator="127.0.0.1:1", checkpoint_every_s=3.0,
+                              checkpoint_dir="/tmp/x", restore=True, parent=42)
+    back = ShardProcessConfig.from_json(proc.to_json())
+    assert back == proc and back.shard.round_timeout_s == 5.0 and back.shard.keys_dir == "/tmp/k"
+    with pytest.raises(ConfigError, match="unknown field"):
+        ServerConfig.from_json('{"round_timeout": 5}')
+
+
+def test_config_json_refuses_other_options():
+    from pserver.cli import start_config
+    from pserver.errors import ConfigError
+    from pserver.server import ServerConfig
+    from runner.pserver_cli import build_parser
+
+    doc = ServerConfig(workers=2, run={"rule": "downpour"}).to_json()
+    assert start_config(build_parser().parse_args(["start", "--config-json", doc])) == ServerConfig.from_json(doc)
+    with pytest.raises(ConfigError, match="--rule"):
+        start_config(build_parser().parse_args(["start", "--config-json", doc, "--rule", "easgd"]))
+    args = build_parser().parse_args(["start", "--rule", "easgd", "--workers", "3", "--round-timeout-s", "9"])
+    config = start_config(args)
+    assert config.run["rule"] == "easgd" and config.workers == 3 and config.round_timeout_s == 9.0
+
+
+def test_data_errors_exit_with_code_2(capsys, tmp_path):
+    from runner.cli import main
+
+    assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("notpu train: error: ") and len(err.strip().splitlines()) == 1
