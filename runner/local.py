@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, IO
 
@@ -70,6 +70,11 @@ class TrainConfig:
 
 def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def _json(config: Any) -> str:
+    """A child's whole configuration (a dataclass) as one JSON document, for its --config-json."""
+    return json.dumps(asdict(config))
 
 
 class _Children:
@@ -140,14 +145,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         address = _wait_ready(ready, server, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
                  threads, run_cfg["rule"])
-        workers = [children.start(f"worker{i}", _python(
-            "runner.worker_cli", "start", "--ps", address, "--data", config.data_dir, "--threads", str(threads),
-            "--name", f"local-{i}", "--seed", str(config.seed))) for i in range(config.workers)]
-        eval_args = ["--ps", address, "--data", config.data_dir, "--out", str(out), "--interval-s",
-                     str(config.eval_interval_s), "--started-at", str(started_at), "--finish-file", str(finish)]
-        if config.target_auc:
-            eval_args += ["--target-auc", str(config.target_auc)]
-        evaluator = children.start("evaluator", _python("runner.worker_cli", "evaluate", *eval_args))
+        workers = [children.start(f"worker{i}", _python("runner.worker_cli", "start", "--config-json", _json(
+            WorkerConfig(ps=address, data_dir=config.data_dir, threads=threads, name=f"local-{i}", seed=config.seed))))
+            for i in range(config.workers)]
+        evaluator = children.start("evaluator", _python("runner.worker_cli", "evaluate", "--config-json", _json(
+            EvaluatorConfig(ps=address, data_dir=config.data_dir, out_dir=str(out), interval_s=config.eval_interval_s,
+                            target_auc=config.target_auc or None, started_at=started_at, finish_file=str(finish)))))
         dead = _supervise(config, children, server, workers, evaluator, out, finish)
         summary = json.loads((out / "summary.json").read_text())
     finally:

@@ -2,6 +2,7 @@
 
     worker start --ps HOST:PORT --data DIR [--threads T] [--keys DIR [--key NAME]]
     worker evaluate --ps HOST:PORT --data DIR --out RUN [--target-auc A] [--keys DIR [--key NAME]]
+    worker start --config-json '{"ps": ..., "data_dir": ...}'   (a WorkerConfig; how notpu train starts them)
 
 Thread counts are set before TensorFlow is imported.
 """
@@ -11,69 +12,97 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Sequence
 
 from models.errors import DataError
 from pserver.cli import run_command
-from pserver.errors import NotpuError
+from pserver.errors import ConfigError, NotpuError
+from pserver.server import config_from_json
+from runner.evaluator import EvaluatorConfig  # neither imports TensorFlow: configure_threads still comes first
+from runner.worker import WorkerConfig, configure_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
+    w, e = WorkerConfig, EvaluatorConfig  # every default is the field's
     parser = argparse.ArgumentParser(prog="worker", description="a notpu training worker")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="join the parameter server at --ps and train on this host")
-    s.add_argument("--ps", required=True, help="the coordinator's host:port")
-    s.add_argument("--data", required=True, help="a prepared DIR (X.npy, y.npy, ...) on this host")
+    s.add_argument("--ps", help="the coordinator's host:port (required)")
+    s.add_argument("--data", help="a prepared DIR (X.npy, y.npy, ...) on this host (required)")
+    # 0: all cores, for a person starting one worker per host; `WorkerConfig.threads` (1) is for programs,
+    # which pass cores / workers (notpu train).
     s.add_argument("--threads", type=int, default=0, help="TensorFlow threads (default: all cores)")
-    s.add_argument("--name", default="", help="shown in `pserver stats` (default host:pid)")
-    s.add_argument("--rank", type=int, default=-1, help="rejoin with this rank after a restart")
-    s.add_argument("--keys", default=None, help="CurveZMQ keys DIR (see `pserver keys`)")
-    s.add_argument("--key", default=None, metavar="NAME",
+    s.add_argument("--name", default=w.name, help="shown in `pserver stats` (default host:pid)")
+    s.add_argument("--rank", type=int, default=w.rank, help="rejoin with this rank after a restart")
+    s.add_argument("--keys", default=w.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
+    s.add_argument("--key", default=w.key_name, metavar="NAME",
                    help="use the key pair NAME (workers/NAME.key_secret) in --keys (default: the only or first one)")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(handler=cmd_start)
+    s.add_argument("--seed", type=int, default=w.seed)
+    s.add_argument("--config-json", default=None, metavar="JSON",
+                   help="the whole WorkerConfig as one JSON object, instead of the other options (notpu train)")
+    s.set_defaults(handler=cmd_start, sub_parser=s)
 
-    e = sub.add_parser("evaluate", help="pull the centre every few seconds, log val AUC, save the final model")
-    e.add_argument("--ps", required=True)
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", required=True, help="RUN directory for history.jsonl, model.keras, summary.json")
-    e.add_argument("--interval-s", type=float, default=3.0)
-    e.add_argument("--target-auc", type=float, default=None, help="stop the run when val AUC reaches this")
-    e.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)
-    e.add_argument("--finish-file", default=None, help=argparse.SUPPRESS)
-    e.add_argument("--threads", type=int, default=1)
-    e.add_argument("--keys", default=None, help="CurveZMQ keys DIR (see `pserver keys`)")
-    e.add_argument("--key", default=None, metavar="NAME", help="the key pair NAME in --keys (default: the first one)")
-    e.set_defaults(handler=cmd_evaluate)
+    v = sub.add_parser("evaluate", help="pull the centre every few seconds, log val AUC, save the final model")
+    v.add_argument("--ps", help="the coordinator's host:port (required)")
+    v.add_argument("--data", help="a prepared DIR (required)")
+    v.add_argument("--out", help="RUN directory for history.jsonl, model.keras, summary.json (required)")
+    v.add_argument("--interval-s", type=float, default=e.interval_s)
+    v.add_argument("--target-auc", type=float, default=e.target_auc, help="stop the run when val AUC reaches this")
+    v.add_argument("--started-at", type=float, default=e.started_at, help=argparse.SUPPRESS)
+    v.add_argument("--finish-file", default=e.finish_file, help=argparse.SUPPRESS)
+    v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
+    v.add_argument("--keys", default=e.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
+    v.add_argument("--key", default=e.key_name, metavar="NAME", help="the key pair NAME in --keys (default: the first one)")
+    v.add_argument("--config-json", default=None, metavar="JSON",
+                   help="the whole EvaluatorConfig as one JSON object, instead of the other options (notpu train)")
+    v.set_defaults(handler=cmd_evaluate, sub_parser=v)
     return parser
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    from runner.worker import WorkerConfig, configure_threads
+#: The evaluator scores a small validation split between the workers' steps: one thread leaves them the cores.
+EVALUATOR_THREADS = 1
 
-    threads = args.threads or os.cpu_count() or 1
+_NOT_OPTIONS = {"command", "verbose", "handler", "sub_parser", "config_json"}
+
+
+def _from_options(args: argparse.Namespace, cls, allowed: tuple[str, ...] = (), **values):
+    """`cls` from --config-json, or from the options (`values`); --config-json allows no other option but `allowed`."""
+    if args.config_json is None:
+        missing = [k for k in ("ps", "data", "out") if k in vars(args) and getattr(args, k) is None]
+        if missing:
+            raise ConfigError(f"{', '.join('--' + m for m in missing)} required (or --config-json)")
+        return cls(**values)
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in _NOT_OPTIONS and k not in allowed and v != args.sub_parser.get_default(k))
+    if given:
+        raise ConfigError(f"--config-json is the whole configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+    return config_from_json(cls, args.config_json)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cfg = _from_options(args, WorkerConfig, ps=args.ps, data_dir=args.data, threads=args.threads, name=args.name,
+                        rank=args.rank, keys_dir=args.keys, key_name=args.key, seed=args.seed)
+    threads = cfg.threads or os.cpu_count() or 1
     configure_threads(threads)
     from runner.worker import run_worker
 
-    name = args.name or f"{os.uname().nodename}:{os.getpid()}"
-    report = run_worker(WorkerConfig(ps=args.ps, data_dir=args.data, threads=threads, name=name, rank=args.rank,
-                                     keys_dir=args.keys, key_name=args.key, seed=args.seed))
+    name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
+    report = run_worker(replace(cfg, threads=threads, name=name))
     print(json.dumps(report), flush=True)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from runner.worker import configure_threads
-
+    cfg = _from_options(args, EvaluatorConfig, allowed=("threads",), ps=args.ps, data_dir=args.data, out_dir=args.out,
+                        interval_s=args.interval_s, target_auc=args.target_auc, started_at=args.started_at,
+                        finish_file=args.finish_file, keys_dir=args.keys, key_name=args.key)
     configure_threads(args.threads)
-    from runner.evaluator import Evaluator, EvaluatorConfig
+    from runner.evaluator import Evaluator
 
-    summary = Evaluator(EvaluatorConfig(ps=args.ps, data_dir=args.data, out_dir=args.out, interval_s=args.interval_s,
-                                        target_auc=args.target_auc, started_at=args.started_at,
-                                        finish_file=args.finish_file, keys_dir=args.keys,
-                                        key_name=args.key)).run_until_done()
-    print(f"val AUC {summary['val_auc']:.4f}, test AUC {summary['test_auc']:.4f} -> {args.out}", flush=True)
+    summary = Evaluator(cfg).run_until_done()
+    print(f"val AUC {summary['val_auc']:.4f}, test AUC {summary['test_auc']:.4f} -> {cfg.out_dir}", flush=True)
     return 0
 
 

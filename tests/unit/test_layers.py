@@ -169,3 +169,36 @@ def test_data_errors_exit_with_code_2(capsys, tmp_path):
     assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("notpu train: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_worker_defaults_are_the_config_defaults():
+    from runner.evaluator import EvaluatorConfig
+    from runner.worker import WorkerConfig
+    from runner.worker_cli import EVALUATOR_THREADS, build_parser
+
+    parser = build_parser()
+    names = {"data": "data_dir", "out": "out_dir", "keys": "keys_dir", "key": "key_name"}
+    for command, cls in (("start", WorkerConfig), ("evaluate", EvaluatorConfig)):
+        got = _defaults(_subparser(parser, command))
+        assert got.pop("config_json") is None
+        threads = got.pop("threads")
+        assert threads == (0 if command == "start" else EVALUATOR_THREADS)  # start: 0 is all cores
+        for option in ("ps", "data", "out"):
+            assert got.pop(option, None) is None  # required unless --config-json
+        for option, value in got.items():
+            assert value == getattr(cls, names.get(option, option)), (command, option)
+
+
+def test_worker_config_json(tmp_path):
+    from pserver.errors import ConfigError
+    from runner.worker import WorkerConfig
+    from runner.worker_cli import _from_options, build_parser
+    from runner.local import _json
+
+    cfg = WorkerConfig(ps="127.0.0.1:1", data_dir=str(tmp_path), threads=3, name="local-0", seed=4)
+    args = build_parser().parse_args(["start", "--config-json", _json(cfg)])
+    assert _from_options(args, WorkerConfig) == cfg
+    with pytest.raises(ConfigError, match="--seed"):
+        _from_options(build_parser().parse_args(["start", "--config-json", _json(cfg), "--seed", "1"]), WorkerConfig)
+    with pytest.raises(ConfigError, match="--ps, --data required"):
+        _from_options(build_parser().parse_args(["start"]), WorkerConfig)
