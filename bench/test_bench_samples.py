@@ -1,6 +1,6 @@
 """Statistical efficiency past 2 workers: training samples to a target val AUC, each rule × 1, 2, 4, 8 workers.
 
-    python -m pytest -q -s bench/test_bench_samples.py           # 7 rules × 1, 2, 4, 8 workers, 5,000 players, 3 epochs
+    python -m pytest -q -s bench/test_bench_samples.py           # 7 rules × 1, 2, 4, 8 workers, 3,000 players, 3 epochs
     python -m pytest -q -s bench/test_bench_samples.py --quick   # downpour × 1, 2 workers, 300 players, 1 epoch, GRU 8
 
 What is measured: how many training samples (summed over the workers) a rule
@@ -57,11 +57,11 @@ from runner.local import TrainConfig, train
 ALL_RULES = ("downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging")
 RULES = ("downpour",) if QUICK else ALL_RULES  # quick: 3 trainings, each mostly TensorFlow start-up
 WORKERS = (1, 2) if QUICK else (1, 2, 4, 8)
-# 5,000 players (~3,200 training rows) keep 29 trainings near half an hour on 2 cores; at 8 workers
-# each trains 7 steps an epoch, so λ is capped at 1 for every rule and staleness is what is measured
-PLAYERS, DAYS = (300, 30) if QUICK else (5_000, 90)
+# 3,000 players (~1,900 training rows) keep 29 trainings near half an hour on 2 cores; at 8 workers
+# each trains 4 steps an epoch, so λ is capped at 1 for every rule and staleness is what is measured
+PLAYERS, DAYS = (300, 30) if QUICK else (3_000, 90)
 EPOCHS = 1 if QUICK else 3
-HIDDEN = 8 if QUICK else 32
+HIDDEN = 8 if QUICK else 16
 EVAL_INTERVAL_S = 1.0 if QUICK else 2.0
 TARGET_FRACTION = 0.98
 KERAS_THREADS = 2
