@@ -176,9 +176,11 @@ class Exchange:
     ``client`` is a joined `pserver.client.Client`. Vectors are flat float32
     (total,). Staleness seen by this worker's pushes is kept in
     ``self.staleness`` (one entry per exchange: the largest over shards).
+    ``round_timeout_s`` is how long a synchronous rule waits for a round's
+    reply; None: the client's default (the server's round timeout and a little more).
     """
 
-    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float = 300.0) -> None:
+    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float | None = None) -> None:
         self.client = client
         self.window = window
         self.alpha = alpha
@@ -204,7 +206,8 @@ class Exchange:
         self.staleness.append(max(staleness) if staleness else 0)
 
 
-def make_rule(name: str, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float = 300.0) -> Exchange:
+def make_rule(name: str, client: Any, window: int, alpha: float = 0.0,
+              round_timeout_s: float | None = None) -> Exchange:
     from optimizers.async_rules import AEASGD, EAMSGD, Adag, Downpour, DynSGD
     from optimizers.sync_rules import EASGD, Averaging
 

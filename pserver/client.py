@@ -24,6 +24,7 @@ import zmq
 from pserver import protocol
 from pserver.errors import ProtocolError, RemoteError, ServerUnreachable
 from pserver.layout import Layout
+from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class Client:
         self.seq = 0
         self.world = 0
         self.rank = -1
+        self.round_timeout_s = ShardConfig.round_timeout_s  # the server's; `join` learns it from the run config
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
 
     # ---- coordinator --------------------------------------------------------
@@ -211,6 +213,7 @@ class Client:
         reply = self.ask({"op": "JOIN", "name": name, "rank": rank})
         self.rank = self.worker = int(reply["rank"])
         self.world = int(reply["world"])
+        self.round_timeout_s = float((reply.get("config") or {}).get("round_timeout_s", self.round_timeout_s))
         self.use_shards(reply["shards"])
         return reply
 
@@ -315,8 +318,15 @@ class Client:
         return staleness, result
 
     def round(self, value: np.ndarray, number: int, mode: str, alpha: float = 1.0,
-              timeout_s: float = 120.0) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """One synchronous round. Returns (next round, new centre, E if elastic)."""
+              timeout_s: float | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """One synchronous round. Returns (next round, new centre, E if elastic).
+
+        ``timeout_s`` is one attempt's wait for the reply. By default it is the server's round timeout
+        (learned at `join`) plus one request's timeout: a round the server closes without a missing worker
+        still has to reach us, and a shorter wait would re-send the ROUND of a live round.
+        """
+        if timeout_s is None:
+            timeout_s = self.round_timeout_s + self.config.timeout_s
         self.seq += 1
         reqs = [protocol.encode({"op": "ROUND", "worker": self.worker, "seq": self.seq, "round": number,
                                  "mode": mode, "alpha": float(alpha)}, [value[s.start:s.end]])

@@ -26,7 +26,6 @@ from optimizers import effective_settings, make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
 from pserver.layout import Layout, flatten, unflatten
-from pserver.shard import ShardConfig
 from runner.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -154,9 +153,6 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     eff = effective_settings(run, world, spe)
     window = eff.window
     epochs = int(run["epochs"])
-    # The server closes a round without missing workers after its round timeout (in the run config, so the
-    # two agree); the reply to that round then still has to reach us: one request's timeout on top.
-    round_wait_s = float(info["config"].get("round_timeout_s", ShardConfig.round_timeout_s)) + cfg.timeout_s
     log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g", rank, world, len(mine),
              spe, eff.rule, window, eff.alpha, eff.local_optimizer, eff.learning_rate)
 
@@ -177,7 +173,8 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     first = client.init(flatten(weights), layout, model.to_json())
     log.info("worker %d %s the centre (%d floats)", rank, "initialised" if first else "joined", layout.total)
 
-    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha, round_timeout_s=round_wait_s)
+    # round_timeout_s: the client's default, the server's round timeout (learned at join) and one request's more
+    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha)
     w = rule.start(flatten(weights))
     model.set_weights(unflatten(w, layout))
 

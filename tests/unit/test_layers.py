@@ -15,6 +15,7 @@ import ast
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,3 +203,33 @@ def test_worker_config_json(tmp_path):
         _from_options(build_parser().parse_args(["start", "--config-json", _json(cfg), "--seed", "1"]), WorkerConfig)
     with pytest.raises(ConfigError, match="--ps, --data required"):
         _from_options(build_parser().parse_args(["start"]), WorkerConfig)
+
+
+def test_worker_waits_for_a_round_as_long_as_the_server_keeps_it_open():
+    from pserver.client import Client, ClientConfig
+    from pserver.server import ServerConfig
+    from pserver.shard import ShardConfig
+
+    client = Client("127.0.0.1:1", ClientConfig(timeout_s=2.0))
+    try:
+        assert client.round_timeout_s == ShardConfig.round_timeout_s
+        run = ServerConfig(round_timeout_s=7.0, run={"rule": "easgd"}).run_for_workers()
+        client.ask = lambda header, timeout_s=None: {"rank": 0, "world": 1, "config": run, "shards": []}
+        client.join("w")
+        assert client.round_timeout_s == 7.0
+        seen = {}
+        import pserver.client as module
+
+        def fake_exchange(peers, reqs, config, what, timeout_s=None):
+            seen["timeout_s"] = timeout_s
+            raise RuntimeError("stop here")
+
+        original, module.exchange = module.exchange, fake_exchange
+        try:
+            with pytest.raises(RuntimeError):
+                client.round(np.zeros(0, np.float32), 0, "average")
+        finally:
+            module.exchange = original
+        assert seen["timeout_s"] == 7.0 + 2.0
+    finally:
+        client.close()
