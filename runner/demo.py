@@ -13,10 +13,11 @@ from pathlib import Path
 from models.baseline import BaselineConfig, baseline
 from models.generate import GeneratorConfig, generate_events, write_events
 from models.outdir import check_replaceable
-from pserver.fileio import atomic_write_text
 from models.prepare import PrepareConfig, prepare
 from models.report import write_report
 from optimizers import RECOMMENDED_RULE
+from pserver.fileio import atomic_write_text
+from runner.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ class DemoConfig:
     players: int = 3000  # ~4M events: big enough for the GRU to learn, prepared in seconds
     seed: int = 0
     epochs: int = 10  # plain Keras GRU(64) on this data levels off near 10 epochs (~25 s on 2 cores)
-    hidden: int = 64  # the talk uses 512; 64 trains in minutes on 2 cores
-    batch_size: int = 64
+    hidden: int = RunConfig.hidden
+    batch_size: int = RunConfig.batch_size
 
 
 def demo(cfg: DemoConfig) -> int:

@@ -27,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=cmd_train)
 
+    from runner.demo import DemoConfig as m  # its defaults
+
     d = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
-    d.add_argument("--out", default="notpu-demo")
-    d.add_argument("--players", type=int, default=3000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=10)
-    d.add_argument("--hidden", type=int, default=64)
+    d.add_argument("--out", default=m.out, help=f"default {m.out}")
+    d.add_argument("--players", type=int, default=m.players, help=f"default {m.players}")
+    d.add_argument("--seed", type=int, default=m.seed)
+    d.add_argument("--epochs", type=int, default=m.epochs, help=f"default {m.epochs}")
+    d.add_argument("--hidden", type=int, default=m.hidden, help=f"default {m.hidden}")
     d.set_defaults(handler=cmd_demo)
 
 

@@ -233,3 +233,11 @@ def test_worker_waits_for_a_round_as_long_as_the_server_keeps_it_open():
         assert seen["timeout_s"] == 7.0 + 2.0
     finally:
         client.close()
+
+
+def test_notpu_demo_defaults_are_demo_config_defaults():
+    from runner.cli import build_parser
+    from runner.demo import DemoConfig
+
+    got = _defaults(_subparser(build_parser(), "demo"))
+    assert got and all(value == getattr(DemoConfig, option) for option, value in got.items()), got
