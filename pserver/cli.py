@@ -57,7 +57,8 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-delta-norm", type=float, default=d.max_delta_norm,
                    help="refuse updates with a larger L2 norm (0: off)")
     s.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
-                   help=f"a synchronous round closes without missing workers after this long (default {d.round_timeout_s:g})")
+                   help="a synchronous round closes without missing workers after this long "
+                        f"(default {d.round_timeout_s:g})")
     s.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
                    help="declare a silent worker lost (0: never)")
     s.add_argument("--ready-file", default=d.ready_file, help="write {address, pid} here as JSON once ready")
@@ -143,7 +144,8 @@ def start_config(args: argparse.Namespace) -> ServerConfig:
     given = sorted(k for k, v in vars(args).items()
                    if k not in _NOT_OPTIONS and v != args.start_parser.get_default(k))
     if given:
-        raise ConfigError(f"--config-json is the whole configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise ConfigError(f"--config-json is the whole configuration; drop {flags}")
     return ServerConfig.from_json(args.config_json)
 
 

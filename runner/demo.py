@@ -48,7 +48,8 @@ def demo(cfg: DemoConfig) -> int:
     summary = train(TrainConfig(data_dir=str(data_dir), out_dir=str(run_dir), workers=2, rule=RECOMMENDED_RULE,
                                 epochs=cfg.epochs, hidden=cfg.hidden, batch_size=cfg.batch_size))
     text = write_report(out, spec, base, run_dir, dict(summary))
-    atomic_write_text(out / "summary.json", json.dumps({"baseline": base, "gru": summary}, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.json",
+                      json.dumps({"baseline": base, "gru": summary}, indent=2, default=str) + "\n")
     print(text, end="")
     print(f"report: {out / 'report.png'}, {out / 'report.txt'} ({time.perf_counter() - t0:.0f} s)")
     return 0

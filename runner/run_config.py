@@ -49,12 +49,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options that describe the run; `pserver start` and `notpu train` share them. Defaults: `RunConfig`'s."""
     d = RunConfig
     p.add_argument("--rule", default=d.rule, help=f"{', '.join(RULES)} (default {d.rule})")
-    p.add_argument("--window", type=int, default=d.window, help="λ, local steps between exchanges (default: the rule's)")
+    p.add_argument("--window", type=int, default=d.window,
+                   help="λ, local steps between exchanges (default: the rule's)")
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="elastic coefficient of the EASGD family (default: the rule's)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"GRU width (default {d.hidden}; the talk's model: 512)")
+    p.add_argument("--hidden", type=int, default=d.hidden,
+                   help=f"GRU width (default {d.hidden}; the talk's model: 512)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
                    help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
                         "it: ADAG × λ, the elastic rules and averaging × workers")

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=d.workers, help=f"default {d.workers}")
     t.add_argument("--shards", type=int, default=d.shards, help=f"default {d.shards}")
     add_run_options(t)
-    t.add_argument("--threads", type=int, default=d.threads, help="TensorFlow threads per worker (default cores/workers)")
+    t.add_argument("--threads", type=int, default=d.threads,
+                   help="TensorFlow threads per worker (default cores/workers)")
     t.add_argument("--target-auc", type=float, default=d.target_auc, help="stop when val AUC reaches this")
     t.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s, help=f"default {d.eval_interval_s:g}")
     t.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,

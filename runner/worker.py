@@ -42,7 +42,8 @@ class WorkerConfig:
     key_name: str | None = None  # which worker key pair in keys_dir; None: the only (or first) one
     heartbeat_s: float = 1.0
     seed: int = 0
-    timeout_s: float = 10.0  # one request's wait (a shard being restarted costs this once); retries follow
+    # one request's wait (a shard being restarted costs this once); retries follow
+    timeout_s: float = ClientConfig.timeout_s
     retries: int = 8  # with back-off up to 5 s: over a minute and a half before a worker gives up
 
 

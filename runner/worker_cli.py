@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--finish-file", default=e.finish_file, help=argparse.SUPPRESS)
     v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
     v.add_argument("--keys", default=e.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
-    v.add_argument("--key", default=e.key_name, metavar="NAME", help="the key pair NAME in --keys (default: the first one)")
+    v.add_argument("--key", default=e.key_name, metavar="NAME",
+                   help="the key pair NAME in --keys (default: the first one)")
     v.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole EvaluatorConfig as one JSON object, instead of the other options (notpu train)")
     v.set_defaults(handler=cmd_evaluate, sub_parser=v)
@@ -77,7 +78,8 @@ def _from_options(args: argparse.Namespace, cls, allowed: tuple[str, ...] = (), 
     given = sorted(k for k, v in vars(args).items()
                    if k not in _NOT_OPTIONS and k not in allowed and v != args.sub_parser.get_default(k))
     if given:
-        raise ConfigError(f"--config-json is the whole configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise ConfigError(f"--config-json is the whole configuration; drop {flags}")
     return config_from_json(cls, args.config_json)
 
 

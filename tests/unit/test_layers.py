@@ -69,7 +69,8 @@ def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
 # ---- one default per setting ---------------------------------------------------------------------------------
 
 def _defaults(parser: argparse.ArgumentParser) -> dict[str, object]:
-    return {a.dest: a.default for a in parser._actions if a.dest not in ("help",) and a.default is not argparse.SUPPRESS}
+    return {a.dest: a.default for a in parser._actions
+            if a.dest != "help" and a.default is not argparse.SUPPRESS}
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
