@@ -61,7 +61,7 @@ def pserver(*args: str, workers: int = 1, timeout_s: float = 60.0, env: dict[str
     """`pserver start --port 0 --ready-file F ...` as a real process; yields its address."""
     with tempfile.TemporaryDirectory(prefix="notpu-bench-") as tmp:
         ready = Path(tmp) / "ready.json"
-        cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--ready-file", str(ready),
+        cmd = [sys.executable, "-m", "runner.pserver_cli", "start", "--port", "0", "--ready-file", str(ready),
                "--workers", str(workers), *args]
         with _process(cmd, ready, Path(tmp) / "pserver.log", "pserver", timeout_s, env) as info:
             yield info["address"]

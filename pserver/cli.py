@@ -227,10 +227,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Transitional: `python -m pserver.cli start --rule ...` is still how test_netns.py and bench/_procs.py start
-    # the `pserver` program, which lives in runner (it needs the rule table; see runner.pserver_cli). run_module
-    # is not an import of runner by pserver: only this script entry hands over. Remove once they run
-    # `python -m runner.pserver_cli`; until then `python -m pserver.cli` means the whole `pserver` program.
-    import runpy
-
-    runpy.run_module("runner.pserver_cli", run_name="__main__", alter_sys=True)
+    sys.exit(main())

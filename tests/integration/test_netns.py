@@ -174,7 +174,7 @@ def test_clients_in_other_namespaces_over_a_lossy_link(namespaces, tmp_path):
     keys = str(create_keys(tmp_path / "keys", workers=3))
     ready = tmp_path / "ready.json"
     log = open(tmp_path / "pserver.log", "wb")
-    server = in_ns(names["ps"], "-m", "pserver.cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
+    server = in_ns(names["ps"], "-m", "runner.pserver_cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
                    "--shards", "2", "--workers", "2", "--ready-file", str(ready), stdout=log, stderr=subprocess.STDOUT)
     procs = [server]
     try:
@@ -239,7 +239,7 @@ def test_workers_in_other_namespaces_train_over_a_lossy_link(namespaces, tmp_pat
     ready, run = tmp_path / "ready.json", tmp_path / "run"
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("pserver", "w1", "w2", "evaluator")}
     quiet = lambda name: {"stdout": logs[name], "stderr": subprocess.STDOUT}  # noqa: E731
-    procs = [in_ns(names["ps"], "-m", "pserver.cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
+    procs = [in_ns(names["ps"], "-m", "runner.pserver_cli", "start", "--host", addr["ps"], "--port", "0", "--keys", keys,
                    "--shards", "2", "--workers", "2", "--rule", "downpour", "--epochs", "6", "--hidden", "16",
                    "--batch-size", "32", "--learning-rate", "0.01", "--worker-timeout-s", "60",
                    "--ready-file", str(ready), "--exit-when-done",

@@ -158,7 +158,8 @@ def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_pa
 # ---- liveness, norm guard, SSP ----------------------------------------------------
 
 def test_lost_worker_is_told_to_shards_and_closes_rounds(pserver):
-    server = pserver("--workers", "2", "--worker-timeout-s", "1", "--round-timeout-s", "60")
+    # 3 s of silence is lost: a beats every 0.25 s, which stays well inside that even on a loaded machine
+    server = pserver("--workers", "2", "--worker-timeout-s", "3", "--round-timeout-s", "60")
     a, b = Client(server.address), Client(server.address)
     a.join("a"), b.join("b")
     a.init(initial(), LAYOUT)
@@ -170,9 +171,9 @@ def test_lost_worker_is_told_to_shards_and_closes_rounds(pserver):
         stats = a.stats()
         return stats["coordinator"]["workers"]["1"]["lost"] and all(s["lost"] == [1] for s in stats["shards"])
 
-    wait_for(b_lost_everywhere, 10, "the coordinator to declare b lost and tell the shards", interval_s=0.25)
+    wait_for(b_lost_everywhere, 30, "the coordinator to declare b lost and tell the shards", interval_s=0.25)
     nxt, centre, _ = a.round(initial() + 2, 0, "average", timeout_s=10)  # closes without b, long before 60 s
-    assert time.monotonic() - t0 < 10 and nxt == 1
+    assert time.monotonic() - t0 < 30 and nxt == 1
     np.testing.assert_array_equal(centre, initial() + 2)
     stats = a.stats()
     assert stats["coordinator"]["workers"]["1"]["lost"] is True and stats["shards"][0]["lost"] == [1]
