@@ -3,6 +3,8 @@
     python -m bench.report                  # the full suite (~20-30 min on 2 cores)
     python -m bench.report --quick          # the small versions (what CI runs), a smoke test of the report
     python -m bench.report --from-json F    # rewrite the report from an earlier --benchmark-json file
+    python -m bench.report --from-json F G  # F's results with G's benchmarks in place of F's of the same name
+                                            # (a benchmark re-run alone); the header names each run's commit
 
 The suite runs as `python -m pytest bench/ --benchmark-json F`; every figure
 is read back from pytest-benchmark's `extra_info`, so the report shows what
@@ -50,6 +52,32 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's results with each later run's benchmarks in place of those of the same name."""
+    merged = dict(runs[0])
+    by_name = {b["name"]: b for b in runs[0]["benchmarks"]}
+    sections = []
+    for run in runs:
+        names = [b["name"] for b in run["benchmarks"]]
+        by_name.update({b["name"]: b for b in run["benchmarks"]})
+        sections.append({"benchmarks": names, "commit": run.get("commit_info", {}).get("id", "?"),
+                         "dirty": bool(run.get("commit_info", {}).get("dirty")), "date": run.get("datetime", "?")[:19]})
+    for section in sections[:-1]:  # a benchmark re-run later is reported from that run only
+        section["benchmarks"] = [n for n in section["benchmarks"]
+                                 if not any(n in later["benchmarks"] for later in sections[sections.index(section) + 1:])]
+    merged["benchmarks"] = list(by_name.values())
+    merged["sections"] = [s for s in sections if s["benchmarks"]]
+    return merged
+
+
+def _provenance(data: dict[str, Any]) -> list[str]:
+    if len(data.get("sections", [])) < 2:
+        return []
+    return ["", "Benchmarks from separate runs:"] + [
+        f"- {', '.join(s['benchmarks'])}: commit {s['commit'][:10]}"
+        + (" (uncommitted changes)" if s["dirty"] else "") + f", {s['date']} UTC" for s in data["sections"]]
+
+
 def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | None) -> None:
     b = _by_name(data)
     lines = [
@@ -62,6 +90,7 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         f"commit {data.get('commit_info', {}).get('id', '?')[:10]}"
         + (" (uncommitted changes)" if data.get("commit_info", {}).get("dirty") else "") + ".",
         f"Command: `{command}`",
+        *_provenance(data),
         "",
         "Every figure is a ratio of medians measured side by side in one run; absolute times on this",
         "shared 2-core machine move by ±30% from minute to minute. Targets are the project's performance goals.",
@@ -306,13 +335,14 @@ def write_plot(data: dict[str, Any], out: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report")
     p.add_argument("--quick", action="store_true", help="run the small versions")
-    p.add_argument("--from-json", default=None, help="do not run; report this --benchmark-json file")
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="do not run; report these --benchmark-json files (later ones replace benchmarks of the same name)")
     p.add_argument("--json", default=str(HERE / "results.json"), help="where pytest-benchmark writes its JSON")
     p.add_argument("--out", default=str(HERE), help="directory for RESULTS.md and auc_vs_time.png")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command shown with --from-json
     args, extra = p.parse_known_args(argv)
     if args.from_json:
-        json_path = Path(args.from_json)
+        json_path = Path(args.from_json[0])
         command = args.command or "python -m bench.report"
         code = 0
     else:
@@ -323,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the suite wrote no {json_path} (exit {code})", file=sys.stderr)
             return code or 1
     data = json.loads(json_path.read_text())
+    if args.from_json and len(args.from_json) > 1:
+        data = merge([data] + [json.loads(Path(f).read_text()) for f in args.from_json[1:]])
+        Path(args.json).write_text(json.dumps(data, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "auc_vs_time.png"
