@@ -11,20 +11,10 @@ import zmq
 from pserver import protocol
 from pserver.coordinator import OBSERVER_TIMEOUT_S, Coordinator
 from pserver.layout import Layout, shard_ranges
+from wire import Wire  # noqa: E402
 
 LAYOUT = Layout.from_shapes([(4, 3), (3,), (5,)])  # 20 floats
 CONFIG = {"rule": "adag", "window": 5}
-
-
-class Wire:
-    """Stands in for the coordinator's ROUTER: records every reply."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, protocol.Message]] = []
-
-    def send_multipart(self, frames, *args, **kwargs):
-        identity, *body = [bytes(f) for f in frames]
-        self.sent.append((identity, protocol.decode(body)))
 
 
 def make(shards: int = 2, world: int = 2, worker_timeout_s: float = 0.0) -> Coordinator:

@@ -17,6 +17,7 @@ from pserver import protocol
 from pserver.coordinator import Coordinator
 from pserver.layout import Layout
 from pserver.shard import Shard, ShardConfig, numba_kernels
+from wire import Wire  # noqa: E402
 
 N = 8
 LAYOUT = Layout.from_shapes([(2, 3), (2,)])
@@ -73,15 +74,6 @@ def parse_table(doc: str) -> dict[str, dict[str, Op]]:
 
 
 TABLE = parse_table(protocol.__doc__)
-
-
-class Wire:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, protocol.Message]] = []
-
-    def send_multipart(self, frames, *args, **kwargs):
-        identity, *body = [bytes(f) for f in frames]
-        self.sent.append((identity, protocol.decode(body)))
 
 
 def test_the_table_is_read():

@@ -12,24 +12,9 @@ import zmq
 
 from pserver import checkpoint, protocol
 from pserver.shard import Shard, ShardConfig, numba_kernels
+from wire import Wire  # noqa: E402
 
 N = 10  # floats in the test shard's slice
-
-
-class Wire:
-    """Stands in for the shard's ROUTER: records every reply as bytes when it is sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, protocol.Message]] = []
-
-    def send_multipart(self, frames, copy=True, track=False):
-        identity, *body = [bytes(f) for f in frames]  # copied now, as ZeroMQ reads a zero-copy frame later
-        self.sent.append((identity, protocol.decode(body)))
-        return None
-
-    def take(self) -> list[tuple[bytes, protocol.Message]]:
-        out, self.sent = self.sent, []
-        return out
 
 
 @pytest.fixture(scope="module")
