@@ -175,7 +175,7 @@ class Evaluator:
     def run_until_done(self) -> dict[str, Any]:
         model = self._model()
         history_path = self.out / "history.jsonl"
-        stop_sent = False
+        stop_sent = ended = False
         while True:
             tick = time.monotonic()
             line, state = self._observe(model)
@@ -188,9 +188,10 @@ class Evaluator:
             if target and not stop_sent and line["val_auc"] >= target:
                 self.client.ask({"op": "STOP", "reason": f"val AUC {line['val_auc']:.4f} reached --target-auc {target}"})
                 stop_sent = True
-            if self._finished(state["coordinator"]) or self._wait_or_finished(tick + self.cfg.interval_s):
-                break
-        return self._finish(model, self._state())  # the counters as the run ended
+            if ended or self._finished(state["coordinator"]):
+                break  # the last line was observed after the run ended
+            ended = self._wait_or_finished(tick + self.cfg.interval_s)
+        return self._finish(model, state)
 
     def _wait_or_finished(self, until: float) -> bool:
         """Sleep until the next evaluation, but wake as soon as the run is over (a long interval must not delay it)."""
