@@ -195,6 +195,12 @@ class Exchange:
         self._delta = np.empty_like(centre)
         return centre
 
+    def recover(self) -> np.ndarray:
+        """After a local NaN: continue from the centre, keeping the rule's own state (a round's number)."""
+        centre = self.client.pull()
+        self.pulled = centre.copy()
+        return centre
+
     def exchange(self, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

@@ -200,7 +200,7 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
                     nan_recoveries += 1
                     beat.nan_recoveries = nan_recoveries
                     log.warning("worker %d: local loss %s at step %d; pulling the centre", rank, loss, steps)
-                    w = rule.start(w)
+                    w = rule.recover()
                     model.set_weights(unflatten(w, layout))
                     _reset_optimizer(model)
                     continue
