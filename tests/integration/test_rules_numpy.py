@@ -1,4 +1,4 @@
-"""Each rule, run through real shard processes, equals its numpy re-statement (DESIGN.md §4).
+"""Each rule, run through real shard processes, equals its numpy re-statement (the rule table in optimizers/base.py and the README).
 
 The problem is a linear least-squares model on a fixed data order, so every
 worker's gradient sequence is a deterministic function of its weights (one
@@ -136,7 +136,7 @@ class NumpyLocal:
 Local = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-# ---- numpy re-statements of the table in DESIGN.md §4 --------------------------------------
+# ---- numpy re-statements of the rule table (optimizers/base.py) --------------------------------------
 
 def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local]) -> np.ndarray:
     C = initial()
