@@ -1,4 +1,6 @@
-"""Each rule, run through real shard processes, equals its numpy re-statement (the rule table in optimizers/base.py and the README).
+"""Each rule, run through real shard processes, equals its numpy re-statement.
+
+The equations are the rule table's (optimizers/base.py, and the README's "Update rules").
 
 The problem is a linear least-squares model on a fixed data order, so every
 worker's gradient sequence is a deterministic function of its weights (one
@@ -136,7 +138,7 @@ class NumpyLocal:
 Local = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-# ---- numpy re-statements of the rule table (optimizers/base.py) --------------------------------------
+# ---- numpy re-statements of the rule table (optimizers/base.py) ----------------------------
 
 def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local]) -> np.ndarray:
     C = initial()
