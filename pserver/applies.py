@@ -62,7 +62,9 @@ class PushApply(ABC):
         ``staleness`` the versions applied since the worker pulled. Returns
         (every element of the update finite, its L2 norm, arrays the reply
         carries before the centre). The shard keeps those arrays with the
-        worker's seq and sends them again to a retry of the same push.
+        worker's seq and sends them again to a retry of the same push, so
+        they must be the apply's own: not views of ``out`` or ``centre``,
+        buffers the shard reuses.
         """
 
 
