@@ -6,14 +6,28 @@ that times out is retried on a fresh socket (the old one may hold a reply that
 will never come, or a request that will never leave), with exponential
 back-off, up to `retries` times.
 
-Because of retry logic, ALL requests are REQUIRED to be idempotent: pushes
-carry a per-worker sequence number and the shard applies each seq at most
-once; INIT of the same layout is answered, not applied twice; a ROUND retry
-is only re-addressed.
+A retry must have the effect, and get the answer, of the request it
+repeats; how each op ensures it:
+
+- A `Client` picks a random 63-bit id and numbers its requests; every request
+  to the coordinator, and every INIT to a shard, carries ``rid`` [id, n],
+  kept across the retries of that request. The coordinator answers a retried
+  JOIN with the same rank and a retried INIT with the same ``first`` (from a
+  bounded memory, `pserver.coordinator.ReplyMemory`); a shard answers a
+  retried first INIT as the first. `request` gives its one request a rid too.
+- Pushes and rounds carry a per-worker sequence number; a shard applies each
+  seq at most once and answers its retries. A retried ROUND is re-addressed
+  while its round is open and answered with the closed round's reply after.
+- The other ops are idempotent as they are (see `pserver.coordinator` and
+  `pserver.shard`).
+
+A request that carries no rid (an older client, a hand-made one) is served
+as before: without memory, its retried JOIN would take another rank.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -155,7 +169,8 @@ def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Cli
 def request(endpoint: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = (),
             context: zmq.Context | None = None, config: ClientConfig | None = None,
             curve: dict[str, bytes] | None = None) -> protocol.Message:
-    """One request to one endpoint, with the same timeouts and retries."""
+    """One request to one endpoint, with the same timeouts and retries (and a request id of its own)."""
+    header = {"rid": [secrets.randbits(63), 1], **header}
     peer = _Peer(context or zmq.Context.instance(), endpoint, curve)
     try:
         return exchange([peer], [protocol.encode(header, arrays)], config or ClientConfig(), header.get("op", "?"))[0]
@@ -182,7 +197,9 @@ class Client:
     """A worker's connection to the coordinator and to every shard.
 
     ``worker`` identifies this client's pushes (sequence numbers, staleness
-    histograms); it is the worker's rank after `join`.
+    histograms); it is the worker's rank after `join`. ``client_id`` (random)
+    and a counter make the request ids of its requests (the module docstring
+    says what they are for).
     """
 
     def __init__(self, address: str, config: ClientConfig | None = None, worker: int = 0,
@@ -200,11 +217,20 @@ class Client:
         self.world = 0
         self.rank = -1
         self.round_timeout_s = ShardConfig.round_timeout_s  # the server's; `join` learns it from the run config
+        self.client_id = secrets.randbits(63)
+        self._requests = 0  # requests numbered so far (the n of the last request id)
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
 
     # ---- coordinator --------------------------------------------------------
 
+    def next_rid(self) -> list[int]:
+        """A new request id [client_id, n]: one per request, however often it is re-sent."""
+        self._requests += 1
+        return [self.client_id, self._requests]
+
     def ask(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        """One request to the coordinator, with a new request id unless ``header`` carries one."""
+        header = {"rid": self.next_rid(), **header}
         msg = exchange([self.coordinator], [protocol.encode(header)], self.config, header["op"], timeout_s)[0]
         return msg.header
 
@@ -229,7 +255,8 @@ class Client:
         if not reply["first"]:
             return False
         reqs = [protocol.encode({"op": "INIT", "start": s.start, "end": s.end, "total": layout.total,
-                                 "world": self.world, "fingerprint": layout.fingerprint()}, [flat[s.start:s.end]])
+                                 "world": self.world, "fingerprint": layout.fingerprint(), "rid": self.next_rid()},
+                                [flat[s.start:s.end]])
                 for s in self.shards]
         exchange(self._peers, reqs, self.config, "INIT")
         self.versions = [0] * len(self.shards)

@@ -7,11 +7,28 @@ initialising client then sends each shard its slice itself.
 
 Shards REGISTER their endpoint when they start, so a shard may live on any
 host: the shard map holds endpoints, never an assumption about hosts.
+
+Retries. A client re-sends a request whose reply did not come, on a fresh
+socket, with the same request id (``rid``, see `pserver.protocol`). Of the
+coordinator's ops only JOIN (a second JOIN takes another rank) and INIT (a
+second INIT is answered ``first`` false, and its client would never send the
+shards their slices) would answer a retry differently; `ReplyMemory` keeps
+what each was decided (the rank, ``first``) per requester, and a retry is
+answered from it. The others are idempotent as they are: REGISTER sets the
+same endpoint again, HEARTBEAT keeps the largest counts, DONE sets the same
+report again, STOP keeps the first reason, LEAVE forgets an observer already
+forgotten, and MODEL, STATS and PING change nothing but a last-seen time.
+
+Memory. The socket's frame limit is `MAX_MESSAGE_BYTES` (set by
+`pserver.server`): every message here is a header, the largest an INIT
+carrying the model's architecture JSON.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +43,64 @@ log = logging.getLogger(__name__)
 
 #: An observer (evaluator) that has not asked anything for this long no longer holds the server open.
 OBSERVER_TIMEOUT_S = 60.0
+
+#: ZeroMQ drops a peer that sends the coordinator a larger frame. Every message is a msgpack header; the
+#: largest legitimate one, an INIT, carries the layout (tens of bytes a tensor) and the architecture JSON
+#: (a Keras model's is some kilobytes to a few hundred); 4 MiB leaves room for a model of thousands of layers.
+MAX_MESSAGE_BYTES = 4 << 20
+
+#: Requesters (client ids of request ids) whose last JOIN or INIT `ReplyMemory` keeps.
+REMEMBERED_REQUESTERS = 4096
+
+
+class ReplyMemory:
+    """What the coordinator decided for each requester's last JOIN or INIT, to answer its retries alike.
+
+    Keyed by the client half of the request id; one entry per requester, its
+    last JOIN or INIT only: a client has one request in flight and re-sends
+    only that one (the Lazy Pirate pattern), so nothing older can come back
+    as a retry. What is kept is the decision (a rank, a ``first``), not the
+    reply: the reply is rebuilt from it, with the shard map as it is now.
+
+    Bounded: at most ``limit`` requesters, the least recently seen forgotten
+    first, each a few hundred bytes, so about 1 MiB at the default 4096. A
+    world is far smaller, but every `Client` (a worker, the evaluator, a
+    `pserver stats`) picks a new id, and so can anyone who can reach the
+    socket: a flood of fresh ids evicts older entries, and a retry that
+    arrives after its entry was evicted is served as a new request (as one
+    without a rid is), never a crash.
+    """
+
+    def __init__(self, limit: int = REMEMBERED_REQUESTERS) -> None:
+        self.limit = limit
+        self._last: OrderedDict[int, tuple[int, str, Any]] = OrderedDict()  # client -> (n, op, decision)
+        self.repeats = 0  # retries answered from memory
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def recall(self, client: int, n: int, op: str) -> Any:
+        """The decision for this very request if it was seen before, else None; ProtocolError if it is
+        older than the last one remembered of this client, or reuses its id for another op."""
+        entry = self._last.get(client)
+        if entry is None or n > entry[0]:
+            return None
+        self._last.move_to_end(client)
+        last_n, last_op, decision = entry
+        if n < last_n:
+            raise ProtocolError("stale", f"{op} request {n} of client {client:#x} is older than its request "
+                                         f"{last_n} ({last_op}), already answered; a late copy is not served again")
+        if op != last_op:
+            raise ProtocolError("malformed", f"request id [{client:#x}, {n}] was a {last_op}, now a {op}; "
+                                             f"a client must number each new request anew")
+        self.repeats += 1
+        return decision
+
+    def remember(self, client: int, n: int, op: str, decision: Any) -> None:
+        self._last[client] = (n, op, decision)
+        self._last.move_to_end(client)
+        while len(self._last) > self.limit:
+            self._last.popitem(last=False)
 
 
 @dataclass
@@ -43,13 +118,14 @@ class WorkerInfo:
 
 class Coordinator:
     def __init__(self, socket: zmq.Socket, shards: int, world: int, run_config: dict[str, Any],
-                 shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0) -> None:
+                 shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0, max_slice_bytes: int = 0) -> None:
         self.socket = socket
         self.n_shards = shards
         self.world = world
         self.run_config = run_config
         self.shard_timeout_s = shard_timeout_s
         self.worker_timeout_s = worker_timeout_s  # 0: workers are never declared lost by silence
+        self.max_slice_bytes = max_slice_bytes  # the shards' frame limit (0: none): INIT refuses larger slices
         self.endpoints: dict[int, str] = {}
         self.layout: Layout | None = None
         self.architecture: str | None = None
@@ -61,6 +137,11 @@ class Coordinator:
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
             "MODEL": self._model, "STOP": self._stop_run, "LEAVE": self._leave,
         }
+        # The ops whose retry must get the first reply: (decide and mutate, answer from the decision).
+        self.remembered: dict[str, tuple[Callable[[protocol.Message], Any], Callable[[Any], list[Any]]]] = {
+            "JOIN": (self._take_rank, self._join_reply), "INIT": (self._fix_model, self._init_reply),
+        }
+        self.memory = ReplyMemory()
         self.observers: dict[str, float] = {}  # observer name -> last seen (monotonic)
         self.stop_requested = ""  # why the run should stop early (e.g. target AUC reached); told to workers
         self.curve: dict[str, bytes] | None = None  # client keys for asking CurveZMQ shards (pserver.security)
@@ -106,7 +187,16 @@ class Coordinator:
             handler = self.handlers.get(msg.op)
             if handler is None:
                 raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self.handlers)}")
-            reply = handler(msg)
+            rid = protocol.request_id(msg.header)
+            if rid is not None and msg.op in self.remembered:
+                decide, answer = self.remembered[msg.op]
+                decision = self.memory.recall(*rid, msg.op)
+                if decision is None:
+                    decision = decide(msg)  # raises, changing nothing, if refused: a refusal is not remembered
+                    self.memory.remember(*rid, msg.op, decision)
+                reply = answer(decision)
+            else:
+                reply = handler(msg)
         except ProtocolError as exc:
             self._count(exc.code)
             log.debug("coordinator refused a message: %s", exc)
@@ -151,6 +241,9 @@ class Coordinator:
         return protocol.encode(ok())
 
     def _join(self, msg: protocol.Message) -> list[Any]:
+        return self._join_reply(self._take_rank(msg))
+
+    def _take_rank(self, msg: protocol.Message) -> int:
         if not self.ready:
             raise ProtocolError("not_ready", f"{len(self.endpoints)} of {self.n_shards} shards have registered; retry shortly")
         name = hfield(msg.header, "name", str, "")[:200]
@@ -166,11 +259,21 @@ class Coordinator:
             rank = free[0]
         self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now)
         log.info("worker %d of %d joined (%s)", rank, self.world, name or "unnamed")
+        return rank
+
+    def _join_reply(self, rank: int) -> list[Any]:
         return protocol.encode(ok(rank=rank, world=self.world, config=self.run_config, shards=self.shard_map(),
                                   layout=self.layout.to_wire() if self.layout else None,
                                   architecture=self.architecture))
 
     def _init(self, msg: protocol.Message) -> list[Any]:
+        return self._init_reply(self._fix_model(msg))
+
+    def _init_reply(self, first: bool) -> list[Any]:
+        return protocol.encode(ok(first=first, shards=self.shard_map(), world=self.world))
+
+    def _fix_model(self, msg: protocol.Message) -> bool:
+        """Fix the model if none is yet; True if this INIT did (its client sends the shards their slices)."""
         try:
             layout = Layout.from_wire(msg.header.get("layout"))
         except ValueError as exc:
@@ -180,16 +283,23 @@ class Coordinator:
             diff = self.layout.difference(layout)
             if diff is not None:
                 raise ProtocolError("mismatch", f"this model does not match the one the server holds: {diff}")
-            return protocol.encode(ok(first=False, shards=self.shard_map(), world=self.world))
+            return False
         if layout.total < self.n_shards:
             raise ProtocolError("size", f"a model of {layout.total} floats cannot be split over {self.n_shards} shards")
+        ranges = shard_ranges(layout.total, self.n_shards)
+        largest = max(end - start for start, end in ranges) * 4
+        if self.max_slice_bytes and largest > self.max_slice_bytes:
+            raise ProtocolError("size", f"a model of {layout.total} floats over {self.n_shards} shard(s) has slices of "
+                                        f"up to {largest / 2**20:.1f} MiB, and the shards take frames of up to "
+                                        f"{self.max_slice_bytes / 2**20:.1f} MiB; start the server with more "
+                                        f"--shards or a larger --max-message-mb")
         self.layout = layout
         self.architecture = architecture or None
-        self.ranges = shard_ranges(layout.total, self.n_shards)
+        self.ranges = ranges
         if self.on_model is not None:
             self.on_model()
         log.info("model of %d tensors, %d floats, over %d shard(s)", len(layout.tensors), layout.total, self.n_shards)
-        return protocol.encode(ok(first=True, shards=self.shard_map(), world=self.world))
+        return True
 
     def _touch(self, msg: protocol.Message) -> WorkerInfo:
         rank = hfield(msg.header, "rank", int)
@@ -245,11 +355,13 @@ class Coordinator:
 
     def summary(self) -> dict[str, Any]:
         return {
+            "pid": os.getpid(),
             "world": self.world,
             "shards": self.shard_map(),
             "initialised": self.layout is not None,
             "total": self.layout.total if self.layout else 0,
             "refused": dict(self.refused),
+            "repeats": self.memory.repeats,  # retried JOINs and INITs answered from memory
             "stop": self.stop_requested,
             "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
                                     "nan_recoveries": w.nan_recoveries,

@@ -22,6 +22,18 @@ looks at a single element. Replies are built the same way and always carry
 ``"ok"``: true, or false with ``"code"`` (a short machine word from ERROR_CODES)
 and ``"reason"`` (a sentence for a person).
 
+A request may also carry ``"rid"``: ``[client, n]``, two ints in [0, 2^63),
+a request id. ``client`` is chosen at random once per client, ``n`` counts
+its requests; a request re-sent after a timeout (on a fresh socket, so from
+another ZeroMQ identity) keeps its rid, so a receiver can tell a retry from a
+new request. The coordinator answers a repeated JOIN or INIT with the reply
+it gave the first time, and refuses (``stale``) a JOIN or INIT older than the
+last one it remembers of that client; a shard answers a repeated INIT that
+set its slice as the first one (``first`` true). A request without a rid is
+served as before, without that memory: adding rid did not change
+PROTOCOL_VERSION, as a receiver ignores fields it does not read. A rid that
+is not two such ints is refused (``malformed``) by whoever reads it.
+
 Arrays are sent with ``copy=False`` and received as zero-copy views on the
 frame buffer. msgpack is used with ``raw=False`` and without any extension
 types; nothing on the wire is ever unpickled or evaluated: a peer's bytes are
@@ -42,8 +54,9 @@ checks this table against the handlers that `pserver.shard.Shard` and
 Shard (one per contiguous slice ``[start, end)`` of the flat weight vector;
 every array is float32, ``<f4``):
 
-    INIT      {start, end, total, world, fingerprint?} + [slice] → {ok, first, version}
-                the first INIT sets the slice; a later one of the same range is answered (first false)
+    INIT      {start, end, total, world, fingerprint?, rid?} + [slice] → {ok, first, version}
+                the first INIT sets the slice; a later one of the same range is answered (first false), a
+                retry of the first one (same rid) as the first (first true)
     PULL      {worker} → {ok, version} + [slice]
     PUSH      {worker, seq, pulled, mode, scale?, pull?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
@@ -107,8 +120,12 @@ ERROR_CODES = (
     "not_ready",     # the shard has no weights yet (retry after INIT)
     "mismatch",      # INIT of another layout
     "round",         # synchronous round out of order
+    "stale",         # a JOIN or INIT older than the last one its client sent (a late copy of a retried request)
     "internal",      # a bug on the server side; the state was not changed
 )
+
+#: Each half of a request id ``[client, n]`` is an int in [0, RID_LIMIT): a non-negative int64.
+RID_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -217,3 +234,19 @@ def field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], defa
     if not isinstance(value, kind):
         raise ProtocolError("malformed", f"header field {name!r} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return value
+
+
+def request_id(header: dict[str, Any]) -> tuple[int, int] | None:
+    """The header's ``rid`` as (client, n), None if it has none; ProtocolError('malformed') naming what is wrong."""
+    return check_rid(header.get("rid"))
+
+
+def check_rid(rid: Any) -> tuple[int, int] | None:
+    """A ``rid`` field's value (None: absent) as (client, n); ProtocolError('malformed') if it is not one."""
+    if rid is None:
+        return None
+    if not (isinstance(rid, list) and len(rid) == 2
+            and all(type(x) is int and 0 <= x < RID_LIMIT for x in rid)):  # type(): True is not an int here
+        raise ProtocolError("malformed", f"header field 'rid' must be [client, n], two ints in [0, 2^63), got "
+                                         f"{rid!r:.80}; send a request id the client chose, or none")
+    return rid[0], rid[1]

@@ -273,3 +273,98 @@ def test_a_bug_in_a_handler_is_an_internal_error_reply(monkeypatch):
     monkeypatch.setitem(coord.handlers, "PING", lambda msg: {}["missing"])
     reply = ask(coord, {"op": "PING"})
     assert refused(reply, "internal") and "KeyError" in reply["reason"] and coord.refused == {"internal": 1}
+
+
+# ---- retries: request ids ------------------------------------------------------------------------------
+
+CLIENT = 0x5EED
+
+
+def test_a_retried_join_gets_the_same_rank_from_another_socket():
+    coord = ready(world=3)
+    first = ask(coord, {"op": "JOIN", "name": "a", "rid": [CLIENT, 1]}, identity=b"socket1")
+    again = ask(coord, {"op": "JOIN", "name": "a", "rid": [CLIENT, 1]}, identity=b"socket2")  # the reply was lost
+    assert first["rank"] == again["rank"] == 0 and first == again
+    assert list(coord.workers) == [0] and coord.memory.repeats == 1
+    assert ask(coord, {"op": "JOIN", "name": "b", "rid": [CLIENT + 1, 1]})["rank"] == 1  # another client
+    # without a request id a repeat is a new request, as with clients that send none
+    assert ask(coord, {"op": "JOIN", "name": "c"})["rank"] == 2
+
+
+def test_a_retried_rejoin_of_a_lost_rank_keeps_it():
+    coord = ready(world=2, worker_timeout_s=1.0)
+    ask(coord, {"op": "JOIN"})
+    ask(coord, {"op": "JOIN"})
+    coord.check_liveness(time.monotonic() + 2.0)
+    rejoin = {"op": "JOIN", "name": "restarted", "rank": 1, "rid": [CLIENT, 1]}
+    assert ask(coord, rejoin)["rank"] == 1
+    assert ask(coord, rejoin)["rank"] == 1  # not "all 2 ranks are taken"
+
+
+def test_a_retried_init_is_first_again_and_fixes_nothing_twice():
+    coord = ready()
+    called = []
+    coord.on_model = lambda: called.append(1)
+    init = {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru", "rid": [CLIENT, 2]}
+    assert ask(coord, init, identity=b"s1")["first"] is True
+    assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT + 1, 1]})["first"] is False
+    assert ask(coord, init, identity=b"s2")["first"] is True  # the retry: its client must still send the slices
+    assert called == [1] and coord.memory.repeats == 1
+
+
+def test_a_refused_request_is_not_remembered():
+    coord = make(shards=1)
+    join = {"op": "JOIN", "rid": [CLIENT, 1]}
+    assert refused(ask(coord, join), "not_ready")
+    ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "h:1"})
+    assert ask(coord, join)["rank"] == 0  # its retry, once the shards are there, is served
+
+
+def test_a_late_copy_of_an_older_request_is_stale_and_changes_nothing():
+    coord = ready(world=3)
+    ask(coord, {"op": "JOIN", "rid": [CLIENT, 1]})
+    ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT, 2]})
+    reply = ask(coord, {"op": "JOIN", "rid": [CLIENT, 1]})  # the first JOIN, arriving late on its old socket
+    assert refused(reply, "stale") and "older than its request 2 (INIT)" in reply["reason"]
+    assert list(coord.workers) == [0] and coord.refused == {"stale": 1}
+    reply = ask(coord, {"op": "JOIN", "rid": [CLIENT, 2]})  # an id reused for another op
+    assert refused(reply, "malformed") and "was a INIT, now a JOIN" in reply["reason"]
+
+
+@pytest.mark.parametrize("rid", [5, [1], [1, 2, 3], [1, -1], [-1, 1], [1, 2**63], [True, 1], [1, 1.0], ["a", 1],
+                                 {"client": 1}])
+def test_a_bad_request_id_is_refused_on_any_op(rid):
+    coord = ready(world=1)
+    for op in ({"op": "JOIN"}, {"op": "PING"}, {"op": "INIT", "layout": LAYOUT.to_wire()}):
+        reply = ask(coord, {**op, "rid": rid})
+        assert refused(reply, "malformed") and "'rid' must be [client, n]" in reply["reason"], reply
+    assert coord.workers == {} and coord.layout is None and len(coord.memory) == 0
+
+
+def test_the_reply_memory_is_bounded_one_entry_a_requester():
+    coord = ready(world=1)
+    coord.memory.limit = 8
+    for client in range(20):  # a flood of fresh ids
+        ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [client, 1]})
+        ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [client, 2]})  # replaces its entry
+    assert len(coord.memory) == 8 and coord.memory.repeats == 0
+    assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [19, 2]})["first"] is False
+    assert coord.memory.repeats == 1  # the last 8 requesters are remembered
+    assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [0, 2]})["first"] is False
+    assert coord.memory.repeats == 1 and len(coord.memory) == 8  # client 0 was forgotten: served anew
+    assert coord.refused == {}
+
+
+def test_init_of_a_model_whose_slices_exceed_the_shards_frame_limit_is_refused_by_name():
+    coord = make(shards=2)
+    coord.max_slice_bytes = 32  # 8 floats a slice at most; LAYOUT's slices have 10
+    for k in range(2):
+        ask(coord, {"op": "REGISTER", "shard": k, "endpoint": f"h:{k + 1}"})
+    reply = ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire()})
+    assert refused(reply, "size") and "--max-message-mb" in reply["reason"] and coord.layout is None
+
+
+def test_stats_name_the_coordinators_pid():
+    import os
+
+    assert make().summary()["pid"] == os.getpid()

@@ -160,7 +160,7 @@ VALUES = {
     "start": 0, "end": N, "total": N, "world": 1, "fingerprint": "", "worker": 0, "seq": 1, "pulled": 0,
     "scale": 1.0, "pull": False, "round": 0, "alpha": 1.0, "lost": [], "done": [],
     "shard": 0, "endpoint": "127.0.0.1:1", "name": "w", "rank": 0, "layout": LAYOUT.to_wire(), "architecture": "",
-    "observer": "eval", "samples": 1, "nan_recoveries": 0, "report": {}, "reason": "test",
+    "observer": "eval", "samples": 1, "nan_recoveries": 0, "report": {}, "reason": "test", "rid": [1, 1],
 }
 MODE = {"PUSH": "add", "ROUND": "average"}
 # An order in which every op succeeds on a fresh server of world 1 (the coordinator's STATS comes before any
