@@ -6,6 +6,15 @@ endpoint with the coordinator. The server is ready when every shard has
 registered; it then prints its address and, if asked, writes it to a ready
 file that scripts and tests wait for.
 
+Memory under hostile peers: ZeroMQ holds at most RCVHWM + 1 messages per
+connection of each socket, each frame at most its MAXMSGSIZE (the
+coordinator's `pserver.coordinator.MAX_MESSAGE_BYTES`, a shard's
+`ShardConfig.max_message_bytes` or less; see `pserver.shard`), and drops a
+peer that sends a larger frame. It has no limit on connections: with
+``--keys`` only listed clients get past the CurveZMQ handshake to send a
+frame at all; without, the bound is per connection, and the OS's limit on
+open files caps the connections.
+
 SIGINT or SIGTERM stops the coordinator, which stops its shards (SIGTERM,
 then SIGKILL after a grace period). A shard whose parent disappears stops
 by itself, so a killed server leaves nothing behind.
@@ -25,11 +34,11 @@ from typing import Any, Callable
 import zmq
 
 from pserver import applies, checkpoint, security, supervisor
-from pserver.coordinator import Coordinator
+from pserver.coordinator import MAX_MESSAGE_BYTES, Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees
-from pserver.shard import ShardConfig
+from pserver.shard import RCVHWM, ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ class ServerConfig:
     shards: int = 1
     workers: int = 1  # the world size workers are told
     run: dict[str, Any] = field(default_factory=dict)  # rule, hyper-parameters, epochs, model: passed to workers
-    max_message_bytes: int = ShardConfig.max_message_bytes
+    max_message_bytes: int = ShardConfig.max_message_bytes  # a shard's frame limit; must hold its slice
     max_delta_norm: float = ShardConfig.max_delta_norm
     round_timeout_s: float = ShardConfig.round_timeout_s  # also handed to workers in the run config (their wait)
     worker_timeout_s: float = 0.0
@@ -142,7 +151,8 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     context = zmq.Context.instance()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, 1 << 24)  # the coordinator carries headers only
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # the coordinator carries headers only
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     if config.keys_dir:
         security.secure_server_socket(sock, config.keys_dir)
     try:
@@ -153,7 +163,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
         raise ConfigError(f"cannot bind {config.host}:{config.port}: {exc}; pick another --port") from None
     address = f"{config.host}:{port}"
     coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run_for_workers(),
-                        worker_timeout_s=config.worker_timeout_s)
+                        worker_timeout_s=config.worker_timeout_s, max_slice_bytes=config.max_message_bytes)
     if config.keys_dir:
         coord.curve = security.internal_curve(config.keys_dir)
     if restored is not None:

@@ -8,13 +8,41 @@ it go, when it is applied and answered. A bad request gets an error reply, is
 counted, and leaves the centre and the version unchanged: handlers validate
 everything first and mutate last.
 
-Because of retry logic, pushes are made idempotent by a per-worker sequence
-number: a push whose seq is not newer than the last one applied for that
-worker is answered again but not applied again.
+Retries. A client re-sends a request whose reply did not come, on a fresh
+socket, so every op must be safe to receive twice:
+
+- PUSH carries a per-worker sequence number: a push whose seq is not newer
+  than the last one applied for that worker is answered again (with the
+  apply's arrays, if it is the last one) but not applied again; one parked by
+  the SSP gate is replaced by its retry, not parked twice.
+- INIT: a second INIT of the same range changes nothing; the retry of the
+  INIT that set the slice (same request id, ``rid``) is answered as it was,
+  ``first`` true.
+- ROUND: a retry while the round is open re-addresses the reply; a retry of
+  the round that just closed is answered with that round's reply (the centre
+  as it is now), not refused as out of order.
+- BYE and LOST add workers to sets; PULL, STATS and PING change nothing.
+
+Memory. ZeroMQ's frame limit (MAXMSGSIZE) is read when the socket binds and
+holds for every connection made through that bind; setting it later changes
+nothing, for old peers or new. It is therefore ``max_message_bytes``, which
+must hold the largest slice a shard may be given in its INIT, fixed before
+the layout is known (the coordinator refuses an INIT whose slices exceed it).
+Once the shard holds its slice, any message larger than the slice plus
+`pserver.protocol.MAX_HEADER_BYTES` is refused (``size``) before it is
+decoded: nothing legitimate is larger. That bounds work, not memory: the
+message was received whole. What bounds memory is ZeroMQ's: per connection,
+at most RCVHWM queued messages and one being received, each frame at most
+``max_message_bytes`` (a peer sending a larger one is disconnected). ZeroMQ
+limits neither the connections nor the frames of one multipart message, so
+without ``--keys`` a stranger who can reach the port can still make a shard
+hold more; with ``--keys`` a peer without a listed key never gets past the
+CurveZMQ handshake to send a frame.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +61,10 @@ from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
 
 log = logging.getLogger(__name__)
+
+#: Messages ZeroMQ queues per connection before it stops reading from it. A client has one request in flight
+#: per socket; the coordinator's LOST notices are sent without blocking, and dropped when a queue is full.
+RCVHWM = 2
 
 
 def numba_kernels() -> ShardKernels:
@@ -54,7 +86,10 @@ class ShardConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: a port chosen by the OS
     advertise_host: str | None = None  # the host workers should dial, if not `host`
-    max_message_bytes: int = 1 << 31  # ZeroMQ drops a peer that sends a larger frame
+    # ZeroMQ drops a peer that sends a larger frame. It must hold the largest slice (4 bytes a float) a shard will
+    # own, as the INIT carries it in one frame, and is fixed before that is known: 256 MiB, 64 million floats a
+    # shard. The coordinator refuses the INIT of a model whose slices are larger, naming this setting.
+    max_message_bytes: int = 256 << 20
     max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
     # A synchronous round closes without the missing workers after this; they are marked lost and the world
     # shrinks for the rest of the run. 60 s, not local mode's former 30 s: dropping a slow but live worker
@@ -160,6 +195,9 @@ class Shard:
         self.left: set[int] = set()
         self.round = _Round()
         self._pushes: dict[int, _PushRecord] = {}
+        self._init_rid: tuple[int, int] | None = None  # the request id of the INIT that set the slice
+        # The round that closed last: (number, reply header, worker -> its reply arrays), for retries of it.
+        self._closed: tuple[int, dict[str, Any], dict[int, list[np.ndarray]]] | None = None
         self._stopping = False
         self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
         self.fingerprint = ""  # the model's layout fingerprint, from INIT; kept in checkpoints
@@ -212,10 +250,21 @@ class Shard:
             self.kernels = numba_kernels()
         identity = frames[0].bytes
         body = frames[1:]
-        self.stats.bytes_in += sum(len(f) for f in body)
-        self._respond(identity, self._dispatch, identity, body)
+        size = sum(len(f) for f in body)
+        self.stats.bytes_in += size
+        self._respond(identity, self._dispatch, identity, body, size)
 
-    def _dispatch(self, identity: bytes, body: list[Any]) -> list[Any] | None:
+    @property
+    def message_limit(self) -> int | None:
+        """The largest message (bytes, all frames) served once the slice is set: a slice and a header."""
+        return None if self.centre is None else self.centre.size * 4 + protocol.MAX_HEADER_BYTES
+
+    def _dispatch(self, identity: bytes, body: list[Any], size: int = 0) -> list[Any] | None:
+        limit = self.message_limit
+        if limit is not None and size > limit:
+            raise ProtocolError("size", f"a message of {size} bytes to shard {self.config.index}, which takes at most "
+                                        f"{limit} (its slice [{self.start}, {self.end}) of {self.end - self.start} "
+                                        f"floats and a header); send one slice of float32 per message")
         msg = protocol.decode(body)
         handler = self.handlers.get(msg.op)
         if handler is None:
@@ -324,6 +373,7 @@ class Shard:
         world = hfield(h, "world", int)
         if not (0 <= start < end <= total) or world < 1:
             raise ProtocolError("malformed", f"INIT range [{start}, {end}) of {total} with world {world} is not valid")
+        rid = protocol.check_rid(hfield(h, "rid", list, None))
         arr = self._one_slice(msg)
         if arr.shape[0] != end - start:
             raise ProtocolError("size", f"INIT slice has {arr.shape[0]} floats for range [{start}, {end})")
@@ -331,13 +381,14 @@ class Shard:
             if (start, end, total) != (self.start, self.end, self.total):
                 raise ProtocolError("mismatch", f"shard {self.config.index} already holds [{self.start}, {self.end}) "
                                                 f"of {self.total}; INIT asked for [{start}, {end}) of {total}")
-            return protocol.encode(ok(first=False, version=self.version))
+            return protocol.encode(ok(first=rid is not None and rid == self._init_rid, version=self.version))
         finite, _ = self.kernels.check(arr)
         if not finite:
             raise ProtocolError("not_finite", "INIT weights contain NaN or Inf")
         self.centre = Centre(arr)
         self.start, self.end, self.total, self.world = start, end, total, world
         self.fingerprint = hfield(h, "fingerprint", str, "")[:128]
+        self._init_rid = rid
         log.info("shard %d initialised: [%d, %d) of %d floats, world %d", self.config.index, start, end, total, world)
         return protocol.encode(ok(first=True, version=self.version))
 
@@ -439,6 +490,11 @@ class Shard:
             raise ProtocolError("malformed", f"worker {worker} is outside the world of {self.world}")
         value = self._one_slice(msg)
         rnd = self.round
+        closed = self._closed
+        if closed is not None and number == closed[0] and worker in closed[2]:
+            # A retry of the round that closed (its reply was lost): answer as then, with the centre as it is now.
+            self._reply_with_centre(identity, dict(closed[1], version=self.version), closed[2][worker])
+            return None
         if number != rnd.number:
             raise ProtocolError("round", f"worker {worker} sent round {number}, shard {self.config.index} is at round "
                                          f"{rnd.number}; pull the centre and continue from round {rnd.number}")
@@ -478,8 +534,10 @@ class Shard:
         rows, contributors = rnd.rows, rnd.contributors
         self.round = _Round(number=rnd.number + 1)
         header = ok(version=self.version, round=self.round.number, workers=count)
-        for worker, (identity, row) in contributors.items():
-            self._reply_with_centre(identity, header, rnd.apply.reply_arrays(rows[row]))
+        extras = {worker: rnd.apply.reply_arrays(rows[row]) for worker, (_, row) in contributors.items()}
+        self._closed = (rnd.number, header, extras)  # keeps this round's rows until the next one closes
+        for worker, (identity, _) in contributors.items():
+            self._reply_with_centre(identity, header, extras[worker])
 
     def tick(self, now: float) -> None:
         """Timers: ``on_tick``, a round open too long, pushes parked too long. The loop calls it every poll."""
@@ -528,7 +586,7 @@ class Shard:
 
     def _stats(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         s = self.stats.to_wire()
-        s.update(shard=self.config.index, endpoint=self.endpoint, start=self.start, end=self.end, total=self.total,
+        s.update(shard=self.config.index, pid=os.getpid(), endpoint=self.endpoint, start=self.start, end=self.end, total=self.total,
                  version=self.version, initialised=self.centre is not None, world=self.world,
                  round=self.round.number, lost=sorted(self.lost), left=sorted(self.left))
         if self.gate is not None:
@@ -540,7 +598,8 @@ def _bind(config: ShardConfig, context: zmq.Context) -> tuple[zmq.Socket, int]:
     """The shard's ROUTER, bound as ``config`` says; returns it and its port."""
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))
+    sock.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))  # read now, at bind: see the module docstring
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     try:
         if config.keys_dir:

@@ -728,3 +728,57 @@ def test_stats_and_ping(make):
     assert (s["shard"], s["version"], s["world"], s["initialised"]) == (1, 1, 2, True)
     assert s["updates"] == {"0": 1} and s["duplicates"] == {"0": 1} and s["ssp"]["max_staleness"] == 3
     assert s["bytes_in"] == shard.stats.bytes_in > 0
+
+
+# ---- retries after a lost reply, and the message limit ---------------------------------------------------
+
+def test_a_retried_first_init_is_answered_as_the_first(make):
+    shard, wire = make()
+    x = vec(0)
+    header = {"op": "INIT", "start": 0, "end": N, "total": N, "world": 1, "rid": [77, 3]}
+    assert ask(shard, wire, header, [x], identity=b"old").header["first"] is True
+    assert ask(shard, wire, header, [x], identity=b"new").header["first"] is True  # the retry of it
+    assert ask(shard, wire, dict(header, rid=[78, 1]), [vec(1)]).header["first"] is False  # another client's
+    assert ask(shard, wire, {k: v for k, v in header.items() if k != "rid"}, [x]).header["first"] is False
+    np.testing.assert_array_equal(shard.centre.current, x)
+    for rid in ([77], [77, -3], [True, 3], "77:3"):
+        reply = ask(shard, wire, dict(header, rid=rid), [x])
+        assert refused(reply, "malformed") and "rid" in reply.header["reason"]
+
+
+def test_a_retried_round_after_it_closed_gets_that_rounds_reply(make):
+    shard, wire = make()
+    c, w0, w1 = vec(0), vec(1), vec(2)
+    init(shard, wire, c, world=2)
+    round_push(shard, wire, 0, 0, w0, "elastic", alpha=0.2)
+    first = round_push(shard, wire, 1, 0, w1, "elastic", alpha=0.2)
+    wire.take()  # worker 0's reply: say it was lost
+    again = round_push(shard, wire, 0, 0, w0, "elastic", alpha=0.2, identity=b"w0-fresh")
+    assert again is not None and again.header == dict(first.header)
+    np.testing.assert_array_equal(again.arrays[0], (w0 - c) * np.float32(0.2))  # its own E, not worker 1's
+    np.testing.assert_array_equal(again.arrays[1], first.arrays[1])
+    assert shard.version == 1 and shard.round.number == 1 and not shard.round.contributors  # nothing re-applied
+    assert refused(round_push(shard, wire, 0, 2, w0, "elastic"), "round")  # a round not yet open still is
+
+
+def test_after_init_a_message_larger_than_a_slice_is_refused_before_decoding(make):
+    shard, wire = make()
+    init(shard, wire, vec(0))
+    limit = shard.message_limit
+    assert limit == N * 4 + protocol.MAX_HEADER_BYTES
+    header = msgpack.packb({"v": 1, "op": "PING"})
+    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (limit - len(header) + 1))])
+    [(who, reply)] = wire.take()
+    assert who == b"big" and refused(reply, "size") and f"at most {limit}" in reply.header["reason"]
+    assert shard.stats.refused["size"] == 1
+    # at the limit it is decoded (and refused for what it is: a frame a PING does not announce)
+    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (limit - len(header)))])
+    [(_, reply)] = wire.take()
+    assert refused(reply, "frames")
+
+
+def test_stats_name_the_shards_pid(make):
+    import os
+
+    shard, wire = make()
+    assert ask(shard, wire, {"op": "STATS"}).header["stats"]["pid"] == os.getpid()
