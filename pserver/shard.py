@@ -28,9 +28,10 @@ holds for every connection made through that bind; setting it later changes
 nothing, for old peers or new. It is therefore ``max_message_bytes``, which
 must hold the largest slice a shard may be given in its INIT, fixed before
 the layout is known (the coordinator refuses an INIT whose slices exceed it).
-Once the shard holds its slice, any message larger than the slice plus
-`pserver.protocol.MAX_HEADER_BYTES` is refused (``size``) before it is
-decoded: nothing legitimate is larger. That bounds work, not memory: the
+Once the shard holds its slice, a message with an array frame larger than
+the slice (at 8 bytes a value, the widest dtype) is refused (``size``) before it is decoded: nothing legitimate is
+larger (frame 0, the header, is held to `pserver.protocol.MAX_HEADER_BYTES`
+by the decoder, before msgpack reads it). That bounds work, not memory: the
 message was received whole. What bounds memory is ZeroMQ's: per connection,
 at most RCVHWM queued messages and one being received, each frame at most
 ``max_message_bytes`` (a peer sending a larger one is disconnected). ZeroMQ
@@ -255,16 +256,18 @@ class Shard:
         self._respond(identity, self._dispatch, identity, body, size)
 
     @property
-    def message_limit(self) -> int | None:
-        """The largest message (bytes, all frames) served once the slice is set: a slice and a header."""
-        return None if self.centre is None else self.centre.size * 4 + protocol.MAX_HEADER_BYTES
+    def frame_limit(self) -> int | None:
+        """The largest array frame (bytes) decoded once the slice is set: a slice of the widest dtype that may
+        travel (8 bytes), so that a slice of int64 is refused for its dtype. None before."""
+        return None if self.centre is None else self.centre.size * max(d.itemsize for d in protocol.ALLOWED_DTYPES.values())
 
     def _dispatch(self, identity: bytes, body: list[Any], size: int = 0) -> list[Any] | None:
-        limit = self.message_limit
-        if limit is not None and size > limit:
-            raise ProtocolError("size", f"a message of {size} bytes to shard {self.config.index}, which takes at most "
+        limit = self.frame_limit
+        largest = max((len(f) for f in body[1:]), default=0)
+        if limit is not None and largest > limit:
+            raise ProtocolError("size", f"a frame of {largest} bytes to shard {self.config.index}, which takes at most "
                                         f"{limit} (its slice [{self.start}, {self.end}) of {self.end - self.start} "
-                                        f"floats and a header); send one slice of float32 per message")
+                                        f"floats, of 8 bytes at most); send one slice of float32 per frame")
         msg = protocol.decode(body)
         handler = self.handlers.get(msg.op)
         if handler is None:

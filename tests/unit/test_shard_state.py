@@ -761,18 +761,18 @@ def test_a_retried_round_after_it_closed_gets_that_rounds_reply(make):
     assert refused(round_push(shard, wire, 0, 2, w0, "elastic"), "round")  # a round not yet open still is
 
 
-def test_after_init_a_message_larger_than_a_slice_is_refused_before_decoding(make):
+def test_after_init_a_frame_larger_than_the_slice_is_refused_before_decoding(make):
     shard, wire = make()
-    init(shard, wire, vec(0))
-    limit = shard.message_limit
-    assert limit == N * 4 + protocol.MAX_HEADER_BYTES
     header = msgpack.packb({"v": 1, "op": "PING"})
-    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (limit - len(header) + 1))])
+    assert shard.frame_limit is None  # before INIT only ZeroMQ's limit holds: the INIT carries the slice
+    init(shard, wire, vec(0))
+    assert shard.frame_limit == N * 8
+    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (N * 8 + 1))])
     [(who, reply)] = wire.take()
-    assert who == b"big" and refused(reply, "size") and f"at most {limit}" in reply.header["reason"]
+    assert who == b"big" and refused(reply, "size") and f"at most {N * 8}" in reply.header["reason"]
     assert shard.stats.refused["size"] == 1
     # at the limit it is decoded (and refused for what it is: a frame a PING does not announce)
-    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (limit - len(header)))])
+    shard.handle([zmq.Frame(b"big"), zmq.Frame(header), zmq.Frame(b"\0" * (N * 8))])
     [(_, reply)] = wire.take()
     assert refused(reply, "frames")
 
