@@ -39,6 +39,7 @@ import zmq
 
 from pserver import protocol
 from pserver.client import Client
+from pserver.coordinator import MAX_MESSAGE_BYTES
 from pserver.errors import ProtocolError
 from pserver.layout import Layout
 
@@ -315,7 +316,7 @@ def test_fuzz_shard_and_coordinator(pserver):
     # Frames above MAXMSGSIZE: ZeroMQ drops the connection, so no reply; the server goes on.
     oversized = 0
     for name, target in targets.items():
-        limit = 1 << 20 if name == "shard" else 1 << 24  # --max-message-mb 1; the coordinator's fixed 16 MiB
+        limit = 1 << 20 if name == "shard" else MAX_MESSAGE_BYTES  # --max-message-mb 1; the coordinator's
         for size in (limit + 16, limit * 3):
             frames = [msgpack.packb({"v": 1, "op": "PING"}), b"\0" * size]
             assert target.ask(frames, timeout_s=0.5) is None, f"{name} answered a frame of {size} bytes"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import zmq
 
@@ -172,6 +173,9 @@ def test_stats_cli(pserver):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
+    assert data["coordinator"]["pid"] == server.proc.pid  # `pserver start` runs the coordinator itself
+    shard_pids = {p.pid for p in psutil.Process(server.proc.pid).children() if "pserver.shard_process" in p.cmdline()}
+    assert {s["pid"] for s in data["shards"]} == shard_pids and len(shard_pids) == 2
     assert [s["version"] for s in data["shards"]] == [3, 3]
     assert [s["start"] for s in data["shards"]] == [0, 1266]
     # three pushes on one pull: the shard's clock moved on under the second and third
