@@ -1,9 +1,10 @@
-"""The rule table, how a rule's defaults are resolved for one run, and the interface every rule implements.
+"""The rule table, and how a rule's defaults are resolved for one run.
 
-A rule sees the worker's local weights as one flat float32 vector W (total,)
-and a `pserver.client.Client`. Every `window` local steps the worker loop calls
-`exchange(W)`; the rule talks to the shards and returns the vector the worker
-continues from. Local steps use the worker's own Keras optimizer.
+The table (`RULES`) is the rules' own entries: each module of
+`optimizers.rules` holds one rule, its defaults (``spec``, an
+`optimizers.exchange.Rule`) and its worker side, and registers itself on
+import; there is no other list. `make_rule` builds a rule's worker side,
+`effective_settings` resolves its λ, α and learning rate for a run.
 
 Defaults, and why. Each was measured with `notpu train --workers 2` against
 one plain Keras process on the same model, data, split, batch and epochs
@@ -49,9 +50,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+import optimizers.rules  # noqa: F401 — imports every rule module, each of which registers its rule
+from optimizers.exchange import RULE_CLASSES, Exchange, Rule, as_flat
 from pserver.errors import ConfigError
+
+__all__ = ["BASE_LEARNING_RATE", "ELASTIC_BETA", "MIN_EXCHANGES_PER_EPOCH", "MIN_EXCHANGES_PER_RUN",
+           "RECOMMENDED_RULE", "RULES", "SHARD_PLUGINS", "Effective", "Exchange", "Rule", "as_flat",
+           "effective_settings", "get_rule", "make_rule", "rule_config"]
 
 #: The base learning rate of each local optimizer: what one plain Keras process would use.
 BASE_LEARNING_RATE = {"adam": 1e-3, "nadam": 1e-3, "sgd": 1e-2, "nesterov": 1e-2}
@@ -62,29 +67,13 @@ MIN_EXCHANGES_PER_RUN = 12
 ELASTIC_BETA = 0.9
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    sync: bool  # rounds: every live worker's contribution before the centre moves
-    window: int  # λ: local steps between exchanges, an upper bound (0: none but the data cap)
-    elastic: bool = False  # α(W − C) both ways; α defaults to β/n
-    local_optimizer: str = "adam"  # the worker's own optimizer for local steps
-    lr_scale: str = "none"  # the local rate is the base × this: "none", "window" (λ), "workers" (n), "elastic" (n + 1)
-    doc: str = ""
+#: Every rule's entry, asynchronous rules first, each group by name.
+RULES: dict[str, Rule] = {r.name: r for r in sorted((c.spec for c in RULE_CLASSES.values()),
+                                                     key=lambda r: (r.sync, r.name))}
 
-
-RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("downpour", sync=False, window=5, doc="push Δ = W − W_pulled, pull C; C ← C + Δ"),
-    Rule("adag", sync=False, window=2, lr_scale="window",
-         doc="push Δ/λ, pull C; C ← C + Δ/λ (accumulated gradient normalisation)"),
-    Rule("dynsgd", sync=False, window=5, lr_scale="workers", doc="push Δ with the pulled version; C ← C + Δ/(staleness + 1)"),
-    Rule("aeasgd", sync=False, window=8, elastic=True, lr_scale="elastic", doc="E = α(W − C); W ← W − E; C ← C + E"),
-    Rule("eamsgd", sync=False, window=8, elastic=True, local_optimizer="nadam", lr_scale="elastic",
-         doc="as AEASGD, local steps with Nesterov momentum (Nadam)"),
-    Rule("easgd", sync=True, window=8, elastic=True, lr_scale="elastic",
-         doc="round r: E_i = α(W_i − C_r); C_{r+1} = C_r + Σ E_i"),
-    Rule("averaging", sync=True, window=0, lr_scale="workers", doc="round r: C_{r+1} = mean_i W_i"),
-)}
+#: The modules a shard imports (`ShardConfig.plugins`) to serve every rule: the rules' package, whose
+#: modules register any shard-side apply of their own as they are imported.
+SHARD_PLUGINS: tuple[str, ...] = (optimizers.rules.__name__,)
 
 #: What `--rule` defaults to and the demo uses (the README's "Which rule when" says why).
 RECOMMENDED_RULE = "adag"
@@ -109,7 +98,8 @@ def rule_config(name: str, window: int | None = None, alpha: float | None = None
         raise ConfigError(f"--window must be ≥ 0 (0 = one epoch), got {window}")
     if alpha is not None:
         if not rule.elastic:
-            raise ConfigError(f"--alpha is the elastic coefficient of aeasgd, eamsgd and easgd; {rule.name} has none")
+            elastic = ", ".join(r.name for r in RULES.values() if r.elastic)
+            raise ConfigError(f"--alpha is the elastic coefficient of {elastic}; {rule.name} has none")
         if not 0 < float(alpha) <= 1:
             raise ConfigError(f"--alpha must be in (0, 1], got {alpha}")
     if learning_rate is not None and not float(learning_rate) > 0:
@@ -164,61 +154,7 @@ def effective_settings(run: dict[str, Any], workers: int, steps_per_epoch: int) 
                      learning_rate=base * scale, steps_per_epoch=spe)
 
 
-def as_flat(x: np.ndarray) -> np.ndarray:
-    if x.dtype != np.float32 or x.ndim != 1:
-        raise ValueError(f"expected a flat float32 vector, got {x.dtype} {x.shape}")
-    return x
-
-
-class Exchange:
-    """What a worker does every λ local steps; subclasses implement `exchange`.
-
-    ``client`` is a joined `pserver.client.Client`. Vectors are flat float32
-    (total,). Staleness seen by this worker's pushes is kept in
-    ``self.staleness`` (one entry per exchange: the largest over shards).
-    ``round_timeout_s`` is how long a synchronous rule waits for a round's
-    reply; None: the client's default (the server's round timeout and a little more).
-    """
-
-    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float | None = None) -> None:
-        self.client = client
-        self.window = window
-        self.alpha = alpha
-        self.round_timeout_s = round_timeout_s
-        self.staleness: list[int] = []
-        self.exchanges = 0
-
-    def start(self, w: np.ndarray) -> np.ndarray:
-        """Pull the centre; the worker starts from it."""
-        centre = self.client.pull()
-        self.pulled = centre.copy()  # W at the last pull, (total,)
-        self._delta = np.empty_like(centre)
-        return centre
-
-    def recover(self) -> np.ndarray:
-        """After a local NaN: continue from the centre, keeping the rule's own state (a round's number)."""
-        centre = self.client.pull()
-        self.pulled = centre.copy()
-        return centre
-
-    def exchange(self, w: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def step(self, w: np.ndarray) -> np.ndarray:
-        self.exchanges += 1
-        return self.exchange(as_flat(w))
-
-    def record(self, staleness: list[int]) -> None:
-        self.staleness.append(max(staleness) if staleness else 0)
-
-
 def make_rule(name: str, client: Any, window: int, alpha: float = 0.0,
               round_timeout_s: float | None = None) -> Exchange:
-    from optimizers.async_rules import AEASGD, EAMSGD, Adag, Downpour, DynSGD
-    from optimizers.sync_rules import EASGD, Averaging
-
-    classes = {"downpour": Downpour, "adag": Adag, "dynsgd": DynSGD, "aeasgd": AEASGD, "eamsgd": EAMSGD,
-               "easgd": EASGD, "averaging": Averaging}
-    if name not in classes:
-        raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(classes)}")
-    return classes[name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s)
+    """Rule ``name``'s worker side, talking to the server through the joined ``client``."""
+    return RULE_CLASSES[get_rule(name).name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s)

@@ -3,7 +3,9 @@
 Files in the checkpoint directory::
 
     coordinator.json   the layout, architecture, shard ranges, world and layout fingerprint
-    shard-K.npz        shard K's slice and a JSON header (see `ShardSnapshot`), one .npz, no pickle
+    shard-K.npz        shard K's slice and a JSON header, one .npz, no pickle: the header holds every field
+                       of `pserver.shard.ShardState` but the centre, and the slice's CRC32, the time
+                       it was written and the format
 
 Every file is written by `pserver.fileio`: to a temporary file beside it,
 fsynced, renamed over ``NAME`` and the directory fsynced, so a crash leaves
@@ -26,7 +28,7 @@ import logging
 import time
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -46,42 +48,44 @@ def shard_file(directory: str | Path, index: int) -> Path:
     return Path(directory) / f"shard-{index}.npz"
 
 
-@dataclass
-class ShardSnapshot:
-    """Everything a shard needs to resume: its range, clocks and per-worker seq table."""
-
-    index: int
-    start: int
-    end: int
-    total: int
-    world: int
-    version: int
-    round: int
-    fingerprint: str
-    seqs: dict[str, int] = field(default_factory=dict)  # worker -> last applied push seq
-    updates: dict[str, int] = field(default_factory=dict)  # worker -> updates applied (SSP clocks)
-    lost: list[int] = field(default_factory=list)
-    left: list[int] = field(default_factory=list)
-    crc32: int = 0
-    written_at: float = 0.0
-    format: str = FORMAT
+#: The header's fields besides the state's: the slice's CRC32, when it was written (time.time()), the format.
+FILE_FIELDS = ("crc32", "written_at", "format")
+#: The state's fields the header holds: all but the centre, which is the file's other array.
+STATE_FIELDS = tuple(f.name for f in fields(ShardState) if f.name != "centre")
 
 
-def save_shard(directory: str | Path, snap: ShardSnapshot, centre: np.ndarray) -> Path:
-    """Write shard ``snap.index``'s slice (n,) float32 and its header atomically."""
-    centre = np.ascontiguousarray(centre, dtype="<f4")
-    if centre.shape != (snap.end - snap.start,):
-        raise CheckpointError(f"shard {snap.index}: slice of {centre.shape} for range [{snap.start}, {snap.end})")
-    snap.crc32 = zlib.crc32(memoryview(centre).cast("B"))
-    snap.written_at = time.time()
-    meta = np.frombuffer(json.dumps(asdict(snap)).encode(), dtype=np.uint8)
-    path = shard_file(directory, snap.index)
+def header_of(state: ShardState, crc32: int, written_at: float) -> dict[str, Any]:
+    """The file header of a shard's state (in JSON, worker ids become strings and tuples lists)."""
+    return {**{name: getattr(state, name) for name in STATE_FIELDS}, "crc32": crc32, "written_at": written_at,
+            "format": FORMAT}
+
+
+def state_of(header: dict[str, Any], centre: np.ndarray) -> ShardState:
+    """A file's header and slice, as the state `Shard.restore` takes (worker ids back to ints, lists to tuples)."""
+    def value(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {int(k): x for k, x in v.items()}
+        return tuple(v) if isinstance(v, list) else v
+    return ShardState(**{name: value(header[name]) for name in STATE_FIELDS}, centre=centre)
+
+
+def save_shard(directory: str | Path, state: ShardState) -> Path:
+    """Write shard ``state.index``'s state (its slice (n,) float32 and a JSON header) atomically."""
+    centre = np.ascontiguousarray(state.centre, dtype="<f4")
+    if centre.shape != (state.end - state.start,):
+        raise CheckpointError(f"shard {state.index}: slice of {centre.shape} for range [{state.start}, {state.end})")
+    header = header_of(state, zlib.crc32(memoryview(centre).cast("B")), time.time())
+    meta = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    path = shard_file(directory, state.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: np.savez(f, centre=centre, meta=meta))
 
 
-def load_shard(path: str | Path) -> tuple[ShardSnapshot, np.ndarray]:
-    """Read and check one shard checkpoint; CheckpointError naming the file if anything is off."""
+def load_shard(path: str | Path) -> tuple[ShardState, float]:
+    """Read and check one shard checkpoint: its state and when it was written (time.time()).
+
+    CheckpointError naming the file if anything is off.
+    """
     path = Path(path)
     hint = "delete it to start this shard empty, or restore from a complete copy of the directory"
     if not path.is_file():
@@ -97,19 +101,27 @@ def load_shard(path: str | Path) -> tuple[ShardSnapshot, np.ndarray]:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is torn or corrupt ({type(exc).__name__}: {exc}); {hint}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has a header that is not a JSON object; {hint}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    missing = sorted(set(STATE_FIELDS + FILE_FIELDS) - set(meta))
+    unknown = sorted(set(meta) - set(STATE_FIELDS + FILE_FIELDS))
+    if missing or unknown:
+        raise CheckpointError(f"checkpoint {path} has an unexpected header (missing {missing or 'nothing'}, "
+                              f"unknown {unknown or 'nothing'}); {hint}")
     try:
-        snap = ShardSnapshot(**meta)
-    except TypeError as exc:
+        state = state_of(meta, centre)
+    except (TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} has an unexpected header ({exc}); {hint}") from None
-    if snap.format != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is format {snap.format!r}, this version reads {FORMAT!r}")
-    if centre.ndim != 1 or centre.shape[0] != snap.end - snap.start:
-        raise CheckpointError(f"checkpoint {path}: slice of {centre.shape} floats for range [{snap.start}, {snap.end}); {hint}")
-    if zlib.crc32(memoryview(centre).cast("B")) != snap.crc32:
+    if centre.ndim != 1 or centre.shape[0] != state.end - state.start:
+        raise CheckpointError(f"checkpoint {path}: slice of {centre.shape} floats for range "
+                              f"[{state.start}, {state.end}); {hint}")
+    if zlib.crc32(memoryview(centre).cast("B")) != meta["crc32"]:
         raise CheckpointError(f"checkpoint {path}: the slice's CRC32 does not match its header; {hint}")
     if not np.isfinite(centre).all():
         raise CheckpointError(f"checkpoint {path} holds NaN or Inf weights")
-    return snap, centre
+    return state, float(meta["written_at"])
 
 
 # ---- the coordinator's side ------------------------------------------------
@@ -153,12 +165,12 @@ def check_restore(directory: str | Path, shards: int) -> dict[str, Any]:
         if not path.exists():
             log.warning("no checkpoint %s: shard %d will start empty and wait for an INIT", path, k)
             continue
-        snap, _ = load_shard(path)
-        check_snapshot(path, snap, k, (start, end), state["total"], state["fingerprint"])
+        shard_state, _ = load_shard(path)
+        check_snapshot(path, shard_state, k, (start, end), state["total"], state["fingerprint"])
     return state
 
 
-def check_snapshot(path: Path, snap: ShardSnapshot, index: int, rng: tuple[int, int], total: int,
+def check_snapshot(path: Path, snap: ShardState, index: int, rng: tuple[int, int], total: int,
                    fingerprint: str) -> None:
     if snap.index != index or (snap.start, snap.end) != tuple(rng) or snap.total != total:
         raise CheckpointError(f"checkpoint {path} is shard {snap.index} [{snap.start}, {snap.end}) of {snap.total}; "
@@ -170,33 +182,15 @@ def check_snapshot(path: Path, snap: ShardSnapshot, index: int, rng: tuple[int, 
 
 # ---- hooking a Shard up ------------------------------------------------------
 
-def header_of(state: ShardState) -> ShardSnapshot:
-    """The file header for a shard's snapshot (JSON: worker ids become strings)."""
-    return ShardSnapshot(
-        index=state.index, start=state.start, end=state.end, total=state.total, world=state.world,
-        version=state.version, round=state.round, fingerprint=state.fingerprint,
-        seqs={str(w): s for w, s in state.seqs.items()}, updates={str(w): n for w, n in state.updates.items()},
-        lost=list(state.lost), left=list(state.left))
-
-
-def state_of(snap: ShardSnapshot, centre: np.ndarray) -> ShardState:
-    """A file's header and slice, as the state `Shard.restore` takes."""
-    return ShardState(
-        index=snap.index, start=snap.start, end=snap.end, total=snap.total, world=snap.world,
-        version=snap.version, round=snap.round, fingerprint=snap.fingerprint,
-        seqs={int(w): s for w, s in snap.seqs.items()}, updates={int(w): n for w, n in snap.updates.items()},
-        lost=tuple(snap.lost), left=tuple(snap.left), centre=centre)
-
-
-def restore_shard(shard: Shard, path: str | Path) -> ShardSnapshot:
-    """Load a checkpoint into a fresh Shard (before it serves)."""
-    snap, centre = load_shard(path)
-    if snap.index != shard.config.index:
-        raise CheckpointError(f"checkpoint {path} is shard {snap.index}'s, not shard {shard.config.index}'s")
-    shard.restore(state_of(snap, centre))
-    log.info("shard %d restored from %s: [%d, %d) of %d at version %d (written %.1f s ago)", snap.index, path,
-             snap.start, snap.end, snap.total, snap.version, time.time() - snap.written_at)
-    return snap
+def restore_shard(shard: Shard, path: str | Path) -> ShardState:
+    """Load a checkpoint into a fresh Shard (before it serves); returns the state restored."""
+    state, written_at = load_shard(path)
+    if state.index != shard.config.index:
+        raise CheckpointError(f"checkpoint {path} is shard {state.index}'s, not shard {shard.config.index}'s")
+    shard.restore(state)
+    log.info("shard %d restored from %s: [%d, %d) of %d at version %d (written %.1f s ago)", state.index, path,
+             state.start, state.end, state.total, state.version, time.time() - written_at)
+    return state
 
 
 def _changes(state: ShardState) -> tuple[int, int, tuple[tuple[int, int], ...]]:
@@ -234,7 +228,7 @@ class Checkpointer:
         if _changes(state) == self._saved:
             return None
         t0 = time.perf_counter()
-        path = save_shard(self.directory, header_of(state), state.centre)
+        path = save_shard(self.directory, state)
         self._saved = _changes(state)
         log.debug("shard %d checkpoint at version %d in %.1f ms", s.config.index, s.version,
                   (time.perf_counter() - t0) * 1e3)

@@ -37,6 +37,10 @@ DEFAULT_PORT = 5555
 class RunOptions(Protocol):
     """The options that describe a run (rule, hyper-parameters, epochs, model), added to `pserver start`."""
 
+    #: Modules every shard imports (`ServerConfig.plugins`): those registering the shard-side applies of the
+    #: rules these options choose from (`pserver.applies`).
+    plugins: tuple[str, ...]
+
     def add(self, parser: argparse.ArgumentParser) -> None: ...
 
     def config(self, args: argparse.Namespace, workers: int) -> dict[str, Any]:
@@ -77,23 +81,30 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
                    help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
     s.add_argument("--max-staleness", type=int, default=d.max_staleness,
                    help="SSP: a worker more than K updates ahead of the slowest live one waits (-1: off)")
+    s.add_argument("--plugins", nargs="+", default=d.plugins, metavar="MODULE",
+                   help="modules every shard imports that register shard-side applies (pserver.applies), "
+                        "besides those of the run's rules")
     s.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole ServerConfig (its run config included) as one JSON object, instead of the "
                         "other options; what `notpu train` passes")
 
 
-def server_config_from(args: argparse.Namespace, run: dict[str, Any]) -> ServerConfig:
+def server_config_from(args: argparse.Namespace, run: dict[str, Any], plugins: Sequence[str] = ()) -> ServerConfig:
+    """The options' `ServerConfig`; ``plugins`` (the run options') come before those of --plugins."""
     return ServerConfig(
         host=args.host, port=args.port, shards=args.shards, workers=args.workers, run=run,
         max_message_bytes=int(args.max_message_mb * MIB), max_delta_norm=args.max_delta_norm,
         round_timeout_s=args.round_timeout_s, worker_timeout_s=args.worker_timeout_s,
         ready_file=args.ready_file, exit_when_done=args.exit_when_done, insecure=args.insecure,
         keys_dir=args.keys, checkpoint_dir=args.checkpoint_dir, checkpoint_every_s=args.checkpoint_every_s,
-        restore=args.restore, max_delta_norm_factor=args.max_delta_norm_factor, max_staleness=args.max_staleness)
+        restore=args.restore, max_delta_norm_factor=args.max_delta_norm_factor, max_staleness=args.max_staleness,
+        plugins=tuple(dict.fromkeys([*plugins, *args.plugins])))
 
 
 class _RunJson:
     """Run options for a `pserver start` that does not know the rules: the run config as one JSON object."""
+
+    plugins: tuple[str, ...] = ()  # the built-in applies only; --plugins adds others
 
     def add(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--run-json", default="{}", metavar="JSON",
@@ -140,7 +151,7 @@ _NOT_OPTIONS = {"command", "verbose", "handler", "run_options", "start_parser", 
 def start_config(args: argparse.Namespace) -> ServerConfig:
     """The `ServerConfig` of a parsed `start`: from --config-json, or from the options."""
     if args.config_json is None:
-        return server_config_from(args, args.run_options.config(args, args.workers))
+        return server_config_from(args, args.run_options.config(args, args.workers), args.run_options.plugins)
     given = sorted(k for k, v in vars(args).items()
                    if k not in _NOT_OPTIONS and v != args.start_parser.get_default(k))
     if given:

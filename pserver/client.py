@@ -296,9 +296,10 @@ class Client:
              out: np.ndarray | None = None) -> tuple[list[int], np.ndarray | None]:
         """Push a flat float32 (total,) delta to every shard.
 
-        mode: "add" (C += Δ), "scaled" (C += scale·Δ), "staleness" (C += scale·Δ/(staleness+1)),
-        "elastic" (Δ is the worker's weights W; the shard applies E = scale·(W − C), C += E, and
-        the returned array is E). Returns (staleness per shard, the new centre if pull, or E if elastic).
+        mode: the shard-side apply (`pserver.applies`); the built-ins are "add" (C += Δ), "scaled"
+        (C += scale·Δ), "staleness" (C += scale·Δ/(staleness+1)) and "elastic" (Δ is the worker's
+        weights W; the shard applies E = scale·(W − C), C += E, and replies with E). Returns
+        (staleness per shard, the new centre if pull, else the array the replies carry, if any: E).
         """
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
@@ -309,17 +310,20 @@ class Client:
         replies = exchange(self._peers, reqs, self.config, "PUSH")
         staleness = [int(m.header.get("staleness", 0)) for m in replies]
         result = None
+        carries = any(m.arrays for m in replies)  # the new centre if pull, else the apply's array (elastic: E)
         if pull:
             result = self._gather(replies, out, index=-1)
-        elif mode == "elastic":
+        elif carries:
             result = self._gather(replies, out, index=0)
-        if pull or mode == "elastic":  # E was computed against the centre as of this reply: the worker has seen it
+        if carries:  # the centre, or an array computed against it as of this reply: the worker has seen it
             self.versions = [int(m.header["version"]) for m in replies]
         return staleness, result
 
     def round(self, value: np.ndarray, number: int, mode: str, alpha: float = 1.0,
               timeout_s: float | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """One synchronous round. Returns (next round, new centre, E if elastic).
+        """One synchronous round of ``mode`` (a ROUND mode of `pserver.applies`).
+
+        Returns (next round, new centre, the array the replies carry before it, if any: E if elastic).
 
         ``timeout_s`` is one attempt's wait for the reply. By default it is the server's round timeout
         (learned at `join`) plus one request's timeout: a round the server closes without a missing worker
@@ -333,7 +337,7 @@ class Client:
                 for s in self.shards]
         replies = exchange(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
         centre = self._gather(replies, None, index=-1)
-        diff = self._gather(replies, None, index=0) if mode == "elastic" else None
+        diff = self._gather(replies, None, index=0) if any(len(m.arrays) > 1 for m in replies) else None
         self.versions = [int(m.header["version"]) for m in replies]
         return int(replies[0].header["round"]), centre, diff
 

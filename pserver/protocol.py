@@ -47,10 +47,12 @@ every array is float32, ``<f4``):
     PULL      {worker} → {ok, version} + [slice]
     PUSH      {worker, seq, pulled, mode, scale?, pull?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
-                mode: add, scaled, staleness or elastic (delta is then the worker's weights W, and
-                E = scale·(W − centre)); a seq not newer than the worker's last is answered, not applied
+                mode: a PUSH apply of pserver.applies; built in: add, scaled, staleness or elastic (delta is
+                then the worker's weights W, and E = scale·(W − centre)); a seq not newer than the worker's
+                last is answered, not applied
     ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
-                synchronous rules (mode elastic or average); the reply waits for the round to close
+                synchronous rules (mode: a ROUND apply of pserver.applies; built in: elastic or average);
+                the reply waits for the round to close
     BYE       {worker} → {ok}
     LOST      {lost, done?} → {ok}
                 from the coordinator: workers declared lost (silent) or done; rounds and SSP stop waiting for them

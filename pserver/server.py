@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pserver import checkpoint, security, supervisor
+from pserver import applies, checkpoint, security, supervisor
 from pserver.coordinator import Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
@@ -60,6 +60,10 @@ class ServerConfig:
     restore: str | None = None  # resume the model and every shard from this checkpoint directory
     max_delta_norm_factor: float = ShardConfig.max_delta_norm_factor
     max_staleness: int = ShardConfig.max_staleness
+    plugins: tuple[str, ...] = ShardConfig.plugins  # modules registering the run's shard-side applies
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plugins", tuple(self.plugins))  # a JSON list, as --config-json gives it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -74,7 +78,7 @@ class ServerConfig:
         return ShardConfig(index=index, host=self.host, port=port, max_message_bytes=self.max_message_bytes,
                            max_delta_norm=self.max_delta_norm, round_timeout_s=self.round_timeout_s,
                            max_delta_norm_factor=self.max_delta_norm_factor, max_staleness=self.max_staleness,
-                           keys_dir=self.keys_dir)
+                           keys_dir=self.keys_dir, plugins=self.plugins)
 
     def run_for_workers(self) -> dict[str, Any]:
         """The run config workers are handed: the run's, and the round timeout the shards close rounds after
@@ -112,6 +116,7 @@ def _check(config: ServerConfig) -> None:
                     "can read and overwrite the model. Use --keys DIR (see `pserver keys`)", config.host)
     if config.keys_dir:
         security.server_keys(config.keys_dir)  # fails early, naming the missing file
+    applies.load_plugins(config.plugins)  # fails early, naming the module, not in every shard process
 
 
 def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 0,

@@ -18,12 +18,13 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import zmq
 
-from pserver import protocol, security
+from pserver import applies, protocol, security
+from pserver.applies import PushApply, RoundApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ProtocolError
 from pserver.norms import NormGuard
@@ -32,26 +33,6 @@ from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
 
 log = logging.getLogger(__name__)
-
-PUSH_MODES = ("add", "scaled", "staleness", "elastic")
-ROUND_MODES = ("elastic", "average")
-
-
-class ShardKernels(Protocol):
-    """What a shard calls to apply updates; `pserver.kernels` (Numba) is the one `serve()` loads.
-
-    Each apply kernel writes the candidate centre into ``out`` and returns
-    (every element finite, L2 norm of the update) from the same pass.
-    """
-
-    def check(self, delta: np.ndarray) -> tuple[bool, float]: ...
-    def add(self, centre: np.ndarray, delta: np.ndarray, out: np.ndarray) -> tuple[bool, float]: ...
-    def add_scaled(self, centre: np.ndarray, delta: np.ndarray, scale: np.float32,
-                   out: np.ndarray) -> tuple[bool, float]: ...
-    def elastic(self, centre: np.ndarray, local: np.ndarray, alpha: np.float32, out: np.ndarray,
-                diff: np.ndarray) -> tuple[bool, float]: ...
-    def sum_round(self, centre: np.ndarray, rows: np.ndarray, count: int, scale: float, replace: bool,
-                  out: np.ndarray) -> tuple[bool, float]: ...
 
 
 def numba_kernels() -> ShardKernels:
@@ -84,6 +65,12 @@ class ShardConfig:
     max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
     max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)
     keys_dir: str | None = None  # CurveZMQ server keys and allow-list (pserver.security)
+    # Modules the shard imports at start, by name, that register shard-side applies (pserver.applies) beyond
+    # the built-ins: how a rule with its own apply reaches the shards. `pserver` names none itself.
+    plugins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plugins", tuple(self.plugins))  # a JSON list, as handed to a shard process
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,9 @@ class ShardState:
     """What a shard needs to resume serving: its range, clocks, per-worker seq table and weights.
 
     `Shard.snapshot()` returns one; `Shard.restore()` takes one. ``centre`` is
-    a read-only copy, so a snapshot stays valid while the shard goes on.
+    a read-only copy, so a snapshot stays valid while the shard goes on. A
+    checkpoint file (`pserver.checkpoint`) holds these fields: the centre as
+    its array, every other one in its JSON header.
     """
 
     index: int
@@ -113,7 +102,7 @@ class ShardState:
 class _PushRecord:
     seq: int
     reply: dict[str, Any]
-    diff: np.ndarray | None = None  # elastic difference, re-sent on a retried push
+    extra: list[np.ndarray] = field(default_factory=list)  # the apply's reply arrays (elastic: E), re-sent on a retry
 
 
 @dataclass(frozen=True)
@@ -124,7 +113,7 @@ class _Push:
     worker: int
     seq: int
     pulled: int
-    mode: str
+    apply: PushApply  # the mode's
     scale: float
     pull: bool
     delta: np.ndarray  # a view on the received frame
@@ -134,6 +123,7 @@ class _Push:
 class _Round:
     number: int = 0
     mode: str = ""
+    apply: RoundApply | None = None  # the mode's, from the round's first contribution
     opened_at: float = 0.0
     rows: np.ndarray | None = None  # (world, n) float32, one row per contributor
     contributors: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # worker -> (identity, row)
@@ -142,14 +132,17 @@ class _Round:
 class Shard:
     """The state machine of one shard, and its event loop.
 
-    ``kernels`` apply the updates; by default `serve()` loads the Numba ones
-    (`numba_kernels`). ``socket`` is the ROUTER to reply on; by default one is
-    created and bound as ``config`` says. Tests pass both and drive `handle()`
-    with frames built by `pserver.protocol`.
+    A PUSH or ROUND is applied by the `pserver.applies` plug-in its mode
+    names; ``config.plugins`` are imported first, so their applies are served
+    too. ``kernels`` are what the applies compute with; by default `serve()`
+    loads the Numba ones (`numba_kernels`). ``socket`` is the ROUTER to reply
+    on; by default one is created and bound as ``config`` says. Tests pass
+    both and drive `handle()` with frames built by `pserver.protocol`.
     """
 
     def __init__(self, config: ShardConfig, context: zmq.Context | None = None, *,
                  kernels: ShardKernels | None = None, socket: Any = None) -> None:
+        applies.load_plugins(config.plugins)  # before binding: a missing module is a ConfigError, no port held
         self.config = config
         if socket is None:
             socket, self.port = _bind(config, context or zmq.Context.instance())
@@ -366,8 +359,7 @@ class Shard:
         mode = hfield(h, "mode", str)
         scale = float(hfield(h, "scale", (int, float), 1.0))
         want_pull = hfield(h, "pull", bool, False)
-        if mode not in PUSH_MODES:
-            raise ProtocolError("malformed", f"PUSH mode {mode!r} unknown; expected one of {PUSH_MODES}")
+        apply = applies.push_apply(mode)
         if not np.isfinite(scale):
             raise ProtocolError("not_finite", f"PUSH scale {scale!r} is not finite")
         delta = self._one_slice(msg)
@@ -377,33 +369,23 @@ class Shard:
             # A retry of a push we applied (its reply was lost), or an older one: answer, don't apply.
             self.stats.duplicates[worker] += 1
             header = dict(last.reply, applied=False, version=self.version)
-            extra = [last.diff] if (last.diff is not None and seq == last.seq) else []
+            extra = last.extra if seq == last.seq else []
             if want_pull:
                 self._reply_with_centre(identity, header, extra)
                 return None
             return protocol.encode(header, extra)
 
-        push = _Push(identity, worker, seq, pulled, mode, scale, want_pull, delta)
+        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta)
         if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
             return None  # SSP: parked; applied and answered when the slowest live worker has caught up
         return self._apply_push(push)
 
     def _apply_push(self, push: _Push) -> list[Any] | None:
         centre = self._require_ready()
-        kernels = self.kernels
-        worker, mode, scale = push.worker, push.mode, push.scale
+        worker = push.worker
         staleness = max(self.version - push.pulled, 0)
         out = centre.scratch()
-        diff = None
-        if mode == "add":
-            finite, norm = kernels.add(centre.current, push.delta, out)
-        elif mode == "scaled":
-            finite, norm = kernels.add_scaled(centre.current, push.delta, np.float32(scale), out)
-        elif mode == "staleness":
-            finite, norm = kernels.add_scaled(centre.current, push.delta, np.float32(scale / (staleness + 1)), out)
-        else:  # elastic: the delta frame is the worker's weights W; E = scale·(W − C)
-            diff = np.empty_like(out)
-            finite, norm = kernels.elastic(centre.current, push.delta, np.float32(scale), out, diff)
+        finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out)
         if not finite:
             centre.discard(out)
             raise ProtocolError("not_finite", f"update from worker {worker} contains NaN or Inf; the centre is unchanged")
@@ -421,13 +403,12 @@ class Shard:
         self.stats.record_staleness(worker, staleness)
         self.stats.last_norm[worker] = norm
         reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
-        self._pushes[worker] = _PushRecord(seq=push.seq, reply=reply, diff=diff)
+        self._pushes[worker] = _PushRecord(seq=push.seq, reply=reply, extra=extra)
         if self.norm_guard is not None:
             self.norm_guard.accept(norm)
         if self.gate is not None:
             self.gate.record(worker, self.live_workers(), self.stats.updates)
             self._release_parked()
-        extra = [diff] if diff is not None else []
         if push.pull:
             self._reply_with_centre(push.identity, reply, extra)
             return None
@@ -453,8 +434,7 @@ class Shard:
         number = hfield(h, "round", int)
         mode = hfield(h, "mode", str)
         alpha = float(hfield(h, "alpha", (int, float), 1.0))
-        if mode not in ROUND_MODES:
-            raise ProtocolError("malformed", f"ROUND mode {mode!r} unknown; expected one of {ROUND_MODES}")
+        apply = applies.round_apply(mode)
         if worker >= self.world:
             raise ProtocolError("malformed", f"worker {worker} is outside the world of {self.world}")
         value = self._one_slice(msg)
@@ -472,14 +452,10 @@ class Shard:
             raise ProtocolError("not_finite", f"round {number} value from worker {worker} contains NaN or Inf")
         if rnd.rows is None or not rnd.contributors:
             rnd.rows = np.empty((self.world, centre.size), np.float32)  # (workers, n)
-            rnd.mode = mode
+            rnd.mode, rnd.apply = mode, apply
             rnd.opened_at = time.monotonic()
         row = len(rnd.contributors)
-        if mode == "elastic":  # E_i = α(W_i − C_r), against this round's centre
-            np.subtract(value, centre.current, out=rnd.rows[row])
-            rnd.rows[row] *= np.float32(alpha)
-        else:
-            rnd.rows[row] = value
+        apply.row(centre.current, value, alpha, rnd.rows[row])  # against this round's centre
         rnd.contributors[worker] = (identity, row)
         self.lost.discard(worker)  # a worker declared lost that comes back rejoins here
         if self.live_workers() <= set(rnd.contributors):
@@ -489,12 +465,10 @@ class Shard:
     def _close_round(self) -> None:
         rnd = self.round
         centre = self.centre
-        assert centre is not None and rnd.rows is not None
+        assert centre is not None and rnd.rows is not None and rnd.apply is not None
         count = len(rnd.contributors)
         out = centre.scratch()
-        replace = rnd.mode == "average"
-        scale = 1.0 / count if replace else 1.0
-        self.kernels.sum_round(centre.current, rnd.rows, count, scale, replace, out)
+        rnd.apply.close(self.kernels, centre.current, rnd.rows, count, out)
         centre.commit(out)
         self.version += 1
         for worker in rnd.contributors:
@@ -505,8 +479,7 @@ class Shard:
         self.round = _Round(number=rnd.number + 1)
         header = ok(version=self.version, round=self.round.number, workers=count)
         for worker, (identity, row) in contributors.items():
-            extra = [rows[row]] if rnd.mode == "elastic" else []
-            self._reply_with_centre(identity, header, extra)
+            self._reply_with_centre(identity, header, rnd.apply.reply_arrays(rows[row]))
 
     def tick(self, now: float) -> None:
         """Timers: ``on_tick``, a round open too long, pushes parked too long. The loop calls it every poll."""

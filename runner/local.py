@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, IO
 
 from models.dataset import load_dataset
+from optimizers import SHARD_PLUGINS
 from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees, wait_for_file
@@ -137,7 +138,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     finish = out / ".finish"
     server_config = ServerConfig(
         port=0, shards=config.shards, workers=config.workers, run=run_cfg, round_timeout_s=config.round_timeout_s,
-        worker_timeout_s=config.worker_timeout_s, ready_file=str(ready),
+        worker_timeout_s=config.worker_timeout_s, ready_file=str(ready), plugins=SHARD_PLUGINS,
         **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
            if config.checkpoint_every_s > 0 else {}))
     try:

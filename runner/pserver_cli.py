@@ -5,8 +5,10 @@
     pserver stats 127.0.0.1:5555 [--json]
 
 The parser is `pserver.cli`'s, with the run options (--rule, --window,
---epochs, ...) from `runner.run_config`: `pserver` itself does not import the
-update rules. `python -m runner.pserver_cli` is the same program.
+--epochs, ...) from `runner.run_config`, which also hands the shards the
+rules' package to import (`optimizers.SHARD_PLUGINS`, for any shard-side
+apply a rule defines itself): `pserver` itself does not import the update
+rules. `python -m runner.pserver_cli` is the same program.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from optimizers import RECOMMENDED_RULE, RULES, rule_config
+from optimizers import RECOMMENDED_RULE, RULES, SHARD_PLUGINS, rule_config
 from pserver.errors import ConfigError
 
 
@@ -69,6 +69,8 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
 
 class RuleRunOptions:
     """`pserver.cli.RunOptions` from the rule table: --rule, --window, ... checked, as a run config dict."""
+
+    plugins = SHARD_PLUGINS  # every shard loads the rules' package: the applies a rule defines itself
 
     def add(self, parser: argparse.ArgumentParser) -> None:
         add_run_options(parser)

@@ -6,7 +6,10 @@
     runner      may import all
 
 Imports are read with `ast` from the source files, so a lazy import inside a
-function counts as much as one at the top.
+function counts as much as one at the top, and so does a module named by a
+string literal to `importlib.import_module` or `__import__`: the shards load
+the rules' package (for their shard-side applies) only because `runner` names
+it in their config, never because `pserver` does.
 """
 from __future__ import annotations
 
@@ -28,8 +31,12 @@ FORBIDDEN = {
 }
 
 
+DYNAMIC_IMPORTS = {"import_module", "__import__"}
+
+
 def imported_packages(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import in the file, relative ones resolved."""
+    """(line, top-level package) of every import in the file, relative ones resolved, dynamic ones of a literal
+    name included."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = path.relative_to(ROOT).parts[0]
     found = []
@@ -38,6 +45,10 @@ def imported_packages(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             found.append((node.lineno, package if node.level else (node.module or "").split(".")[0]))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) \
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) in DYNAMIC_IMPORTS:
+            found.append((node.lineno, node.args[0].value.split(".")[0]))
     return found
 
 
@@ -59,11 +70,13 @@ def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
     """The walk itself works: a lazy, relative or aliased import of a forbidden package is found."""
     fake = tmp_path / "models"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    import pserver.errors as e\n    from optimizers import base\n")
-    (fake / "ok.py").write_text("from . import errors\nimport numpy\n")
+    (fake / "bad.py").write_text("def f():\n    import pserver.errors as e\n    from optimizers import base\n"
+                                 "    importlib.import_module('runner.worker')\n")
+    (fake / "ok.py").write_text("from . import errors\nimport numpy\nimportlib.import_module(name)\n")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     monkeypatch.setattr(f"{__name__}.PACKAGES", ("models",))
-    assert violations() == ["models/bad.py:2 imports pserver", "models/bad.py:3 imports optimizers"]
+    assert violations() == ["models/bad.py:2 imports pserver", "models/bad.py:3 imports optimizers",
+                            "models/bad.py:4 imports runner"]
 
 
 # ---- one default per setting ---------------------------------------------------------------------------------
@@ -105,8 +118,9 @@ def test_pserver_start_defaults_are_server_config_defaults():
             assert value == server[option_field.get(option, option)], option
     # the settings the shards share are defined once, in ShardConfig
     for name in ("host", "max_message_bytes", "max_delta_norm", "round_timeout_s", "max_delta_norm_factor",
-                 "max_staleness"):
+                 "max_staleness", "plugins"):
         assert server[name] == getattr(ShardConfig, name), name
+    assert ShardConfig.plugins == (), "pserver names no plug-in of ours; runner hands them over"
 
 
 def test_notpu_train_defaults_are_train_config_defaults():
@@ -140,17 +154,21 @@ def test_configs_travel_as_one_json_document():
     from pserver.shard_process import ShardProcessConfig
 
     config = ServerConfig(shards=3, workers=2, run={"rule": "adag", "epochs": 2}, round_timeout_s=5.0,
-                          checkpoint_dir="/tmp/x", keys_dir="/tmp/k")
+                          checkpoint_dir="/tmp/x", keys_dir="/tmp/k", plugins=["optimizers.rules"])
+    assert config.plugins == ("optimizers.rules",)
     assert ServerConfig.from_json(config.to_json()) == config
     proc = ShardProcessConfig(shard=config.shard(2, port=1234), coordinator="127.0.0.1:1", checkpoint_every_s=3.0,
                               checkpoint_dir="/tmp/x", restore=True, parent=42)
     back = ShardProcessConfig.from_json(proc.to_json())
     assert back == proc and back.shard.round_timeout_s == 5.0 and back.shard.keys_dir == "/tmp/k"
+    assert back.shard.plugins == ("optimizers.rules",)
     with pytest.raises(ConfigError, match="unknown field"):
         ServerConfig.from_json('{"round_timeout": 5}')
 
 
 def test_config_json_refuses_other_options():
+    from optimizers import SHARD_PLUGINS
+    from pserver.cli import build_parser as rules_unknown
     from pserver.cli import start_config
     from pserver.errors import ConfigError
     from pserver.server import ServerConfig
@@ -163,6 +181,10 @@ def test_config_json_refuses_other_options():
     args = build_parser().parse_args(["start", "--rule", "easgd", "--workers", "3", "--round-timeout-s", "9"])
     config = start_config(args)
     assert config.run["rule"] == "easgd" and config.workers == 3 and config.round_timeout_s == 9.0
+    assert config.plugins == SHARD_PLUGINS  # the shards load the rules' package
+    more = start_config(build_parser().parse_args(["start", "--plugins", "a.b", *SHARD_PLUGINS]))
+    assert more.plugins == (*SHARD_PLUGINS, "a.b")
+    assert start_config(rules_unknown().parse_args(["start"])).plugins == ()  # `pserver` alone: built-ins only
 
 
 def test_data_errors_exit_with_code_2(capsys, tmp_path):

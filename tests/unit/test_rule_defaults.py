@@ -90,3 +90,48 @@ def test_runs_that_may_not_have_learned_are_warned_about():
     assert run_warnings({"sync": True}, 2, {"0": 12}, history, 0.75) == []  # a round holds every worker's update
     flat = run_warnings({"sync": False}, 2, {"0": 40}, history, 0.60)
     assert len(flat) == 1 and "not above the first" in flat[0]
+
+
+# ---- the table is the rules' own entries --------------------------------------------------------------------
+
+def test_every_rule_is_one_module_whose_shard_side_apply_the_shards_serve():
+    import pkgutil
+
+    import optimizers.rules
+    from optimizers import SHARD_PLUGINS, make_rule
+    from optimizers.exchange import RULE_CLASSES
+    from pserver import applies
+
+    modules = {m.name for m in pkgutil.iter_modules(optimizers.rules.__path__)}
+    assert set(RULES) == set(RULE_CLASSES) == modules  # one module a rule, no other list
+    applies.load_plugins(SHARD_PLUGINS)  # what every shard of `pserver start` and `notpu train` imports
+    for name, rule in RULES.items():
+        cls = RULE_CLASSES[name]
+        assert cls.spec is rule and cls.__module__ == f"optimizers.rules.{name}"
+        served = applies.ROUND_APPLIES if rule.sync else applies.PUSH_APPLIES
+        assert rule.mode in served, name
+        assert type(make_rule(name, client=None, window=3)) is cls
+    with pytest.raises(ConfigError, match="unknown rule 'sgd'"):
+        make_rule("sgd", client=None, window=3)
+
+
+def test_a_rule_whose_shard_side_apply_is_not_registered_is_refused_at_import():
+    from optimizers.exchange import Exchange, Rule, RoundExchange, register_rule
+
+    class Median(RoundExchange):
+        spec = Rule("median", sync=True, window=4, mode="median")
+
+    with pytest.raises(TypeError, match="ROUND mode 'median', which no module has registered"):
+        register_rule(Median)
+
+    class Borrowed(Exchange):  # no spec of its own
+        pass
+
+    with pytest.raises(TypeError, match="own `spec = Rule"):
+        register_rule(Borrowed)
+
+    class Downpour2(Exchange):
+        spec = Rule("downpour", sync=False, window=1, mode="add")
+
+    with pytest.raises(ValueError, match="'downpour' is optimizers.rules.downpour.Downpour's already"):
+        register_rule(Downpour2)

@@ -3,6 +3,8 @@ stand-in socket. No sockets are bound and no processes started; the kernels are 
 (loaded once per test session, ~0.8 s from numba's cache), so what is checked is what serves."""
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import replace
 
 import msgpack
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from pserver import checkpoint, protocol
+from pserver import applies, checkpoint, protocol
+from pserver.errors import ConfigError
 from pserver.shard import Shard, ShardConfig, numba_kernels
 from wire import Wire  # noqa: E402
 
@@ -514,7 +517,7 @@ def test_snapshot_of_an_empty_shard_is_refused(make):
 
 def test_restore_resumes_from_a_snapshot(make, tmp_path):
     shard, wire = busy_shard(make)
-    path = checkpoint.save_shard(tmp_path, checkpoint.header_of(shard.snapshot()), shard.centre.current)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
     fresh, fresh_wire = make(index=2)
     checkpoint.restore_shard(fresh, path)
     assert _same(fresh.snapshot(), shard.snapshot())
@@ -543,7 +546,7 @@ def test_restore_refuses_another_shards_state(make):
 
 def test_a_checkpoint_of_another_shard_is_refused_by_name(make, tmp_path):
     shard, _ = busy_shard(make)
-    path = checkpoint.save_shard(tmp_path, checkpoint.header_of(shard.snapshot()), shard.centre.current)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
     other, _ = make(index=0)
     with pytest.raises(checkpoint.CheckpointError, match="shard 2's, not shard 0's"):
         checkpoint.restore_shard(other, path)
@@ -556,9 +559,161 @@ def test_checkpointer_writes_only_when_something_changed(make, tmp_path):
     assert saver.save() is None  # nothing new
     push(shard, wire, 0, 5, vec(5))
     path = saver.save()
-    snap, centre = checkpoint.load_shard(path)
-    assert snap.version == shard.version and snap.seqs == {"0": 5, "1": 7}
-    np.testing.assert_array_equal(centre, shard.centre.current)
+    state, _ = checkpoint.load_shard(path)
+    assert _same(state, shard.snapshot()) and state.seqs == {0: 5, 1: 7}
+
+
+def test_a_checkpoint_header_is_the_states_fields(make, tmp_path):
+    """The header is derived from ShardState: every field but the centre, and the file's own three."""
+    shard, _ = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
+    with np.load(path) as z:
+        header = json.loads(bytes(z["meta"]).decode())
+    assert list(header) == ["index", "start", "end", "total", "world", "version", "round", "fingerprint", "seqs",
+                            "updates", "lost", "left", "crc32", "written_at", "format"]
+    assert header["seqs"] == {"0": 4, "1": 7} and header["lost"] == [2] and header["format"] == checkpoint.FORMAT
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda h: h.pop("seqs"), "missing \\['seqs'\\]"),
+    (lambda h: h.update(extra=1), "unknown \\['extra'\\]"),
+    (lambda h: h.update(format="notpu-shard/0"), "format 'notpu-shard/0'"),
+    (lambda h: h.update(seqs={"zero": 1}), "unexpected header"),
+])
+def test_a_checkpoint_with_another_header_is_refused_by_name(make, tmp_path, change, why):
+    shard, _ = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
+    with np.load(path) as z:
+        header, centre = json.loads(bytes(z["meta"]).decode()), np.array(z["centre"])
+    change(header)
+    np.savez(path, centre=centre, meta=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path.name}.*{why}"):
+        checkpoint.load_shard(path)
+
+
+# ---- shard-side applies: the modes are plug-ins ----------------------------------------------------
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The apply registries as they are, restored after the test (which may register its own)."""
+    monkeypatch.setattr(applies, "PUSH_APPLIES", dict(applies.PUSH_APPLIES))
+    monkeypatch.setattr(applies, "ROUND_APPLIES", dict(applies.ROUND_APPLIES))
+    return applies
+
+
+def test_an_unknown_mode_is_refused_naming_the_known_ones_and_changes_nothing(make):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c, world=1)
+    reply = push(shard, wire, 0, 1, vec(1), mode="negate-add")
+    assert refused(reply, "malformed")
+    assert "'negate-add' unknown" in reply.header["reason"] and "add, elastic, scaled, staleness" in reply.header["reason"]
+    assert "ShardConfig.plugins" in reply.header["reason"]
+    reply = round_push(shard, wire, 0, 0, vec(1), "median")
+    assert refused(reply, "malformed") and "ROUND mode 'median' unknown" in reply.header["reason"]
+    assert "average, elastic" in reply.header["reason"]
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert shard.version == 0 and shard.stats.updates == {} and not shard.round.contributors
+    assert 0 not in shard._pushes  # the seq was not taken: a later push with it applies
+    assert push(shard, wire, 0, 1, vec(1)).header["applied"] is True
+
+
+def _register_toys(registry) -> None:
+    @registry.register("negate-add")
+    class NegateAdd(registry.PushApply):
+        """C ← C − scale·Δ; the reply carries −scale·Δ (re-sent to a retry)."""
+
+        def apply(self, kernels, centre, delta, scale, staleness, out):
+            finite, norm = kernels.add_scaled(centre, delta, np.float32(-scale), out)
+            return finite, norm, [out - centre]
+
+    @registry.register("max")
+    class MaxRound(registry.RoundApply):
+        """Row W_i; C_{r+1} = max_i W_i, element-wise."""
+
+        def row(self, centre, value, alpha, out):
+            out[:] = value
+
+        def close(self, kernels, centre, rows, count, out):
+            np.max(rows[:count], axis=0, out=out)
+
+
+def test_a_registered_apply_is_served_with_no_change_to_the_shard(make, registry):
+    _register_toys(registry)
+    shard, wire = make(max_delta_norm=100.0)
+    c, d = vec(0), vec(1)
+    init(shard, wire, c, world=2)
+    reply = push(shard, wire, 0, 1, d, mode="negate-add", scale=0.5, pull=True)
+    expected = c + np.float32(-0.5) * d
+    assert reply.header["applied"] is True and reply.header["version"] == 1
+    assert reply.header["norm"] == pytest.approx(norm64(np.float32(0.5) * d), rel=1e-6)
+    np.testing.assert_array_equal(shard.centre.current, expected)
+    np.testing.assert_array_equal(reply.arrays[0], expected - c)  # the apply's array, then the centre
+    np.testing.assert_array_equal(reply.arrays[1], expected)
+    again = push(shard, wire, 0, 1, d, mode="negate-add", scale=0.5)  # a retry: answered with its array, not applied
+    assert again.header["applied"] is False
+    np.testing.assert_array_equal(again.arrays[0], expected - c)
+    np.testing.assert_array_equal(shard.centre.current, expected)
+    # the shard's own checks still hold around a plug-in: the norm limit, then non-finite values
+    assert refused(push(shard, wire, 0, 2, np.full(N, 1e3, np.float32), mode="negate-add"), "too_large")
+    bad = vec(2)
+    bad[0] = np.nan
+    assert refused(push(shard, wire, 0, 2, bad, mode="negate-add"), "not_finite")
+    np.testing.assert_array_equal(shard.centre.current, expected)
+    # and a round mode
+    x0, x1 = vec(3), vec(4)
+    assert round_push(shard, wire, 0, 0, x0, "max") is None
+    last = round_push(shard, wire, 1, 0, x1, "max")  # closes the round: both are answered, with the centre only
+    [(who, first)] = wire.take()
+    assert who == b"w0" and last.header["round"] == first.header["round"] == 1
+    assert len(first.arrays) == len(last.arrays) == 1
+    np.testing.assert_array_equal(shard.centre.current, np.maximum(x0, x1))
+
+
+TOY_MODULE = """
+import numpy as np
+
+from pserver.applies import PushApply, register
+
+
+@register("negate-add")
+class NegateAdd(PushApply):
+    def apply(self, kernels, centre, delta, scale, staleness, out):
+        return (*kernels.add_scaled(centre, delta, np.float32(-scale), out), [])
+"""
+
+
+def test_a_plugin_module_is_loaded_by_name_from_the_config(make, registry, tmp_path, monkeypatch):
+    (tmp_path / "toy_negate_add.py").write_text(TOY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_negate_add", raising=False)
+    assert "negate-add" not in registry.PUSH_APPLIES
+    shard, wire = make(plugins=["toy_negate_add"])  # a list, as a JSON config gives it
+    assert shard.config.plugins == ("toy_negate_add",)
+    c, d = vec(0), vec(1)
+    init(shard, wire, c)
+    assert push(shard, wire, 0, 1, d, mode="negate-add").header["applied"] is True
+    np.testing.assert_array_equal(shard.centre.current, c + np.float32(-1.0) * d)
+    monkeypatch.delitem(sys.modules, "toy_negate_add")
+
+
+def test_a_plugin_that_does_not_import_is_a_config_error_naming_it(make):
+    with pytest.raises(ConfigError, match="'no_such_plugin' cannot be imported"):
+        make(plugins=("no_such_plugin",))
+
+
+def test_a_mode_name_is_one_class(registry):
+    _register_toys(registry)
+    _register_toys(registry)  # the same classes again (a module imported twice): fine
+
+    class Other(registry.PushApply):
+        def apply(self, kernels, centre, delta, scale, staleness, out):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="'add' is pserver.applies.Add's already"):
+        registry.register("add")(Other)
+    with pytest.raises(TypeError, match="PushApply or RoundApply"):
+        registry.register("x")(int)
 
 
 # ---- the rest --------------------------------------------------------------------------------------

@@ -1,0 +1,28 @@
+"""DOWNPOUR: push Δ, pull C. Shard-side apply: the built-in PUSH mode "add"."""
+from __future__ import annotations
+
+import numpy as np
+
+from optimizers.exchange import Exchange, Rule, register_rule
+
+
+@register_rule
+class Downpour(Exchange):
+    """Every λ steps: push Δ = W − W_pulled, pull C, set W ← C.  Shard: C ← C + Δ.
+
+    Each exchange is one request per shard: the push carries the update and
+    the reply carries what the worker continues from, so no other worker's
+    push can slip in between a worker's push and its pull.
+    """
+
+    spec = Rule("downpour", sync=False, window=5, mode="add", doc="push Δ = W − W_pulled, pull C; C ← C + Δ")
+
+    def scale(self) -> float:
+        return 1.0
+
+    def exchange(self, w: np.ndarray) -> np.ndarray:
+        np.subtract(w, self.pulled, out=self._delta)  # Δ = W − W_pulled, (total,)
+        staleness, centre = self.client.push(self._delta, mode=self.spec.mode, scale=self.scale(), pull=True,
+                                             out=self.pulled)
+        self.record(staleness)
+        return centre.copy()
