@@ -92,9 +92,6 @@ def test_predict_cli_and_its_errors(prepared: tuple[Path, Path, dict], run_dir: 
 
 def test_predict_applies_the_specs_buckets(prepared: tuple[Path, Path, dict], tmp_path: Path) -> None:
     """Weekly steps over 30 days (5 steps, the oldest of 2 days): predict's features equal prepare's X."""
-    from models.events import EventColumns
-    from models.predict import build_features
-
     _, events, _ = prepared
     spec = prepare(PrepareConfig(events=str(events), out=str(tmp_path / "weekly"), observation_days=30, max_types=8,
                                  bucket_days=7))
