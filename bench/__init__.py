@@ -1,7 +1,7 @@
 """Speed and convergence benchmarks (pytest-benchmark) and the results report.
 
     python -m pytest -q -s bench/            # the full suite, one line per figure
-    python -m pytest -q bench/ --quick       # the small versions CI runs (well under a minute)
+    python -m pytest -q bench/ --quick       # the small versions CI runs (a few minutes)
     python -m bench.report                   # full suite → bench/RESULTS.md, bench/auc_vs_time.png
 
 | module | figure | compared with |
@@ -12,6 +12,8 @@
 | test_bench_overhead | one worker through the PS, samples/s | plain Keras train_on_batch, same threads |
 | test_bench_convergence | time to 98% of plain Keras' val AUC per rule; staleness | 1 process × all cores, plain Keras |
 | test_bench_prepare | events/s in prepare | pandas groupby/pivot |
+| test_bench_samples | samples to 98% of plain Keras' val AUC, 1–8 workers per rule | plain Keras' samples to the same AUC |
+| test_bench_buckets | time to 98% of the best val AUC, daily against weekly steps (retail) | the same runs on daily steps |
 
 Every figure that matters is a ratio of medians measured side by side in one
 run (`bench._timing`), stored in `benchmark.extra_info`; timings are never

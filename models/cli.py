@@ -10,6 +10,7 @@ import argparse
 import time
 
 from models.events import EventColumns
+from models.features import LONG_WINDOW_BUCKET_DAYS, LONG_WINDOW_DAYS
 
 
 def _add_columns(p: argparse.ArgumentParser, from_spec: bool) -> None:
@@ -61,6 +62,15 @@ def _generate_retail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bucket_days(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of days, or auto") from None
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from models.prepare import PrepareConfig, prepare
 
@@ -68,9 +78,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         events=args.events, out=args.out, cutoff=args.cutoff, observation_days=args.observation_days,
         label_days=args.label_days, session_type=args.session_type, min_sessions=args.min_sessions,
         min_active_days=args.min_active_days, max_types=args.max_types, columns=_columns(args),
+        bucket_days=None if args.bucket_days == "auto" else args.bucket_days,
     ))
-    c = spec["counts"]
-    print(f"{c['customers_kept']} customers x {spec['window']['observation_days']} days x {len(spec['features'])} features, "
+    c, w = spec["counts"], spec["window"]
+    steps = f"{w['steps']} steps of {w['bucket_days']} days" if w["bucket_days"] > 1 else f"{w['steps']} days"
+    print(f"{c['customers_kept']} customers x {steps} x {len(spec['features'])} features, "
           f"churn rate {c['churn_rate']:.3f}, {c['customers_dropped_newcomers']} newcomers left out, "
           f"cut-off {spec['window']['cutoff']} -> {args.out}")
     return 0
@@ -126,6 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-sessions", type=int, default=2, help="churn = fewer sessions than this in the label window")
     p.add_argument("--min-active-days", type=int, default=7, help="leave out customers with fewer active days")
     p.add_argument("--max-types", type=int, default=50, help="kept types incl. 'other'")
+    p.add_argument("--bucket-days", type=_bucket_days, default="auto", metavar="N|auto",
+                   help=f"days per time step; auto (default): 1 up to a {LONG_WINDOW_DAYS}-day window, "
+                        f"{LONG_WINDOW_BUCKET_DAYS} beyond")
     _add_columns(p, from_spec=False)
     p.set_defaults(handler=cmd_prepare)
 

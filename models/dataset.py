@@ -2,9 +2,10 @@
 
 A DIR holds what `notpu prepare` writes:
 
-    X.npy     float32 [customers, days, features]
-    y.npy     int8    [customers]            1 = churned
-    ids.npy   str     [customers]            the customer ids, in row order
+    X.npy      float32 [customers, steps, features]   a step is spec.window.bucket_days days
+    y.npy      int8    [customers]            1 = churned
+    ids.npy    str     [customers]            the customer ids, in row order
+    active.npy bool    [customers, days]      a day with any event (day resolution whatever the step)
     spec.json the feature spec (types, aggregations, scaling, window, label rule)
 
 `notpu train` and `notpu baseline` both call `split_indices`, so their test
@@ -47,10 +48,11 @@ def split_indices(n: int, seed: int = SPLIT_SEED) -> Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    X: np.ndarray  # (customers, days, features) float32, memory-mapped
+    X: np.ndarray  # (customers, steps, features) float32, memory-mapped
     y: np.ndarray  # (customers,) int8
     ids: np.ndarray  # (customers,)
     spec: dict
+    active: np.ndarray | None = None  # (customers, days) bool; None in directories prepared before it existed
 
 
 def load_dataset(directory: str | Path, mmap: bool = True) -> Dataset:
@@ -62,11 +64,17 @@ def load_dataset(directory: str | Path, mmap: bool = True) -> Dataset:
     X = np.load(d / "X.npy", mmap_mode="r" if mmap else None)
     y = np.load(d / "y.npy")
     if X.ndim != 3 or X.dtype != np.float32:
-        raise DataError(f"{d / 'X.npy'}: expected float32 [customers, days, features], got {X.dtype} {X.shape}")
+        raise DataError(f"{d / 'X.npy'}: expected float32 [customers, steps, features], got {X.dtype} {X.shape}")
     if y.shape != (X.shape[0],):
         raise DataError(f"{d / 'y.npy'}: {y.shape[0] if y.ndim else 0} labels for {X.shape[0]} customers")
     ids_path = d / "ids.npy"
     ids = np.load(ids_path, allow_pickle=False) if ids_path.is_file() else np.arange(X.shape[0]).astype(str)
     spec_path = d / "spec.json"
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    return Dataset(X=X, y=y.astype(np.int8), ids=ids, spec=spec)
+    active = None
+    if (d / "active.npy").is_file():
+        active = np.load(d / "active.npy", mmap_mode="r" if mmap else None)
+        if active.ndim != 2 or active.shape[0] != X.shape[0] or active.dtype != np.bool_:
+            raise DataError(f"{d / 'active.npy'}: expected bool [{X.shape[0]} customers, days], got "
+                            f"{active.dtype} {active.shape}; re-run `notpu prepare`")
+    return Dataset(X=X, y=y.astype(np.int8), ids=ids, spec=spec, active=active)

@@ -1,10 +1,16 @@
-"""Daily aggregation of events into the [customers, days, types × aggregations] tensor.
+"""Aggregation of events into the [customers, steps, types × aggregations] tensor.
+
+A step is one day, or a bucket of N days (`--bucket-days`): a 273-day window
+of mostly empty days is mostly cost for a recurrent network, and weekly steps
+carry the same purchases in 39 steps. Aggregations are computed from the raw
+events of each step (counts and sums add, min/max over the step, mean = sum /
+count), never from daily values.
 
 Shared by `prepare` (training data) and `predict` (new logs): both feed batches of
 events already mapped to a feature type and get back log-scaled float32 rows, so
 a model sees the same features at training and at prediction time.
 
-Accumulators are dense [customers, days, types] arrays filled with `np.add.at` /
+Accumulators are dense [customers, steps, types] arrays filled with `np.add.at` /
 `np.minimum.at` / `np.maximum.at` (unbuffered and fast in numpy >= 1.25), so the
 memory is set by the output's size, never by the number of events.
 """
@@ -34,24 +40,76 @@ def signed_expm1(x: np.ndarray) -> np.ndarray:
     return np.copysign(np.expm1(np.abs(x)), x)
 
 
+#: Windows longer than this get weekly steps by default; up to it, daily steps (the talk's 90 days).
+LONG_WINDOW_DAYS = 120
+LONG_WINDOW_BUCKET_DAYS = 7
+
+
+def auto_bucket_days(observation_days: int) -> int:
+    """The default step: a day up to LONG_WINDOW_DAYS, a week beyond.
+
+    Measured with plain Keras (GRU 64, 3 epochs, 2 threads, seeds 0-2) on
+    generated logs of 20,000 customers:
+
+    - retail purchases over 273 days (99.5% of day cells empty): daily steps
+      test AUC 0.709 / 0.685 / 0.678 in 162-192 s; weekly steps 0.750 /
+      0.753 / 0.745 in 24-36 s. A GRU three epochs into 273 mostly empty
+      days is still far from what it can learn; 39 weekly steps carry the
+      same purchases and train six times faster.
+    - MMO sessions over 90 days: daily 0.927 in 90 s, weekly 0.924 in 20 s
+      (seed 0): churners fade over their last days and weeks, which daily
+      steps resolve. The talk's 90-day window keeps daily steps.
+
+    The threshold lies between those two windows; 120 days keeps daily steps
+    for the windows this kind of model was designed for (up to about four
+    months) and buckets the 6-18 months of history a shop brings.
+    """
+    return 1 if observation_days <= LONG_WINDOW_DAYS else LONG_WINDOW_BUCKET_DAYS
+
+
 @dataclass(frozen=True)
 class Window:
-    """The observation window [start_s, start_s + days * DAY_S); day 0 is the oldest."""
+    """The observation window [start_s, start_s + days * DAY_S), cut into steps of `bucket_days` days.
+
+    Step 0 is the oldest. Steps are aligned to the cut-off: the newest step
+    always holds `bucket_days` whole days, and when `days` is not a multiple
+    of `bucket_days` the oldest step is the short one (recent behaviour is what
+    predicts churn, so it gets the regular steps).
+    """
 
     start_s: int
     days: int
+    bucket_days: int = 1
+
+    def __post_init__(self) -> None:
+        if self.days < 1 or self.bucket_days < 1:
+            raise ValueError(f"a window needs days >= 1 and bucket_days >= 1, got {self.days} and {self.bucket_days}")
 
     @property
     def end_s(self) -> int:
         return self.start_s + self.days * DAY_S
 
+    @property
+    def steps(self) -> int:
+        return -(-self.days // self.bucket_days)  # ceil
+
+    @property
+    def pad_days(self) -> int:
+        """Days the oldest step is short of `bucket_days`."""
+        return self.steps * self.bucket_days - self.days
+
+    def step_of_day(self, day: np.ndarray) -> np.ndarray:
+        """Step index of window days (0 = the oldest day)."""
+        return (day + self.pad_days) // self.bucket_days
+
 
 class DailyAggregator:
-    """count / sum / min / max / mean of event_value per (customer, day, type).
+    """count / sum / min / max / mean of event_value per (customer, step, type); a step is `window.bucket_days` days.
 
     Missing values (NaN) are counted but left out of sum, min, max and mean; a cell
     with no value has sum = min = max = mean = 0. Customers get rows in order of
-    first appearance; `ids()` gives them.
+    first appearance; `ids()` gives them. Active days are kept per day whatever
+    the step, so the newcomer filter means the same with and without buckets.
     """
 
     def __init__(self, window: Window, n_types: int) -> None:
@@ -59,13 +117,14 @@ class DailyAggregator:
         self.n_types = n_types
         self.book = CodeBook()
         self._cap = 0
-        shape = (0, window.days, n_types)
+        shape = (0, window.steps, n_types)
         self.count = np.zeros(shape, np.int32)  # events, NaN values included
         self.nval = np.zeros(shape, np.int32)  # events with a finite value
         self.sum = np.zeros(shape, np.float64)  # float64: sums of money over a day need the precision
         self.min = np.zeros(shape, np.float32)  # +inf until a value arrives
         self.max = np.zeros(shape, np.float32)
         self.tally = np.zeros(0, np.int64)  # (customers,) a per-customer counter, e.g. label sessions
+        self.active = np.zeros((0, window.days), bool)  # (customers, days) a day with any event
 
     @property
     def n_customers(self) -> int:
@@ -89,23 +148,23 @@ class DailyAggregator:
         if need <= self._cap:
             return
         cap = max(need, int(self._cap * 1.5), 1024)  # amortised growth: copies stay O(output)
-        d, t = self.window.days, self.n_types
-
         def grown(a: np.ndarray, fill: float) -> np.ndarray:
-            b = np.full((cap, d, t), fill, a.dtype) if a.ndim == 3 else np.full(cap, fill, a.dtype)
+            b = np.full((cap, *a.shape[1:]), fill, a.dtype)
             b[: a.shape[0]] = a
             return b
 
         self.count, self.nval, self.sum = grown(self.count, 0), grown(self.nval, 0), grown(self.sum, 0)
         self.min, self.max = grown(self.min, np.inf), grown(self.max, -np.inf)
-        self.tally = grown(self.tally, 0)
+        self.tally, self.active = grown(self.tally, 0), grown(self.active, False)
         self._cap = cap
 
     def add(self, cust: np.ndarray, ts_s: np.ndarray, type_idx: np.ndarray, value: np.ndarray) -> None:
         """Accumulate events; all arrays (n,), events outside the window are ignored."""
         inside = (ts_s >= self.window.start_s) & (ts_s < self.window.end_s) & (cust >= 0)
         c, t, v = cust[inside], type_idx[inside], value[inside]
-        d = (ts_s[inside] - self.window.start_s) // DAY_S
+        day = (ts_s[inside] - self.window.start_s) // DAY_S
+        self.active[c, day] = True
+        d = self.window.step_of_day(day)
         cell = (c, d, t)
         np.add.at(self.count, cell, 1)
         ok = np.isfinite(v)  # NaN/inf: counted above, no value to aggregate
@@ -127,20 +186,19 @@ class DailyAggregator:
 
     def active_days(self) -> np.ndarray:
         """(customers,) days with at least one event in the window."""
-        n = self.n_customers
-        return (self.count[:n].sum(axis=2) > 0).sum(axis=1)
+        return self.active[: self.n_customers].sum(axis=1)
 
     def block(self, rows: np.ndarray) -> np.ndarray:
-        """Log-scaled features for customer rows: float32 (len(rows), days, types * 5), type-major."""
-        cnt = self.count[rows].astype(np.float32)  # (b, D, T)
+        """Log-scaled features for customer rows: float32 (len(rows), steps, types * 5), type-major."""
+        cnt = self.count[rows].astype(np.float32)  # (b, S, T)
         nv = self.nval[rows]
         has = nv > 0
         s = self.sum[rows]
         mean = np.where(has, s / np.maximum(nv, 1), 0.0)
         mn = np.where(has, self.min[rows], 0.0)
         mx = np.where(has, self.max[rows], 0.0)
-        feats = np.stack([cnt, s, mn, mx, mean], axis=-1).astype(np.float32)  # (b, D, T, 5)
-        feats = feats.reshape(len(rows), self.window.days, self.n_types * len(AGGREGATIONS))
+        feats = np.stack([cnt, s, mn, mx, mean], axis=-1).astype(np.float32)  # (b, S, T, 5)
+        feats = feats.reshape(len(rows), self.window.steps, self.n_types * len(AGGREGATIONS))
         return signed_log1p(feats)
 
 

@@ -1,6 +1,6 @@
 """`notpu predict`: score new events with a trained model and the spec it was trained on.
 
-The spec (types, aggregations, scaling, window length) is applied unchanged: types
+The spec (types, aggregations, scaling, window length, days per step) is applied unchanged: types
 the spec does not know go to 'other', and the observation window is the spec's
 number of days up to the end of the new log (or up to --cutoff). Every customer
 with at least one event in that window gets a score.
@@ -57,8 +57,9 @@ def build_features(events: str, spec: dict, columns: EventColumns, cutoff: str |
     check_columns(events, columns)
     end = parse_cutoff(cutoff) if cutoff else (last_timestamp(events, columns) // DAY_S + 1) * DAY_S
     days = int(spec["window"]["observation_days"])
+    bucket = int(spec["window"].get("bucket_days", 1))  # specs written before buckets existed are daily
     types = list(spec["types"])
-    agg = DailyAggregator(Window(start_s=end - days * DAY_S, days=days), len(types))
+    agg = DailyAggregator(Window(start_s=end - days * DAY_S, days=days, bucket_days=bucket), len(types))
     for b in iter_events(events, columns):
         inside = (b.ts_s >= agg.window.start_s) & (b.ts_s < agg.window.end_s)
         cust = agg.encode(b.id_codes, b.id_uniques, inside)
@@ -82,10 +83,10 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     columns = cfg.columns or EventColumns(**spec["columns"])
     agg, rows = build_features(cfg.events, spec, columns, cfg.cutoff)
     model = _load_keras(model_path)
-    want = (agg.window.days, len(spec["types"]) * len(AGGREGATIONS))
+    want = (agg.window.steps, len(spec["types"]) * len(AGGREGATIONS))
     got = tuple(model.input_shape[1:])
     if got != want:
-        raise DataError(f"{model_path}: model takes (days, features) = {got}, the spec gives {want}; pass the matching --spec")
+        raise DataError(f"{model_path}: model takes (steps, features) = {got}, the spec gives {want}; pass the matching --spec")
 
     import keras
     from tqdm import tqdm
@@ -93,7 +94,7 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     probs = np.empty(rows.size, np.float32)  # (customers,)
     starts = range(0, rows.size, cfg.batch_size)
     for i in tqdm(starts, desc="predict", unit="batch", disable=rows.size < PROGRESS_MIN_ROWS):
-        x = agg.block(rows[i:i + cfg.batch_size])  # (b, days, features) float32
+        x = agg.block(rows[i:i + cfg.batch_size])  # (b, steps, features) float32
         probs[i:i + x.shape[0]] = keras.ops.convert_to_numpy(model(x, training=False))[:, 1]  # softmax column 1 = churn
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
     out = Path(cfg.out)

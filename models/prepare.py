@@ -4,8 +4,8 @@ Two streaming passes over the log, each one batch (~1M events) at a time:
 
 1. timestamps and types only: the last event (for the default cut-off) and how
    often each type occurs per day (to choose the kept types inside the window);
-2. everything: daily aggregates per customer in the observation window, and the
-   session count in the label window.
+2. everything: aggregates per customer and step (a day, or a bucket of days)
+   in the observation window, and the session count in the label window.
 
 Output is written into a temporary directory beside DIR and renamed at the end,
 so a failure leaves DIR as it was.
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from models.events import DAY_S, CodeBook, EventColumns, check_columns, detect_format, iter_events
-from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, feature_names
+from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, auto_bucket_days, feature_names
 from models.outdir import check_replaceable, staged_dir
 from models.errors import DataError
 
@@ -44,6 +44,8 @@ class PrepareConfig:
     min_active_days: int = 7  # the talk: no newcomers, > 7 game days
     max_types: int = 50  # kept types + 'other'; the talk: 50 types x 5 functions = 250 features
     columns: EventColumns = field(default_factory=EventColumns)
+    bucket_days: int | None = None  # days per time step; None: `auto_bucket_days(observation_days)`
+
 
 
 def parse_cutoff(text: str, option: str = "--cutoff") -> int:
@@ -65,9 +67,12 @@ def iso(ts_s: int) -> str:
 def _check_options(cfg: PrepareConfig) -> None:
     for option, value, low in (("--observation-days", cfg.observation_days, 1), ("--label-days", cfg.label_days, 1),
                                ("--min-sessions", cfg.min_sessions, 1), ("--min-active-days", cfg.min_active_days, 0),
-                               ("--max-types", cfg.max_types, 2)):
+                               ("--max-types", cfg.max_types, 2), ("--bucket-days", 1 if cfg.bucket_days is None else cfg.bucket_days, 1)):
         if value < low:
             raise DataError(f"{option} {value}: must be at least {low}")
+    if cfg.bucket_days is not None and cfg.bucket_days > cfg.observation_days:
+        raise DataError(f"--bucket-days {cfg.bucket_days}: longer than the {cfg.observation_days}-day observation window; "
+                        "use fewer --bucket-days or more --observation-days")
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             f"--session-type {cfg.session_type!r}: no such {cfg.columns.type!r} in {cfg.events} "
             f"(types include {', '.join(map(repr, sorted(s.type_names)[:8]))}); pass the type that marks a session"
         )
-    window = Window(start_s=cutoff - cfg.observation_days * DAY_S, days=cfg.observation_days)
+    bucket = cfg.bucket_days if cfg.bucket_days is not None else auto_bucket_days(cfg.observation_days)
+    window = Window(start_s=cutoff - cfg.observation_days * DAY_S, days=cfg.observation_days, bucket_days=bucket)
     types = choose_types(s, window.start_s, cutoff, cfg.max_types)
     t1 = time.perf_counter()
     log.info("pass 1: %d events in %.1fs; cut-off %s, %d types kept", s.events, t1 - t0, iso(cutoff), len(types) - 1)
@@ -179,11 +185,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         "max_types": cfg.max_types,
         "aggregations": list(AGGREGATIONS),
         "features": feature_names(types),
-        "feature_layout": "X[customer, day, type_index * 5 + aggregation_index]",
+        "feature_layout": "X[customer, step, type_index * 5 + aggregation_index]",
         "missing_values": "NaN/empty values are counted but excluded from sum/min/max/mean; empty cells are 0",
         "scaling": {"name": SCALING, "formula": "sign(x) * log1p(|x|)", "applies_to": "all features"},
         "window": {
-            "observation_days": cfg.observation_days, "day_s": DAY_S, "day_0": "oldest",
+            "observation_days": cfg.observation_days, "day_s": DAY_S, "bucket_days": window.bucket_days,
+            "steps": window.steps, "step_0": "oldest", "first_step_days": window.bucket_days - window.pad_days,
             "start": iso(window.start_s), "cutoff": iso(cutoff), "start_s": window.start_s, "cutoff_s": cutoff,
         },
         "label": {
@@ -198,15 +205,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         },
     }
     _write(out, agg, kept, y, ids[kept], spec)
-    log.info("prepared %d customers x %d days x %d features in %.1fs (%.0f events/s) -> %s",
-             kept.size, window.days, len(spec["features"]), time.perf_counter() - t0,
+    log.info("prepared %d customers x %d steps of %d day(s) x %d features in %.1fs (%.0f events/s) -> %s",
+             kept.size, window.steps, window.bucket_days, len(spec["features"]), time.perf_counter() - t0,
              s.events / (time.perf_counter() - t0), out)
     return spec
 
 
 def _write(out: Path, agg: DailyAggregator, kept: np.ndarray, y: np.ndarray, ids: np.ndarray, spec: dict) -> None:
     with staged_dir(out) as tmp:
-        shape = (kept.size, agg.window.days, agg.n_types * len(AGGREGATIONS))  # (customers, days, features)
+        shape = (kept.size, agg.window.steps, agg.n_types * len(AGGREGATIONS))  # (customers, steps, features)
         X = np.lib.format.open_memmap(tmp / "X.npy", mode="w+", dtype=np.float32, shape=shape)
         for i in range(0, kept.size, BLOCK_ROWS):
             X[i:i + BLOCK_ROWS] = agg.block(kept[i:i + BLOCK_ROWS])
@@ -214,4 +221,5 @@ def _write(out: Path, agg: DailyAggregator, kept: np.ndarray, y: np.ndarray, ids
         del X
         np.save(tmp / "y.npy", y)
         np.save(tmp / "ids.npy", ids.astype(str), allow_pickle=False)  # (customers,) unicode, no pickle
+        np.save(tmp / "active.npy", agg.active[kept])  # (customers, days) bool: the baseline's recency, per day
         (tmp / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")

@@ -51,9 +51,11 @@ def plot_report(history: list[dict], baseline: dict | None, title: str, out_png:
 
 
 def summary_text(spec: dict, baseline: dict | None, summary: dict | None) -> str:
-    counts = spec.get("counts", {})
+    counts, window = spec.get("counts", {}), spec.get("window", {})
+    bucket = window.get("bucket_days", 1)
+    steps = f"{window.get('steps')} steps of {bucket} days" if bucket > 1 else f"{window.get('observation_days')} days"
     lines = [
-        f"data: {counts.get('customers_kept')} customers x {spec.get('window', {}).get('observation_days')} days "
+        f"data: {counts.get('customers_kept')} customers x {steps} "
         f"x {len(spec.get('features', []))} features, churn rate {counts.get('churn_rate')}, "
         f"{counts.get('customers_dropped_newcomers')} newcomers left out",
     ]

@@ -23,6 +23,20 @@ def test_period_features_by_hand() -> None:
     np.testing.assert_allclose(feats, expected, rtol=1e-5)
 
 
+def test_period_features_of_weekly_steps_by_hand() -> None:
+    weekly = np.zeros((1, 3, 1, 5), np.float32)  # (customer, 3 steps of 7 days, one type, aggregations)
+    weekly[0, 0, 0] = [2, 10, 3, 7, 5]
+    weekly[0, 1, 0] = [1, -4, -4, -4, -4]
+    active_days = np.zeros((1, 21), bool)
+    active_days[0, [2, 5, 12]] = True  # the last activity on day 12 of 21: 8 days before the end
+    feats = period_features(signed_log1p(weekly.reshape(1, 3, 5)), n_types=1, bucket_days=7, active_days=active_days)
+    # Periods in whole steps: 7 days = 1 step, 14 = 2, 30 and all = the 3 steps.
+    #             count sum min max mean active | count sum min max mean active | count sum min max mean active
+    #             | days since the last active step (in whole steps: 1 step = 7 days) | ... day (8)
+    expected = [[0, 0, 0, 0, 0, 0, 1, -4, -4, -4, -4, 1, 3, 6, -4, 7, 2, 2, 7, 8]]
+    np.testing.assert_allclose(feats, expected, rtol=1e-5)
+
+
 def test_idle_customer_has_zero_aggregates_and_full_recency() -> None:
     feats = period_features(np.zeros((1, 10, 5), np.float32), n_types=1)
     np.testing.assert_array_equal(feats[0, :-1], 0)

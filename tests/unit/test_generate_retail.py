@@ -75,7 +75,9 @@ def test_prepare_with_the_retail_flags_yields_both_labels(tmp_path: Path, table:
                                  observation_days=OBS, label_days=LABEL, min_active_days=0))
     y = np.load(tmp_path / "d" / "y.npy")
     assert set(np.unique(y)) == {0, 1}
-    assert np.load(tmp_path / "d" / "X.npy", mmap_mode="r").shape[:2] == (y.size, OBS)
+    # A 273-day window gets weekly steps by default: 39 of them.
+    assert spec["window"]["bucket_days"] == 7 and spec["window"]["steps"] == OBS // 7
+    assert np.load(tmp_path / "d" / "X.npy", mmap_mode="r").shape[:2] == (y.size, OBS // 7)
     last_day = frame["day"].max()
     assert spec["window"]["cutoff_s"] == START_UNIX_S + (last_day + 1 - LABEL) * DAY_S
     # Customers acquired after the cut-off have no event to score them on: left out.

@@ -91,6 +91,51 @@ def test_aggregates_by_hand(tmp_path: Path, fmt: str) -> None:
     assert y.dtype == np.int8 and list(y) == [0, 1]
 
 
+def expected_buckets(bucket_days: int) -> np.ndarray:
+    """By hand, steps of `bucket_days` over the 3 days; the oldest step is the short one."""
+    if bucket_days == 3:  # one step: days 0-2
+        x = np.zeros((2, 1, 3, 5), np.float32)
+        # a's purchases 10, 20, 2.5 and one without a value: the mean is over the 3 values (10.83), not the mean
+        # of the daily means (8.75), and min/max run over the whole step.
+        x[0, 0, 0] = [4, 32.5, 2.5, 20, 32.5 / 3]
+        x[0, 0, 1] = [1, -5, -5, -5, -5]
+        x[0, 0, 2] = [1, 0, 0, 0, 0]
+        x[1, 0, 1] = [1, 3, 3, 3, 3]
+        x[1, 0, 2] = [1, 0, 0, 0, 0]
+    else:  # bucket_days == 2: step 0 = day 0 alone, step 1 = days 1 and 2 (aligned to the cut-off)
+        x = np.zeros((2, 2, 3, 5), np.float32)
+        x[0, 0, 0] = [2, 30, 10, 20, 15]
+        x[0, 0, 2] = [1, 0, 0, 0, 0]
+        x[0, 1, 0] = [2, 2.5, 2.5, 2.5, 2.5]
+        x[0, 1, 1] = [1, -5, -5, -5, -5]
+        x[1, 1, 1] = [1, 3, 3, 3, 3]
+        x[1, 1, 2] = [1, 0, 0, 0, 0]
+    return signed_log1p(x.reshape(2, -1, 15))
+
+
+@pytest.mark.parametrize("bucket_days", [2, 3])
+def test_buckets_aggregate_the_raw_events(tmp_path: Path, bucket_days: int) -> None:
+    out = tmp_path / "data"
+    spec = prepare(PrepareConfig(events=str(write_log(tmp_path, "unix_parquet")), out=str(out),
+                                 bucket_days=bucket_days, **OPTS))
+    X = np.load(out / "X.npy")
+    np.testing.assert_allclose(X, expected_buckets(bucket_days), rtol=1e-6, atol=1e-7)
+    # The newcomer filter still counts days, not steps: c (one active day) is left out in one step of 3 days too.
+    assert list(np.load(out / "ids.npy")) == ["a", "b"] and list(np.load(out / "y.npy")) == [0, 1]
+    w = spec["window"]
+    assert (w["bucket_days"], w["steps"], w["first_step_days"]) == {2: (2, 2, 1), 3: (3, 1, 3)}[bucket_days]
+
+
+def test_bucket_days_is_checked(tmp_path: Path) -> None:
+    from models.errors import DataError
+
+    for bad, why in ((0, "must be at least 1"), (4, "longer than the 3-day observation window")):
+        with pytest.raises(DataError, match=why):
+            prepare(PrepareConfig(events=str(write_log(tmp_path, "iso_csv")), out=str(tmp_path / "d"),
+                                  bucket_days=bad, **OPTS))
+    assert not (tmp_path / "d").exists()
+
+
 def test_spec_records_window_types_and_counts(tmp_path: Path) -> None:
     out = tmp_path / "data"
     prepare(PrepareConfig(events=str(write_log(tmp_path, "iso_csv")), out=str(out), **OPTS))

@@ -87,4 +87,17 @@ def test_predict_cli_and_its_errors(prepared: tuple[Path, Path, dict], run_dir: 
     prepare(PrepareConfig(events=str(events), out=str(other), observation_days=30, max_types=4))
     code, err = notpu_cli("predict", str(run_dir / "model.keras"), str(events), "--out", str(tmp_path / "x.csv"),
                       "--spec", str(other / "spec.json"))
-    assert code == 2 and "model takes (days, features) = (30, 40), the spec gives (30, 20)" in err
+    assert code == 2 and "model takes (steps, features) = (30, 40), the spec gives (30, 20)" in err
+
+
+def test_predict_applies_the_specs_buckets(prepared: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """Weekly steps over 30 days (5 steps, the oldest of 2 days): predict's features equal prepare's X."""
+    _, events, _ = prepared
+    spec = prepare(PrepareConfig(events=str(events), out=str(tmp_path / "weekly"), observation_days=30, max_types=8,
+                                 bucket_days=7))
+    assert (spec["window"]["steps"], spec["window"]["first_step_days"]) == (5, 2)
+    agg, rows = build_features(str(events), spec, EventColumns(**spec["columns"]), spec["window"]["cutoff"])
+    X, ids = np.load(tmp_path / "weekly" / "X.npy"), np.load(tmp_path / "weekly" / "ids.npy")
+    assert X.shape[1] == 5
+    got = dict(zip(agg.ids()[rows], agg.block(rows)))  # predict scores everyone active in the window
+    np.testing.assert_array_equal(np.stack([got[i] for i in ids]), X)
