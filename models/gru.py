@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from models.outputs import targets
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -58,12 +60,12 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     raise ValueError(f"unknown local optimizer {name!r}; expected adam, nadam, sgd or nesterov")
 
 
-def compile_model(model: keras.Model, optimizer: str = "adam", learning_rate: float = 1e-3) -> None:
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss="categorical_crossentropy")
+def compile_model(model: keras.Model, optimizer: str = "adam", learning_rate: float = 1e-3,
+                  loss: object = "categorical_crossentropy") -> None:
+    """The run's local optimizer at its rate; the loss: the GRU's, or the one a user's model was compiled with."""
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=loss)
 
 
 def one_hot(y: np.ndarray) -> np.ndarray:
     """(batch,) 0/1 labels → (batch, 2) float32 targets."""
-    out = np.zeros((len(y), 2), np.float32)
-    out[np.arange(len(y)), np.asarray(y, np.int64)] = 1.0
-    return out
+    return targets(y, "categorical")

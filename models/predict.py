@@ -20,6 +20,7 @@ from models.errors import DataError
 from models.events import DAY_S, EventColumns, check_columns, iter_events, last_timestamp
 from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window
 from models.fileio import atomic_path
+from models.outputs import churn_probability
 from models.prepare import OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     model = _load_keras(model_path)
     want = (agg.window.steps, len(spec["types"]) * len(AGGREGATIONS))
     got = tuple(model.input_shape[1:])
-    if got != want:
+    if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
         raise DataError(f"{model_path}: model takes (steps, features) = {got}, the spec gives {want}; pass the matching --spec")
 
     import keras
@@ -95,7 +96,7 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     starts = range(0, rows.size, cfg.batch_size)
     for i in tqdm(starts, desc="predict", unit="batch", disable=rows.size < PROGRESS_MIN_ROWS):
         x = agg.block(rows[i:i + cfg.batch_size])  # (b, steps, features) float32
-        probs[i:i + x.shape[0]] = keras.ops.convert_to_numpy(model(x, training=False))[:, 1]  # softmax column 1 = churn
+        probs[i:i + x.shape[0]] = churn_probability(keras.ops.convert_to_numpy(model(x, training=False)))
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
