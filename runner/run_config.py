@@ -30,6 +30,12 @@ class RunConfig:
     epochs: int = 3
     batch_size: int = 64  # Keras' usual mini-batch; the rules' defaults were measured with it
     hidden: int = 64  # GRU width: small enough for CPUs (the talk's model: 512)
+    # Your own Keras model (runner.keras_model): its architecture as Keras JSON and its compile config
+    # (`model.get_compile_config()`, of which the loss is used); None: the GRU of width `hidden`.
+    architecture: str | None = None
+    compile_config: dict[str, Any] | None = None
+    custom_modules: tuple[str, ...] = ()  # imported by workers and the evaluator before deserialising
+    initial_weights: str | None = None  # an .npz of `model.get_weights()` the centre starts from (same host)
 
     def to_wire(self, workers: int) -> dict[str, Any]:
         """The dict workers are handed; checks the rule and every value (a ConfigError names the option)."""
@@ -37,6 +43,9 @@ class RunConfig:
             raise ConfigError("--epochs, --batch-size and --hidden must be positive")
         cfg = rule_config(self.rule, self.window, self.alpha, self.learning_rate, workers)
         cfg.update(epochs=int(self.epochs), batch_size=int(self.batch_size), hidden=int(self.hidden))
+        if self.architecture:  # the default GRU's run config stays as it was
+            cfg.update(architecture=self.architecture, compile_config=self.compile_config or {},
+                       custom_modules=list(self.custom_modules), initial_weights=self.initial_weights)
         return cfg
 
     @classmethod

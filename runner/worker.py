@@ -160,10 +160,15 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     _apply_tf_threads(cfg.threads)
     import keras
 
-    from models.gru import ModelConfig, build_model, compile_model, one_hot
+    from models.gru import ModelConfig, build_model, compile_model
+    from models.outputs import targets
+    from runner.keras_model import build_for_run, run_kind
 
     optimizer, lr = eff.local_optimizer, eff.learning_rate
-    if info.get("architecture"):
+    kind = run_kind(run)  # how the labels are fed: the GRU's one-hot, or what the run's own model's loss wants
+    if run.get("architecture"):  # the user's own model (runner.keras_model)
+        model = build_for_run(run, optimizer, lr, seed=cfg.seed)
+    elif info.get("architecture"):
         model = keras.models.model_from_json(info["architecture"])
         compile_model(model, optimizer, lr)
     else:
@@ -191,7 +196,7 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
                 take = order[np.arange(s * batch_size, (s + 1) * batch_size) % len(order)]
                 rows = np.sort(mine[take])  # sorted: the memory map reads forward
                 xb = np.asarray(data.X[rows], dtype=np.float32)  # (batch, days, features)
-                loss = float(model.train_on_batch(xb, one_hot(data.y[rows])))
+                loss = float(model.train_on_batch(xb, targets(data.y[rows], kind)))
                 samples += len(rows)
                 steps += 1
                 beat.samples = samples

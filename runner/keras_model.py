@@ -1,0 +1,238 @@
+"""Your own Keras model in a run: what of it travels to the workers, checked before any process starts.
+
+A compiled Keras model travels as two JSON documents in the run config that
+every worker receives from the coordinator (and the evaluator with MODEL):
+its architecture (`model.to_json()`) and its compile config
+(`model.get_compile_config()`). Workers and the evaluator import the run's
+`custom_modules` first (where `keras.saving.register_keras_serializable`
+classes live), rebuild the model with `keras.models.model_from_json`, and
+compile it with the model's own loss and the rule's local optimizer (the
+rule's equations are stated for Adam, Nadam or SGD; your optimizer's
+learning rate is the base rate the rule scales, unless you give one).
+
+`describe` refuses at once, with a message naming what to change, what the
+workers could not train or the evaluator could not score: an uncompiled
+model, several inputs or outputs, an input shape other than the data's
+(steps, features), an output that is not one binary probability (see
+`models.outputs`), a custom layer defined in `__main__` or a notebook, or an
+architecture too large for a command line.
+
+Import this module lazily: `describe` and `build_for_run` import Keras.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import DataError
+from models.outputs import OUTPUTS, loss_kind
+from pserver.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: The run config reaches the server as one command-line argument, which Linux caps at 128 KiB.
+MAX_ARCHITECTURE_BYTES = 100_000
+
+_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # model.to_json()
+    compile_config: dict[str, Any]  # model.get_compile_config(), JSON-able
+    custom_modules: tuple[str, ...]  # to import before deserialising, in this order
+    learning_rate: float | None  # the model's optimizer's rate, if a plain number
+    kind: str  # models.outputs loss kind: binary, categorical, sparse_categorical
+
+
+def import_custom(modules) -> None:
+    """Import the modules holding registered custom objects; an import error names the module."""
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's module is reported the same way
+            raise ConfigError(f"custom module {name!r} cannot be imported ({type(exc).__name__}: {exc}); "
+                              f"it must be importable on every host (PYTHONPATH)") from None
+
+
+def module_roots(modules) -> list[str]:
+    """The sys.path entries the modules were imported from, so child processes can import them too."""
+    roots = []
+    for name in modules or ():
+        mod = sys.modules.get(name) or importlib.import_module(name)
+        file = getattr(mod, "__file__", None)
+        if not file:
+            continue
+        path = Path(file).resolve()
+        depth = name.count(".") + (2 if path.name == "__init__.py" else 1)
+        root = str(path.parents[depth - 1])
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def _output_layer(model):
+    history = getattr(model.outputs[0], "_keras_history", None)
+    return history[0] if history else model.layers[-1]
+
+
+def _activation(layer) -> str | None:
+    import keras
+
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    fn = getattr(layer, "activation", None)
+    if fn is None:
+        return None
+    name = keras.activations.serialize(fn)
+    return name if isinstance(name, str) else None
+
+
+def _custom_layer_modules(model) -> list[str]:
+    """Modules of the model's layer classes that are not Keras' own; a class from __main__ is refused."""
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        module = type(layer).__module__
+        if module.split(".")[0] == "keras":
+            continue
+        if module == "__main__" or module.startswith("__"):
+            raise ConfigError(f"layer class {type(layer).__name__} is defined in {module}: workers cannot import it; "
+                              f"move it to a module, decorate it with @keras.saving.register_keras_serializable() "
+                              f"and pass that module in custom_modules")
+        if module not in found:
+            found.append(module)
+    return found
+
+
+def describe(model, steps: int, features: int, custom_modules=(), what: str = "the model") -> ModelSpec:
+    """Check that `model` can be trained and scored here; returns what travels to the workers."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"{what} is a {type(model).__name__}, not a keras.Model")
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        raise ConfigError(f"{what} is not compiled; call model.compile(optimizer='adam', loss='binary_crossentropy') "
+                          f"(or a softmax output with 'categorical_crossentropy') first")
+    if len(model.inputs) != 1:
+        raise ConfigError(f"{what} has {len(model.inputs)} inputs; notpu feeds one (batch, steps, features) tensor")
+    if len(model.outputs) != 1:
+        raise ConfigError(f"{what} has {len(model.outputs)} outputs; notpu trains one binary churn output "
+                          f"(multi-output and regression models are not supported)")
+    got = tuple(model.input_shape[1:])
+    if len(got) != 2 or any(g is not None and g != w for g, w in zip(got, (steps, features))):
+        raise ConfigError(f"{what} takes inputs of shape {got}; the data's are (steps, features) = ({steps}, "
+                          f"{features}): build it on keras.Input(shape=({steps}, {features}))")
+    compile_config = model.get_compile_config() or {}
+    try:
+        kind = loss_kind(compile_config.get("loss"))
+    except DataError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    units, activation = OUTPUTS[kind]
+    out_shape = tuple(model.output_shape)
+    found = _activation(_output_layer(model))
+    if len(out_shape) != 2 or out_shape[-1] != units or found != activation:
+        raise ConfigError(f"{what} outputs shape {out_shape} with activation {found}; its loss ({kind} cross-entropy) "
+                          f"needs Dense({units}, activation='{activation}') as the last layer: notpu trains binary "
+                          f"churn classifiers, not regression or multi-class models")
+    modules = tuple(dict.fromkeys([*(custom_modules or ()), *_custom_layer_modules(model)]))
+    import_custom(modules)
+    architecture = model.to_json()
+    if len(architecture.encode()) > MAX_ARCHITECTURE_BYTES:
+        raise ConfigError(f"{what}'s architecture JSON is {len(architecture.encode()) // 1024} KiB; the run config "
+                          f"carries at most {MAX_ARCHITECTURE_BYTES // 1024} KiB (it reaches the server on a command "
+                          f"line): use fewer layers")
+    try:
+        keras.models.model_from_json(architecture)
+    except Exception as exc:  # noqa: BLE001 - whatever Keras raises, the workers would raise too
+        raise ConfigError(f"{what} cannot be rebuilt from its JSON ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          f"decorate custom layers with @keras.saving.register_keras_serializable() in a module "
+                          f"passed in custom_modules") from None
+    lr = None
+    optimizer = compile_config.get("optimizer")
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("config", {}).get("learning_rate"), (int, float)):
+        lr = float(f"{optimizer['config']['learning_rate']:.7g}")  # float32 0.0099999998 → 0.01
+    return ModelSpec(architecture=architecture, compile_config=_jsonable(compile_config), custom_modules=modules,
+                     learning_rate=lr, kind=kind)
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError):  # an optimizer or metric that does not serialise: the loss is what travels
+        return {"loss": json.loads(json.dumps(config.get("loss")))}
+
+
+def from_builder(spec: str, steps: int, features: int, seed: int = 0) -> ModelSpec:
+    """`--model package.module:build`: import it, call build(steps, features), check what it returned."""
+    if not _SPEC.match(spec or ""):
+        raise ConfigError(f"--model {spec!r}: expected package.module:function, e.g. mymodels.churn:build")
+    module, name = spec.split(":")
+    if os.getcwd() not in sys.path:  # `notpu` (a console script) does not put the current directory on sys.path
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--model {spec}: cannot import {module} ({type(exc).__name__}: {exc})") from None
+    build = getattr(mod, name, None)
+    if not callable(build):
+        raise ConfigError(f"--model {spec}: {module} has no function {name}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    try:
+        model = build(steps, features)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--model {spec}: {name}({steps}, {features}) raised {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return describe(model, steps, features, custom_modules=(module,),
+                    what=f"--model {spec}: what {name}({steps}, {features}) returned")
+
+
+def save_initial_weights(model, path: Path) -> str:
+    """The weights the centre starts from, for workers on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, *model.get_weights())
+    return str(path)
+
+
+def build_for_run(run: dict[str, Any], optimizer: str = "adam", learning_rate: float = 1e-3, seed: int = 0):
+    """A worker's or the evaluator's copy of the run's own model, compiled with its loss and the given optimizer."""
+    import_custom(run.get("custom_modules"))
+    import keras
+
+    from models.gru import compile_model
+
+    keras.utils.set_random_seed(seed)
+    model = keras.models.model_from_json(run["architecture"])
+    compile_model(model, optimizer, learning_rate, loss=loss_object(run.get("compile_config") or {}))
+    if run.get("initial_weights"):
+        with np.load(run["initial_weights"]) as saved:
+            model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+    return model
+
+
+def loss_object(compile_config: dict[str, Any]):
+    import keras
+
+    loss = compile_config.get("loss") or "categorical_crossentropy"
+    if isinstance(loss, dict) and loss.get("class_name") == "function":
+        loss = loss.get("config")
+    return keras.losses.get(loss)
+
+
+def run_kind(run: dict[str, Any]) -> str:
+    """The loss kind the run's targets take: the GRU's categorical, or the run's own model's."""
+    if not run.get("architecture"):
+        return "categorical"
+    return loss_kind((run.get("compile_config") or {}).get("loss"))
