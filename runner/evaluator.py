@@ -10,10 +10,12 @@ or too-large delta among them) and `nan_recoveries` the local NaN losses the
 workers recovered from by pulling the centre.
 
 It can stop the run when val AUC reaches `target_auc` (the coordinator tells
-the workers through their heartbeats). When every worker is done or lost
-(or the driver asks it to finish), it scores the final centre on validation
-and test data and writes RUN/model.keras, RUN/test_scores.csv and
-RUN/summary.json.
+the workers through their heartbeats), or early when the monitored value
+stops improving (`runner.callbacks`: early stopping, keeping the best centre,
+checkpoints and TensorBoard scalars, per evaluation). When every worker is
+done or lost (or the driver asks it to finish), it scores the final centre
+(or the best one) on validation and test data and writes RUN/model.keras,
+RUN/test_scores.csv and RUN/summary.json.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from models.dataset import load_dataset, split_indices
+from models.outputs import churn_probability
 from pserver.client import Client, ClientConfig
 from pserver.fileio import atomic_write_json, atomic_write_text
 from pserver.layout import Layout, unflatten
 from pserver.stats import mean_staleness
+from runner.callbacks import CallbackSettings, Scalars, Tracker, checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,15 @@ class EvaluatorConfig:
     max_val_rows: int = 20_000  # a bigger validation split is subsampled (seeded) for the periodic checks
     keys_dir: str | None = None
     key_name: str | None = None
+    # runner.callbacks.CallbackSettings, flat (one JSON document); every default is defined there
+    monitor: str = CallbackSettings.monitor
+    early_stopping_patience: int | None = CallbackSettings.early_stopping_patience
+    min_delta: float = CallbackSettings.min_delta
+    restore_best: bool = CallbackSettings.restore_best
+    checkpoint: str | None = CallbackSettings.checkpoint
+    checkpoint_best_only: bool = CallbackSettings.checkpoint_best_only
+    checkpoint_weights_only: bool = CallbackSettings.checkpoint_weights_only
+    tensorboard: str | None = CallbackSettings.tensorboard
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -111,6 +124,10 @@ class Evaluator:
         self.val_rows = val
         self.history: list[dict[str, Any]] = []
         self.name = f"evaluator-{os.getpid()}"
+        self.callbacks = CallbackSettings.of(cfg)
+        self.tracker = Tracker(self.callbacks)
+        self.best_centre: np.ndarray | None = None
+        self.scalars = Scalars(self.callbacks.tensorboard) if self.callbacks.tensorboard else None
 
     def _model(self):
         import keras
@@ -122,6 +139,10 @@ class Evaluator:
         self.layout = Layout.from_wire(reply["layout"])
         self.run = reply["config"]
         self.world = int(reply["world"])
+        if self.run.get("architecture"):  # the user's own model: its custom modules and its loss
+            from runner.keras_model import build_for_run
+
+            return build_for_run(self.run)
         model = keras.models.model_from_json(reply["architecture"])
         compile_model(model)
         return model
@@ -136,7 +157,7 @@ class Evaluator:
 
     def _score(self, model, rows: np.ndarray) -> np.ndarray:
         x = np.asarray(self.data.X[rows], dtype=np.float32)  # (rows, days, features)
-        return model.predict(x, batch_size=1024, verbose=0)[:, 1]
+        return churn_probability(model.predict(x, batch_size=1024, verbose=0))
 
     def _state(self) -> dict[str, Any]:
         """The coordinator's and the shards' counters, with the shards' staleness histograms summed per worker."""
@@ -149,7 +170,7 @@ class Evaluator:
                 histograms[worker] = [a + b for a, b in zip(acc, bins)]
         return {"coordinator": coord, "shards": shards, "staleness": histograms}
 
-    def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _observe(self, model) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
         # samples and updates are read before the pull, so the line never credits the centre with training
         # it has not had yet (the heartbeats' samples may still trail it by up to one heartbeat)
         state = self._state()
@@ -164,7 +185,7 @@ class Evaluator:
                 "mean_staleness": round(mean_staleness(state["staleness"]), 4),
                 "refused": sum(sum(s["refused"].values()) for s in shards),
                 "nan_recoveries": sum(int(w.get("nan_recoveries", 0)) for w in coord["workers"].values())}
-        return line, state
+        return line, state, centre
 
     def _finished(self, coord: dict[str, Any]) -> bool:
         workers = coord["workers"].values()
@@ -178,20 +199,46 @@ class Evaluator:
         stop_sent = ended = False
         while True:
             tick = time.monotonic()
-            line, state = self._observe(model)
+            line, state, centre = self._observe(model)
             self.history.append(line)
             with open(history_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             log.info("t=%.0fs samples=%d updates=%d val_auc=%.4f val_loss=%.4f staleness=%.2f", line["wall_s"],
                      line["samples"], line["updates"], line["val_auc"], line["val_loss"], line["mean_staleness"])
+            stop = self._callbacks(model, line, centre)
             target = self.cfg.target_auc
-            if target and not stop_sent and line["val_auc"] >= target:
-                self.client.ask({"op": "STOP", "reason": f"val AUC {line['val_auc']:.4f} reached --target-auc {target}"})
+            if target and not stop and line["val_auc"] >= target:
+                stop = f"val AUC {line['val_auc']:.4f} reached --target-auc {target}"
+            if stop and not stop_sent:
+                log.info("stopping the run: %s", stop)
+                self.client.ask({"op": "STOP", "reason": stop})
                 stop_sent = True
             if ended or self._finished(state["coordinator"]):
                 break  # the last line was observed after the run ended
             ended = self._wait_or_finished(tick + self.cfg.interval_s)
         return self._finish(model, state)
+
+    def _callbacks(self, model, line: dict[str, Any], centre: np.ndarray) -> str:
+        """This evaluation's duties (runner.callbacks): best centre, checkpoint, scalars; a reason to stop, or ""."""
+        index = len(self.history) - 1
+        improved, stop = self.tracker.update(index, float(line[self.callbacks.monitor]))
+        if improved and self.callbacks.keeps_best:
+            self.best_centre = np.array(centre, copy=True)
+        if self.callbacks.checkpoint and (improved or not self.callbacks.checkpoint_best_only):
+            path = checkpoint_path(self.callbacks.checkpoint, index, line)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if self.callbacks.checkpoint_weights_only:
+                model.save_weights(path)
+            else:
+                model.save(path)
+        if self.scalars is not None:
+            prev = self.history[-2] if len(self.history) > 1 else {"samples": 0, "wall_s": 0.0}
+            dt = line["wall_s"] - prev["wall_s"]
+            self.scalars.write(line["samples"], {
+                "val_auc": line["val_auc"], "val_loss": line["val_loss"],
+                "samples_per_s": (line["samples"] - prev["samples"]) / dt if dt > 0 else 0.0,
+                "mean_staleness": line["mean_staleness"], "refused": line["refused"]})
+        return stop if self.callbacks.early_stopping_patience is not None else ""
 
     def _wait_or_finished(self, until: float) -> bool:
         """Sleep until the next evaluation, but wake as soon as the run is over (a long interval must not delay it)."""
@@ -204,8 +251,11 @@ class Evaluator:
 
     def _finish(self, model, state: dict[str, Any]) -> dict[str, Any]:
         wall_s = time.time() - self.started_at
-        centre = self.client.pull()
+        use_best = self.callbacks.keeps_best and self.best_centre is not None
+        centre = self.best_centre if use_best else self.client.pull()
         model.set_weights(unflatten(centre, self.layout))
+        if self.scalars is not None:
+            self.scalars.close()
         val_loss, val_auc = binary_metrics(self.data.y[self.split.val], self._score(model, self.split.val))
         test_scores = self._score(model, self.split.test)
         test_loss, test_auc = binary_metrics(self.data.y[self.split.test], test_scores)
@@ -249,6 +299,13 @@ class Evaluator:
             "worker_names": {r: w.get("name", "") for r, w in workers.items()},
             "worker_reports": {r: w.get("report", {}) for r, w in workers.items()},
         }
+        if self.callbacks.active or self.callbacks.tensorboard:
+            i = self.tracker.best_index
+            summary["best"] = {"monitor": self.callbacks.monitor, "evaluation": i,  # an index into history.jsonl
+                               "value": self.tracker.best, "wall_s": self.history[i]["wall_s"] if i is not None else None,
+                               "samples": self.history[i]["samples"] if i is not None else None,
+                               "model": "best" if use_best else "final"}  # which centre model.keras holds
+            summary["callbacks"] = {k: v for k, v in vars(self.callbacks).items()}
         atomic_write_json(self.out / "summary.json", summary, indent=2)
         log.info("final: val AUC %.4f, test AUC %.4f -> %s", val_auc, test_auc, self.out)
         self.client.ask({"op": "LEAVE", "observer": self.name})

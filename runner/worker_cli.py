@@ -19,6 +19,7 @@ from models.errors import DataError
 from pserver.cli import run_command
 from pserver.errors import ConfigError, NotpuError
 from pserver.server import config_from_json
+from runner.callbacks import MONITORS
 from runner.evaluator import EvaluatorConfig  # neither imports TensorFlow: configure_threads still comes first
 from runner.worker import WorkerConfig, configure_threads
 
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--target-auc", type=float, default=e.target_auc, help="stop the run when val AUC reaches this")
     v.add_argument("--started-at", type=float, default=e.started_at, help=argparse.SUPPRESS)
     v.add_argument("--finish-file", default=e.finish_file, help=argparse.SUPPRESS)
+    v.add_argument("--early-stopping-patience", type=int, default=e.early_stopping_patience, metavar="N",
+                   help="stop the run after N evaluations without improvement of --monitor")
+    v.add_argument("--monitor", default=e.monitor, choices=sorted(MONITORS), help=f"default {e.monitor}")
+    v.add_argument("--min-delta", type=float, default=e.min_delta)
+    v.add_argument("--restore-best", action="store_true", default=e.restore_best,
+                   help="model.keras and the test scores from the best centre of the run, not the last")
+    v.add_argument("--tensorboard", default=e.tensorboard, metavar="DIR", help="TensorBoard scalars per evaluation")
     v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
     v.add_argument("--keys", default=e.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
     v.add_argument("--key", default=e.key_name, metavar="NAME",
@@ -99,7 +107,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _from_options(args, EvaluatorConfig, allowed=("threads",), ps=args.ps, data_dir=args.data, out_dir=args.out,
                         interval_s=args.interval_s, target_auc=args.target_auc, started_at=args.started_at,
-                        finish_file=args.finish_file, keys_dir=args.keys, key_name=args.key)
+                        finish_file=args.finish_file, keys_dir=args.keys, key_name=args.key,
+                        early_stopping_patience=args.early_stopping_patience, monitor=args.monitor,
+                        min_delta=args.min_delta, restore_best=args.restore_best, tensorboard=args.tensorboard)
     configure_threads(args.threads)
     from runner.evaluator import Evaluator
 
