@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, IO
 
@@ -28,6 +28,7 @@ from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees, wait_for_file
 from pserver.server import ServerConfig
+from runner.callbacks import CallbackSettings
 from runner.evaluator import EvaluatorConfig
 from runner.run_config import RunConfig
 from runner.worker import WorkerConfig
@@ -63,10 +64,32 @@ class TrainConfig:
     checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
     progress: bool = True
     seed: int = WorkerConfig.seed
+    # Your own model: `--model package.module:build`, called as build(steps, features) (runner.keras_model), or
+    # what runner.api.fit describes from a model object: the architecture JSON, compile config and custom modules.
+    model: str | None = None
+    architecture: str | None = RunConfig.architecture
+    compile_config: dict[str, Any] | None = RunConfig.compile_config
+    custom_modules: tuple[str, ...] = RunConfig.custom_modules
+    initial_weights: str | None = RunConfig.initial_weights
+    # the evaluator's callbacks (runner.callbacks.CallbackSettings, flat; defaults defined there)
+    monitor: str = CallbackSettings.monitor
+    early_stopping_patience: int | None = CallbackSettings.early_stopping_patience
+    min_delta: float = CallbackSettings.min_delta
+    restore_best: bool = CallbackSettings.restore_best
+    checkpoint: str | None = CallbackSettings.checkpoint
+    checkpoint_best_only: bool = CallbackSettings.checkpoint_best_only
+    checkpoint_weights_only: bool = CallbackSettings.checkpoint_weights_only
+    tensorboard: str | None = CallbackSettings.tensorboard
 
     def run_config(self) -> RunConfig:
         return RunConfig(rule=self.rule, window=self.window, alpha=self.alpha, learning_rate=self.learning_rate,
-                         epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden)
+                         epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden,
+                         architecture=self.architecture, compile_config=self.compile_config,
+                         custom_modules=tuple(self.custom_modules), initial_weights=self.initial_weights)
+
+    def callbacks(self) -> dict[str, Any]:
+        """The evaluator's callback fields, checked."""
+        return asdict(CallbackSettings.of(self))
 
 
 def _python(module: str, *args: str) -> list[str]:
@@ -123,9 +146,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run a whole local training; returns the summary also written to RUN/summary.json."""
     if config.workers < 1 or config.shards < 1:
         raise ConfigError("--workers and --shards must be at least 1")
-    run_cfg = config.run_config().to_wire(config.workers)  # checks the rule and the options early
+    config.run_config().to_wire(config.workers)  # checks the rule and the options early
+    callbacks = config.callbacks()
     data = load_dataset(config.data_dir)  # checks the data before any process starts
+    steps, features = data.X.shape[1:]
     del data
+    if config.model:  # only here does the driver import Keras: to call your build and check what it returns
+        from runner.keras_model import from_builder
+
+        spec = from_builder(config.model, steps, features, seed=config.seed)
+        config = replace(config, architecture=spec.architecture, compile_config=spec.compile_config,
+                         custom_modules=spec.custom_modules,
+                         learning_rate=config.learning_rate if config.learning_rate is not None else spec.learning_rate)
+    run_cfg = config.run_config().to_wire(config.workers)
+    env = _child_env(config.custom_modules)
     out = Path(config.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for stale in ("history.jsonl", "summary.json", ".finish", ".pserver.json"):
@@ -142,16 +176,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
         **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
            if config.checkpoint_every_s > 0 else {}))
     try:
-        server = children.start("pserver", _python("pserver.cli", "start", "--config-json", server_config.to_json()))
+        server = children.start("pserver", _python("pserver.cli", "start", "--config-json", server_config.to_json()),
+                                env)
         address = _wait_ready(ready, server, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
                  threads, run_cfg["rule"])
         workers = [children.start(f"worker{i}", _python("runner.worker_cli", "start", "--config-json", _json(
-            WorkerConfig(ps=address, data_dir=config.data_dir, threads=threads, name=f"local-{i}", seed=config.seed))))
-            for i in range(config.workers)]
+            WorkerConfig(ps=address, data_dir=config.data_dir, threads=threads, name=f"local-{i}", seed=config.seed))),
+            env) for i in range(config.workers)]
         evaluator = children.start("evaluator", _python("runner.worker_cli", "evaluate", "--config-json", _json(
             EvaluatorConfig(ps=address, data_dir=config.data_dir, out_dir=str(out), interval_s=config.eval_interval_s,
-                            target_auc=config.target_auc or None, started_at=started_at, finish_file=str(finish)))))
+                            target_auc=config.target_auc or None, started_at=started_at, finish_file=str(finish),
+                            **callbacks))), env)
         dead = _supervise(config, children, server, workers, evaluator, out, finish)
         summary = json.loads((out / "summary.json").read_text())
     finally:
@@ -169,6 +205,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if lost:
         log.warning("the run finished without worker(s) %s", sorted(lost))
     return summary
+
+
+def _child_env(custom_modules) -> dict[str, str]:
+    """PYTHONPATH for the children: where this process found the run's custom modules, so they find them too."""
+    if not custom_modules:
+        return {}
+    from runner.keras_model import module_roots
+
+    roots = module_roots(custom_modules)
+    old = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join([*roots, *([old] if old else [])])}
 
 
 def _supervise(config: TrainConfig, children: _Children, server: subprocess.Popen, workers: list[subprocess.Popen],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from runner.callbacks import MONITORS
 from runner.local import TrainConfig
 from runner.run_config import add_run_options
 
@@ -15,6 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=d.workers, help=f"default {d.workers}")
     t.add_argument("--shards", type=int, default=d.shards, help=f"default {d.shards}")
     add_run_options(t)
+    t.add_argument("--model", default=d.model, metavar="MODULE:FUNCTION",
+                   help="your own Keras model: FUNCTION(steps, features) in MODULE returns it compiled "
+                        "(default: the GRU of width --hidden)")
+    t.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
+                   help="stop after N evaluations without improvement of --monitor; model.keras and the test scores "
+                        "are then the best centre's")
+    t.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS), help=f"default {d.monitor}")
+    t.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help=f"an improvement must exceed this to reset the patience (default {d.min_delta:g})")
+    t.add_argument("--tensorboard", default=d.tensorboard, metavar="DIR",
+                   help="write val AUC, val loss, samples/s, mean staleness and refused updates per evaluation as "
+                        "TensorBoard scalars to DIR")
     t.add_argument("--threads", type=int, default=d.threads,
                    help="TensorFlow threads per worker (default cores/workers)")
     t.add_argument("--target-auc", type=float, default=d.target_auc, help="stop when val AUC reaches this")
@@ -47,7 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
         learning_rate=args.learning_rate, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
-        checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed))
+        checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
+        early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
+        restore_best=args.early_stopping_patience is not None, tensorboard=args.tensorboard))
     lost = f", lost worker(s) {summary['lost_workers']}" if summary["lost_workers"] else ""
     print(f"{summary['rule']} × {summary['workers']}: test AUC {summary['test_auc']:.4f} (val {summary['val_auc']:.4f}), "
           f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "

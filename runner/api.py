@@ -1,0 +1,157 @@
+"""`runner.fit`: train your own compiled Keras model through the parameter server, from Python.
+
+    import keras, numpy as np
+    from runner import fit
+
+    model = keras.Sequential([keras.Input((steps, features)), keras.layers.Conv1D(16, 3, activation="relu"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    result = fit(model, (X, y), out="run/", workers=2, epochs=5,
+                 callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", patience=3, restore_best_weights=True)])
+    result.history["val_auc"], result.summary["test_auc"], result.load_model()
+
+It runs local mode, the same processes as `notpu train`: a sharded
+parameter server, `workers` worker processes and an evaluator, on this
+machine. `data` is a prepared DIR (`notpu prepare`) or `(X, y)`: X float
+[customers, steps, features], y 0/1 [customers]; arrays are written once
+to OUT/data/ (X.npy, y.npy, ids.npy), which every process memory-maps.
+The split is the seeded 64/16/20 train/val/test split of `notpu train`.
+
+What travels to the workers, and what does not (see runner.keras_model):
+
+- Travels: the architecture (`model.to_json()`: any built-in layer, nested
+  models, Sequential or functional), custom layers, activations, losses or
+  regularisers registered with `keras.saving.register_keras_serializable` in
+  an importable module (named in `custom_modules`, or found from the layers'
+  classes), the loss (binary or (sparse) categorical cross-entropy on one
+  sigmoid or two softmax units), the optimizer's learning rate (as the base
+  rate the rule scales, unless `learning_rate=` is given), and the weights
+  the model has now: the centre starts from them.
+- Does not travel: the optimizer itself (each rule runs its own local
+  optimizer: Adam, Nadam or SGD, see the README's rule table), metrics (the
+  evaluator measures val AUC and log loss), a `train_step` override or any
+  custom training loop (workers call `train_on_batch`, and each rule needs
+  the weights before and after λ plain steps), stateful RNNs (batches are
+  shuffled rows of a partition, state would leak between customers),
+  several inputs or outputs (one tensor of customers × steps × features in,
+  one churn probability out), sample or class weights, losses on logits,
+  and regression or multi-class models: those are refused at the start.
+- Callbacks: Keras runs its callbacks inside its own `fit` loop, which no
+  process runs here; `EarlyStopping`, `ModelCheckpoint` and `TensorBoard`
+  objects are read and honoured per evaluation by the evaluator
+  (runner.callbacks), any other callback is refused at the start.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pserver.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FitResult:
+    out: Path
+    evaluations: list[dict[str, Any]]  # history.jsonl, one dict per evaluation
+    summary: dict[str, Any]  # summary.json
+
+    @property
+    def history(self) -> dict[str, list]:
+        """Like Keras' `History.history`: per evaluation, val_auc, val_loss, wall_s, samples, ..."""
+        keys = self.evaluations[0].keys() if self.evaluations else ()
+        return {k: [e[k] for e in self.evaluations] for k in keys}
+
+    @property
+    def model_path(self) -> Path:
+        return self.out / "model.keras"
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """Which evaluation was best, with callbacks that monitor one (summary.json's `best`)."""
+        return self.summary.get("best")
+
+    def load_model(self):
+        import keras
+
+        from runner.keras_model import import_custom
+
+        import_custom(self.summary.get("run_config", {}).get("custom_modules"))
+        return keras.saving.load_model(self.model_path)
+
+
+def write_arrays(X, y, directory: Path) -> Path:
+    """(X, y) as a directory `models.dataset.load_dataset` memory-maps, written once, atomically."""
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 3:
+        raise ConfigError(f"X has shape {X.shape}; expected [customers, steps, features]")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[1] == 2:
+        y = y.argmax(axis=1)  # one-hot [stays, churns]
+    if y.shape != (X.shape[0],):
+        raise ConfigError(f"y has shape {y.shape}; expected one 0/1 label per customer ({X.shape[0]})")
+    if not np.isin(y, (0, 1)).all():
+        raise ConfigError("y must hold 0/1 labels (1 = churned)")
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "X.npy", np.ascontiguousarray(X, dtype=np.float32))
+    np.save(tmp / "y.npy", y.astype(np.int8))
+    np.save(tmp / "ids.npy", np.arange(X.shape[0]).astype(str))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return directory
+
+
+def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: int | None = None,
+        batch_size: int | None = None, learning_rate: float | None = None, callbacks=None, custom_modules=(),
+        **run_options) -> FitResult:
+    """Train the compiled Keras `model` on `data` (a prepared DIR or `(X, y)`) through the parameter server.
+
+    `run_options` are `runner.local.TrainConfig`'s other fields: window, alpha, shards, threads, target_auc,
+    eval_interval_s, seed, progress, checkpoint_every_s, monitor, early_stopping_patience, ... (an unknown
+    one is a ConfigError). OUT/model.keras is the trained centre (the best one with
+    `EarlyStopping(restore_best_weights=True)` or `ModelCheckpoint(save_best_only=True)`). See the module
+    docstring for which Keras features travel to the workers.
+    """
+    from runner.callbacks import settings_from_keras
+    from runner.keras_model import describe, save_initial_weights
+    from runner.local import TrainConfig, train
+    from runner.run_config import RunConfig
+
+    out = Path(out)
+    allowed = {f.name for f in fields(TrainConfig)} - {"data_dir", "out_dir", "model", "architecture", "compile_config",
+                                                       "custom_modules", "initial_weights"}
+    unknown = sorted(set(run_options) - allowed)
+    if unknown:
+        raise ConfigError(f"fit() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    cb = settings_from_keras(callbacks)  # refused callbacks fail before anything is written
+    arrays = isinstance(data, (tuple, list)) and len(data) == 2
+    if arrays:
+        X = np.asarray(data[0])
+        if X.ndim != 3:
+            raise ConfigError(f"X has shape {X.shape}; expected [customers, steps, features]")
+    elif isinstance(data, (str, Path)):
+        from models.dataset import load_dataset
+
+        X = load_dataset(data).X
+    else:
+        raise ConfigError(f"data is a {type(data).__name__}; pass a prepared DIR or a tuple (X, y) of arrays")
+    spec = describe(model, X.shape[1], X.shape[2], custom_modules)  # before anything is written
+    data_dir = write_arrays(X, data[1], out / "data") if arrays else Path(data)
+    config = TrainConfig(
+        data_dir=str(data_dir), out_dir=str(out), workers=workers, rule=rule or RunConfig.rule,
+        epochs=epochs or RunConfig.epochs, batch_size=batch_size or RunConfig.batch_size,
+        learning_rate=learning_rate if learning_rate is not None else spec.learning_rate,
+        architecture=spec.architecture, compile_config=spec.compile_config, custom_modules=spec.custom_modules,
+        initial_weights=save_initial_weights(model, out / "initial_weights.npz"), **{**cb, **run_options})
+    train(config)
+    history = out / "history.jsonl"
+    evaluations = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+    return FitResult(out=out, evaluations=evaluations, summary=json.loads((out / "summary.json").read_text()))
