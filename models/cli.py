@@ -108,7 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         spec_cols = EventColumns(**load_spec(Path(args.model), args.spec)["columns"])
         cols = EventColumns(**{r: getattr(args, f"{r}_col") or getattr(spec_cols, r) for r in ("id", "time", "type", "value")})
     scores = predict(PredictConfig(model=args.model, events=args.events, out=args.out, spec=args.spec,
-                                   cutoff=args.cutoff, columns=cols))
+                                   cutoff=args.cutoff, columns=cols, custom_modules=tuple(args.custom_module)))
     print(f"{len(scores)} customers scored -> {args.out}")
     return 0
 
@@ -155,5 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="scores.csv (id,churn_probability)")
     p.add_argument("--spec", help="spec.json (default: next to the model)")
     p.add_argument("--cutoff", help="end of the observation window, ISO date (default: end of the log)")
+    p.add_argument("--custom-module", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (its registered custom layers) before loading the model; repeatable. "
+                        "The modules the run recorded in RUN/summary.json are tried too")
     _add_columns(p, from_spec=True)
     p.set_defaults(handler=cmd_predict)

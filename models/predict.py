@@ -37,6 +37,9 @@ class PredictConfig:
     cutoff: str | None = None  # default: the end of the new log's last UTC day
     batch_size: int = 1024  # customers per forward pass
     columns: EventColumns | None = field(default=None)  # default: the column names in the spec
+    # Modules holding the model's registered custom layers, imported before loading; those recorded in
+    # RUN/summary.json (run_config.custom_modules, written by `notpu train`) are tried as well.
+    custom_modules: tuple[str, ...] = ()
 
 
 def load_spec(model_path: Path, spec_path: str | None) -> dict:
@@ -83,7 +86,7 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     spec = load_spec(model_path, cfg.spec)
     columns = cfg.columns or EventColumns(**spec["columns"])
     agg, rows = build_features(cfg.events, spec, columns, cfg.cutoff)
-    model = _load_keras(model_path)
+    model = _load_keras(model_path, cfg.custom_modules)
     want = (agg.window.steps, len(spec["types"]) * len(AGGREGATIONS))
     got = tuple(model.input_shape[1:])
     if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
@@ -106,12 +109,40 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     return scores
 
 
-def _load_keras(path: Path):  # noqa: ANN202 - keras is imported lazily, so no annotation
+def recorded_custom_modules(model_path: Path) -> list[str]:
+    """The custom modules the training run recorded next to the model (RUN/summary.json), if any."""
+    summary = model_path.parent / "summary.json"
+    try:
+        modules = json.loads(summary.read_text()).get("run_config", {}).get("custom_modules") or []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [m for m in modules if isinstance(m, str)]
+
+
+def _load_keras(path: Path, custom_modules: tuple[str, ...] = ()):  # noqa: ANN202 - keras is imported lazily
     # TensorFlow is imported here only: the rest of the CLI must start fast.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import importlib
+
     import keras
 
+    for name in custom_modules:  # asked for: must import
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's module is reported the same way
+            raise DataError(f"--custom-module {name}: cannot be imported ({type(exc).__name__}: {exc}); "
+                            "put its directory on PYTHONPATH") from None
+    missing = []
+    for name in recorded_custom_modules(path):  # recorded by the run: needed only if the model uses them
+        if name in custom_modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001
+            missing.append(f"{name} ({type(exc).__name__})")
     try:
         return keras.models.load_model(path, compile=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OSError, TypeError) as exc:
+        hint = (f"; the run recorded custom module(s) {', '.join(missing)} that cannot be imported here: put them "
+                "on PYTHONPATH or pass --custom-module") if missing else ""
+        raise DataError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0]}){hint}") from None

@@ -40,3 +40,14 @@ def regression(steps, features):
 
 def nothing(steps, features):
     return None
+
+
+def custom(steps, features):
+    """A registered custom layer (custom_layers.TemporalMix): `notpu predict` must import its module to load it."""
+    from custom_layers import TemporalMix
+
+    x = keras.Input((steps, features))
+    h = keras.layers.Flatten()(TemporalMix(2)(x))
+    model = keras.Model(x, keras.layers.Dense(1, activation="sigmoid")(h))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    return model

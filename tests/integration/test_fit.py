@@ -212,3 +212,37 @@ def test_model_option_sigmoid_and_softmax_score_probabilities(prepared, tmp_path
     expected = churn_probability(keras.saving.load_model(run / "model.keras").predict(X, verbose=0))
     np.testing.assert_allclose(got.loc[ids].to_numpy(), expected, atol=1e-5)
     assert got.between(0, 1).all()
+
+
+def test_predict_imports_the_custom_modules_the_run_recorded(prepared, tmp_path):
+    """A model with a registered custom layer: `notpu predict` imports the modules RUN/summary.json names; where
+    they cannot be imported, the error says which and how to fix it."""
+    import os
+    import subprocess
+
+    data, events, spec = prepared
+    run, here = tmp_path / "run", str(Path(__file__).parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    train = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(data), "--out", str(run), "--model",
+                            "churn_models:custom", "--epochs", "1", "--eval-interval-s", "1000", "--no-progress"],
+                           capture_output=True, text=True, timeout=300, cwd=here, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "custom_layers" in json.loads((run / "summary.json").read_text())["run_config"]["custom_modules"]
+    predict_cmd = [sys.executable, "-m", "runner.cli", "predict", str(run / "model.keras"), str(events),
+                   "--cutoff", spec["window"]["cutoff"]]
+    # Elsewhere (tmp_path as the working directory, no PYTHONPATH) the modules are not importable: a clear error.
+    away = subprocess.run([*predict_cmd, "--out", str(tmp_path / "away.csv")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    assert away.returncode == 2 and "custom module(s)" in away.stderr and "custom_layers" in away.stderr, away.stderr
+    assert "--custom-module" in away.stderr and not (tmp_path / "away.csv").exists()
+    # Where they are importable, predict imports them unasked and scores as the saved model does.
+    out = tmp_path / "scores.csv"
+    ok = subprocess.run([*predict_cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=here,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    got = pd.read_csv(out, dtype={"id": str}).set_index("id")["churn_probability"]
+    from custom_layers import TemporalMix  # noqa: F401 - registers the layer for the load below
+
+    X, ids = np.load(data / "X.npy"), np.load(data / "ids.npy")
+    expected = churn_probability(keras.saving.load_model(run / "model.keras").predict(X, verbose=0))
+    np.testing.assert_allclose(got.loc[ids].to_numpy(), expected, atol=1e-5)
