@@ -2,7 +2,9 @@
 
 Files in the checkpoint directory::
 
-    coordinator.json   the layout, architecture, shard ranges, world and layout fingerprint
+    coordinator.json   the coordinator's state (`pserver.coordinator.Coordinator.snapshot`: ranks, names,
+                       done and lost workers, run config, model, shard endpoints, reply memory) with its
+                       format and a CRC32 of the state
     shard-K.npz        shard K's slice and a JSON header, one .npz, no pickle: the header holds every field
                        of `pserver.shard.ShardState` but the centre, and the slice's CRC32, the time
                        it was written and the format
@@ -12,8 +14,9 @@ fsynced, renamed over ``NAME`` and the directory fsynced, so a crash leaves
 the previous complete file or the new one, never half of one. Reading checks
 everything before a shard serves a byte: the zip's own CRCs, a CRC32 of the
 slice, the slice length against the range, and the range and fingerprint
-against ``coordinator.json``. A torn or foreign checkpoint raises
-CheckpointError naming the file.
+against ``coordinator.json``, whose own CRC32, shard count, world and run
+config must match the server restoring it. A torn or foreign checkpoint
+raises CheckpointError naming the file.
 
 What a restored shard may have lost: the updates it applied after its last
 checkpoint whose replies had already reached the workers. A push whose reply
@@ -126,40 +129,87 @@ def load_shard(path: str | Path) -> tuple[ShardState, float]:
 
 # ---- the coordinator's side ------------------------------------------------
 
+COORDINATOR_FORMAT = "notpu-coordinator/2"
+
+
+def _crc(state: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(state, sort_keys=True, separators=(",", ":")).encode())
+
+
 def save_coordinator(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write the coordinator's state (`Coordinator.snapshot()`) atomically, with its format, the time and a
+    CRC32 of the state, as ``coordinator.json``."""
     path = Path(directory) / COORDINATOR_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(path, state, indent=1)
+    return atomic_write_json(path, {"format": COORDINATOR_FORMAT, "written_at": time.time(), "crc32": _crc(state),
+                                    "state": state}, indent=1)
 
 
 def load_coordinator(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``coordinator.json``: the state `save_coordinator` wrote. CheckpointError naming the file
+    if it is missing, torn, edited, of another format or lacks a field."""
     path = Path(directory) / COORDINATOR_FILE
+    hint = (f"restore from a complete copy of {directory}, or start without --restore (a new run: its workers "
+            f"must be restarted too)")
     if not path.is_file():
         raise CheckpointError(f"{path} not found: nothing to restore (was the server started with "
-                              f"--checkpoint-dir {directory} and did a worker initialise the model?)")
+                              f"--checkpoint-dir {directory}, and did a worker join?)")
     try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-        for key in ("layout", "ranges", "total", "fingerprint"):
-            state[key]  # noqa: B018 — presence check
-    except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"{path} is torn or not a notpu coordinator checkpoint ({type(exc).__name__}: {exc})") from None
+        doc = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is torn or not a notpu coordinator checkpoint ({type(exc).__name__}: "
+                              f"{exc}); {hint}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+        raise CheckpointError(f"{path} is not a notpu coordinator checkpoint (no state object); {hint}")
+    if doc.get("format") != COORDINATOR_FORMAT:
+        raise CheckpointError(f"{path} is format {doc.get('format')!r}, this version reads {COORDINATOR_FORMAT!r}; "
+                              f"{hint}")
+    state = doc["state"]
+    if doc.get("crc32") != _crc(state):
+        raise CheckpointError(f"{path}: the state's CRC32 does not match its header (edited or corrupt); {hint}")
+    missing = [k for k in COORDINATOR_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; {hint}")
     return state
 
 
-def check_restore(directory: str | Path, shards: int) -> dict[str, Any]:
+#: The fields of the coordinator's state (`pserver.coordinator.Coordinator.STATE_KEYS`; this module does not
+#: import the coordinator, which restores them).
+COORDINATOR_KEYS = ("address", "shards", "world", "run", "endpoints", "layout", "architecture", "ranges", "total",
+                    "fingerprint", "workers", "stop", "observers", "memory", "refused", "repeats")
+
+
+def check_restore(directory: str | Path, shards: int, world: int | None = None) -> dict[str, Any]:
     """Check the whole directory before anything starts: the coordinator's file and every shard's.
 
-    Returns the coordinator state. A shard file that is missing is allowed
-    (that shard starts empty and says so); one that is torn, or whose range or
-    fingerprint differs from the coordinator's, is refused.
+    Returns the coordinator state. ``shards`` and ``world`` must be the
+    checkpoint's (the run config is compared when the coordinator restores
+    it). A shard file that is missing is allowed (that shard starts empty and
+    says so); one that is torn, or whose range or fingerprint differs from the
+    coordinator's, is refused, and so is one beside a coordinator that holds
+    no model (they come from different runs).
     """
     state = load_coordinator(directory)
-    ranges = [tuple(r) for r in state["ranges"]]
+    path = Path(directory) / COORDINATOR_FILE
+    if state["shards"] != shards:
+        raise CheckpointError(f"{path} was written by a server with {state['shards']} shard(s); "
+                              f"start with --shards {state['shards']}")
+    if world is not None and state["world"] != world:
+        raise CheckpointError(f"{path} was written by a server of {state['world']} worker(s); "
+                              f"start with --workers {state['world']}")
+    try:
+        ranges = [(int(a), int(b)) for a, b in state["ranges"]]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has malformed shard ranges ({exc}); it was edited or is torn") from None
+    if not ranges:
+        strays = [shard_file(directory, k) for k in range(shards) if shard_file(directory, k).exists()]
+        if strays:
+            raise CheckpointError(f"{strays[0]} exists but {path} holds no model: they are from different runs; "
+                                  f"restore from one run's directory")
+        return state
     if len(ranges) != shards:
-        raise CheckpointError(f"{Path(directory) / COORDINATOR_FILE} was written by a server with {len(ranges)} "
-                              f"shard(s); start with --shards {len(ranges)}")
+        raise CheckpointError(f"{path} holds {len(ranges)} shard range(s) for {state['shards']} shard(s); "
+                              f"it was edited or is torn")
     for k, (start, end) in enumerate(ranges):
         path = shard_file(directory, k)
         if not path.exists():

@@ -19,12 +19,26 @@ same endpoint again, HEARTBEAT keeps the largest counts, DONE sets the same
 report again, STOP keeps the first reason, LEAVE forgets an observer already
 forgotten, and MODEL, STATS and PING change nothing but a last-seen time.
 
+Restarts. `snapshot()` is everything the coordinator knows that a client
+relies on: the ranks and names, done and lost workers and their reports, the
+run config, the model (layout, architecture, shard ranges), the shard
+endpoints, the stop reason, the observers and the reply memory; `restore()`
+takes it back into a fresh coordinator. `pserver start` writes it beside the
+shards' checkpoints (`pserver.supervisor.CoordinatorCheckpointer`): at once,
+before the reply leaves, whenever a reply reports a decision (a rank taken, the
+model fixed, a DONE, a STOP: ``on_change``), so that a client never holds an
+answer the restored server has forgotten; and every checkpoint interval for
+the rest (heartbeat counts, lost workers, observers). Round numbers are the
+shards' (`pserver.shard.ShardState`). Times are not kept: a restored worker or
+observer counts as seen at the restore.
+
 Memory. The socket's frame limit is `MAX_MESSAGE_BYTES` (set by
 `pserver.server`): every message here is a header, the largest an INIT
 carrying the model's architecture JSON.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -102,6 +116,29 @@ class ReplyMemory:
         while len(self._last) > self.limit:
             self._last.popitem(last=False)
 
+    def to_wire(self) -> list[list[Any]]:
+        """Every entry as [client, n, op, decision], least recently seen first (JSON: decisions are ints and bools)."""
+        return [[client, n, op, decision] for client, (n, op, decision) in self._last.items()]
+
+    def load(self, entries: Any) -> None:
+        """Take `to_wire()`'s entries back (replacing any); ValueError naming the first bad one."""
+        if not isinstance(entries, list):
+            raise ValueError(f"memory must be a list of [client, n, op, decision], got {type(entries).__name__}")
+        last: OrderedDict[int, tuple[int, str, Any]] = OrderedDict()
+        for i, e in enumerate(entries):
+            if not (isinstance(e, list) and len(e) == 4 and all(_is_int(x) and x >= 0 for x in e[:2])
+                    and (e[2], type(e[3])) in (("JOIN", int), ("INIT", bool))):
+                raise ValueError(f"memory entry {i} must be [client, n, 'JOIN', rank] or [client, n, 'INIT', first], "
+                                 f"got {e!r}")
+            last[e[0]] = (e[1], e[2], e[3])
+        while len(last) > self.limit:
+            last.popitem(last=False)
+        self._last = last
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
 
 @dataclass
 class WorkerInfo:
@@ -145,7 +182,12 @@ class Coordinator:
         self.observers: dict[str, float] = {}  # observer name -> last seen (monotonic)
         self.stop_requested = ""  # why the run should stop early (e.g. target AUC reached); told to workers
         self.curve: dict[str, bytes] | None = None  # client keys for asking CurveZMQ shards (pserver.security)
-        self.on_model: Callable[[], Any] | None = None  # called once the first INIT fixed the model (checkpoints)
+        # Called after a decision a reply reports (a rank, the model, a DONE, a STOP), before that reply is sent:
+        # `pserver start` writes the coordinator's checkpoint there (see the module docstring, Restarts).
+        self.on_change: Callable[[], Any] | None = None
+        self.address = ""  # host:port, as `pserver start` bound it; kept in checkpoints
+        self.restored_endpoints: dict[int, str] = {}  # where the shards were before a restore (`restore`)
+        self._decided = False  # this request made a decision on_change must see before its reply leaves
         self._stopping = False
 
     @property
@@ -205,6 +247,14 @@ class Coordinator:
             self._count("internal")
             log.exception("coordinator: internal error")
             reply = protocol.encode(error("internal", f"{type(exc).__name__}: {exc}"))
+        if self._decided:
+            self._decided = False
+            if self.on_change is not None:
+                try:
+                    self.on_change()
+                except Exception:  # the run goes on; only a restart of the whole server would miss this decision
+                    log.exception("coordinator: checkpoint not written; were the whole server lost now, the "
+                                  "restarted one would not know this request's decision")
         try:
             self.socket.send_multipart([identity, *reply])
         except zmq.ZMQError as exc:
@@ -258,6 +308,7 @@ class Coordinator:
                                                  f"--workers or rejoin a lost rank with --rank")
             rank = free[0]
         self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now)
+        self._decided = True
         log.info("worker %d of %d joined (%s)", rank, self.world, name or "unnamed")
         return rank
 
@@ -296,8 +347,7 @@ class Coordinator:
         self.layout = layout
         self.architecture = architecture or None
         self.ranges = ranges
-        if self.on_model is not None:
-            self.on_model()
+        self._decided = True
         log.info("model of %d tensors, %d floats, over %d shard(s)", len(layout.tensors), layout.total, self.n_shards)
         return True
 
@@ -331,6 +381,7 @@ class Coordinator:
         if not self.stop_requested:
             log.info("stopping the run: %s", reason)
             self.stop_requested = reason
+            self._decided = True
         return protocol.encode(ok())
 
     def _done(self, msg: protocol.Message) -> list[Any]:
@@ -342,6 +393,7 @@ class Coordinator:
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(info, key, max(getattr(info, key), value))
         info.report = {str(k): v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
+        self._decided = True
         log.info("worker %d is done: %s", info.rank, info.report)
         return protocol.encode(ok())
 
@@ -368,6 +420,95 @@ class Coordinator:
                                     "report": w.report}
                         for w in self.workers.values()},
         }
+
+    # ---- restarts ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a restarted coordinator must know (module docstring, Restarts), as one JSON-able dict."""
+        return {
+            "address": self.address, "shards": self.n_shards, "world": self.world, "run": self.run_config,
+            "endpoints": {str(k): e for k, e in sorted(self.endpoints.items())},
+            "layout": self.layout.to_wire() if self.layout else None, "architecture": self.architecture,
+            "ranges": [list(r) for r in self.ranges], "total": self.layout.total if self.layout else 0,
+            "fingerprint": self.layout.fingerprint() if self.layout else "",
+            "workers": [{"rank": w.rank, "name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
+                         "nan_recoveries": w.nan_recoveries, "report": w.report}
+                        for w in sorted(self.workers.values(), key=lambda w: w.rank)],
+            "stop": self.stop_requested, "observers": sorted(self.observers), "memory": self.memory.to_wire(),
+            "refused": dict(self.refused), "repeats": self.memory.repeats,
+        }
+
+    #: The keys of `snapshot()`.
+    STATE_KEYS = ("address", "shards", "world", "run", "endpoints", "layout", "architecture", "ranges", "total",
+                  "fingerprint", "workers", "stop", "observers", "memory", "refused", "repeats")
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take a `snapshot()` back into this coordinator, before it serves. Shard endpoints are not taken:
+        the shards register again (`restored_endpoints` says where they were). ValueError naming the first
+        field that is malformed or does not match this coordinator's shards, world or run config; nothing
+        is changed then."""
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        if state["shards"] != self.n_shards:
+            raise ValueError(f"written by a server with {state['shards']} shard(s), this one has {self.n_shards}")
+        if state["world"] != self.world:
+            raise ValueError(f"written by a server of {state['world']} worker(s), this one has {self.world}")
+        run, mine = state["run"], json.loads(json.dumps(self.run_config))  # compared as JSON reads them back
+        if not isinstance(run, dict):
+            raise ValueError(f"run must be a JSON object, got {type(run).__name__}")
+        if run != mine:
+            keys = sorted(k for k in {*run, *mine} if run.get(k) != mine.get(k))
+            raise ValueError(f"written for another run config (differing: {', '.join(keys)})")
+        if not (state["architecture"] is None or isinstance(state["architecture"], str)):
+            raise ValueError("architecture must be a string or null")
+        layout = None
+        if state["layout"] is not None:
+            layout = Layout.from_wire(state["layout"])
+            if layout.fingerprint() != state["fingerprint"] or layout.total != state["total"]:
+                raise ValueError("layout does not match its fingerprint or total")
+            if [tuple(r) for r in state["ranges"]] != shard_ranges(layout.total, self.n_shards):
+                raise ValueError(f"shard ranges {state['ranges']} are not those of {layout.total} floats over "
+                                 f"{self.n_shards} shard(s)")
+        elif state["ranges"]:
+            raise ValueError("shard ranges without a layout")
+        endpoints = state["endpoints"]
+        if not (isinstance(endpoints, dict) and all(k.isdigit() and int(k) < self.n_shards and isinstance(e, str)
+                                                    and ":" in e for k, e in endpoints.items())):
+            raise ValueError(f"endpoints must map shard indices to host:port, got {endpoints!r}")
+        now = time.monotonic()
+        workers = {}
+        for i, w in enumerate(state["workers"]):
+            try:
+                info = WorkerInfo(rank=w["rank"], name=w["name"], joined_at=now, last_seen=now, done=w["done"],
+                                  lost=w["lost"], samples=w["samples"], nan_recoveries=w["nan_recoveries"],
+                                  report=w["report"])
+            except (TypeError, KeyError) as exc:
+                raise ValueError(f"worker entry {i}: {exc!r}") from None
+            if not (_is_int(info.rank) and 0 <= info.rank < self.world and info.rank not in workers
+                    and isinstance(info.name, str) and isinstance(info.done, bool) and isinstance(info.lost, bool)
+                    and _is_int(info.samples) and _is_int(info.nan_recoveries) and isinstance(info.report, dict)):
+                raise ValueError(f"worker entry {i} is not a rank of [0, {self.world}) taken once with its "
+                                 f"name, done, lost, samples, nan_recoveries and report: {w!r}")
+            workers[info.rank] = info
+        if not (isinstance(state["stop"], str) and isinstance(state["observers"], list)
+                and all(isinstance(o, str) for o in state["observers"]) and isinstance(state["refused"], dict)
+                and all(_is_int(n) for n in state["refused"].values()) and _is_int(state["repeats"])):
+            raise ValueError("stop, observers, refused or repeats is malformed")
+        memory = ReplyMemory(self.memory.limit)
+        memory.load(state["memory"])
+        memory.repeats = state["repeats"]
+        self.layout, self.architecture = layout, state["architecture"] or None
+        self.ranges = [(int(a), int(b)) for a, b in state["ranges"]]
+        self.restored_endpoints = {int(k): e for k, e in endpoints.items()}
+        self.workers, self.memory = workers, memory
+        self.stop_requested = state["stop"]
+        self.observers = {name: now for name in state["observers"]}
+        self.refused = dict(state["refused"])
+        log.info("restored %d worker(s) (%s done, %s lost)%s", len(workers),
+                 sorted(w.rank for w in workers.values() if w.done) or "none",
+                 sorted(w.rank for w in workers.values() if w.lost) or "none",
+                 f" and the model ({len(layout.tensors)} tensors, {layout.total} floats)" if layout else ", no model yet")
 
     def _observe(self, msg: protocol.Message) -> None:
         """An observer names itself in MODEL and STATS; `--exit-when-done` waits for it to LEAVE."""

@@ -17,7 +17,16 @@ open files caps the connections.
 
 SIGINT or SIGTERM stops the coordinator, which stops its shards (SIGTERM,
 then SIGKILL after a grace period). A shard whose parent disappears stops
-by itself, so a killed server leaves nothing behind.
+by itself (writing its checkpoint, if it keeps them), so a killed server
+leaves nothing behind.
+
+Losing the whole server (SIGKILL, a lost host): with ``--checkpoint-dir``,
+`pserver start --restore DIR` on the same address resumes it: the
+coordinator's state (`pserver.coordinator`, Restarts) and every shard's
+slice and seq table come back, the shards bind their old ports, and running
+workers and the evaluator, which wait for a silent server
+(`pserver.client.ClientConfig.server_wait_s`), retry and go on with their
+ranks. With port 0, a restored server takes the port it had.
 """
 from __future__ import annotations
 
@@ -142,12 +151,23 @@ def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 
                              "--config-json", proc_config.to_json()])
 
 
+def _port(endpoint: str | None) -> int:
+    """The port of a ``host:port`` endpoint; 0 (one chosen by the OS) for None."""
+    return int(endpoint.rsplit(":", 1)[1]) if endpoint else 0
+
+
 def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run in the foreground until SIGINT/SIGTERM (or all workers are done). Returns the final summary."""
     if config.restore and not config.checkpoint_dir:
         config = replace(config, checkpoint_dir=config.restore)  # go on checkpointing where we resumed from
+    if config.restore and os.path.abspath(config.restore) != os.path.abspath(str(config.checkpoint_dir)):
+        raise ConfigError(f"--restore {config.restore} with --checkpoint-dir {config.checkpoint_dir}: a restored "
+                          f"server goes on checkpointing where it resumed from; drop --checkpoint-dir")
     _check(config)
-    restored = checkpoint.check_restore(config.restore, config.shards) if config.restore else None
+    restored = checkpoint.check_restore(config.restore, config.shards, config.workers) if config.restore else None
+    if restored is not None and not config.port and restored.get("address"):
+        # the same address: the running workers and the evaluator look for the coordinator there
+        config = replace(config, port=int(restored["address"].rsplit(":", 1)[1]))
     context = zmq.Context.instance()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -164,12 +184,18 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     address = f"{config.host}:{port}"
     coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run_for_workers(),
                         worker_timeout_s=config.worker_timeout_s, max_slice_bytes=config.max_message_bytes)
+    coord.address = address
     if config.keys_dir:
         coord.curve = security.internal_curve(config.keys_dir)
     if restored is not None:
-        supervisor.restore_model(coord, restored, config.restore)
-    if config.checkpoint_dir:
-        coord.on_model = lambda: supervisor.persist_model(coord, config.checkpoint_dir)
+        supervisor.restore_coordinator(coord, restored, config.restore)
+        if restored.get("address") and restored["address"] != address:
+            log.warning("restored a run served at %s, now at %s: workers still looking for %s will not find it",
+                        restored["address"], address, restored["address"])
+    saver = supervisor.CoordinatorCheckpointer(coord, config.checkpoint_dir, config.checkpoint_every_s) \
+        if config.checkpoint_dir else None
+    if saver is not None and restored is not None:
+        saver.restored()
     notifier = supervisor.LivenessNotifier(coord, coord.curve)
     procs: list[subprocess.Popen] = []
     stopping = {"signal": None}
@@ -180,7 +206,9 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        procs += [spawn_shard(config, k, address, restore=restored is not None) for k in range(config.shards)]
+        # restored shards bind their old ports: running workers look for them there
+        procs += [spawn_shard(config, k, address, port=_port(coord.restored_endpoints.get(k)),
+                              restore=restored is not None) for k in range(config.shards)]
         deadline = time.monotonic() + config.startup_timeout_s
 
         def started() -> bool:
@@ -209,9 +237,13 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
             def finished() -> bool:
                 watch.check()
                 notifier.check()
+                if saver is not None:
+                    saver.tick()
                 return config.exit_when_done and coord.finished
 
             coord.serve(until=finished)
+            if saver is not None:
+                saver.save()  # stopped or done: the last word on disk
         return coord.summary()
     finally:
         stop_trees(procs, grace_s=5.0)

@@ -1,5 +1,5 @@
 """What `pserver start` does around the coordinator's loop: persist and restore the
-model description, restart dead shards from their checkpoints, and tell shards
+coordinator's state, restart dead shards from their checkpoints, and tell shards
 which workers the coordinator has declared lost or done.
 
 All of it runs in the server process, between two polls of the coordinator's
@@ -19,35 +19,57 @@ import zmq
 from pserver import checkpoint, protocol
 from pserver.coordinator import Coordinator
 from pserver.errors import CheckpointError
-from pserver.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
-# ---- the coordinator's model, on disk ---------------------------------------
+# ---- the coordinator's state, on disk -----------------------------------------
 
-def persist_model(coord: Coordinator, directory: str | Path) -> Path:
-    """Write what JOIN/INIT/MODEL answer from, so a restarted server can answer it again."""
-    assert coord.layout is not None
-    return checkpoint.save_coordinator(directory, {
-        "layout": coord.layout.to_wire(), "architecture": coord.architecture, "ranges": coord.ranges,
-        "total": coord.layout.total, "fingerprint": coord.layout.fingerprint(), "shards": coord.n_shards,
-        "world": coord.world, "written_at": time.time()})
+class CoordinatorCheckpointer:
+    """Writes the coordinator's state (`Coordinator.snapshot`) to ``directory/coordinator.json``: at once when
+    a reply reports a decision (`Coordinator.on_change`, which this installs), and from `tick` every
+    ``every_s`` seconds if anything else changed (heartbeat counts, lost workers, observers). Each write is
+    a few milliseconds (one fsynced JSON file); decisions come a few per worker per run."""
+
+    def __init__(self, coord: Coordinator, directory: str | Path, every_s: float) -> None:
+        self.coord = coord
+        self.directory = Path(directory)
+        self.every_s = every_s
+        self._saved: dict[str, Any] | None = None
+        self._last = time.monotonic()
+        coord.on_change = self.save
+
+    def restored(self) -> None:
+        """The coordinator was just restored from this directory: its state is on disk already, and what
+        changes from now on (the shards registering again, heartbeats) is written every ``every_s``."""
+        self._saved = self.coord.snapshot()
+
+    def save(self) -> Path | None:
+        """Write the state if it changed since the last write; the path written, or None."""
+        self._last = time.monotonic()
+        state = self.coord.snapshot()
+        if state == self._saved:
+            return None
+        path = checkpoint.save_coordinator(self.directory, state)
+        self._saved = state
+        return path
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self._saved is not None and self.every_s > 0 and now - self._last >= self.every_s:
+            self.save()  # after the first decision only: before it there is nothing a restart would miss
 
 
-def restore_model(coord: Coordinator, state: dict[str, Any], directory: str | Path) -> None:
+def restore_coordinator(coord: Coordinator, state: dict[str, Any], directory: str | Path) -> None:
+    """`Coordinator.restore`, its refusal a CheckpointError naming the file and what to do."""
+    path = Path(directory) / checkpoint.COORDINATOR_FILE
     try:
-        layout = Layout.from_wire(state["layout"])
+        coord.restore(state)
     except ValueError as exc:
-        raise CheckpointError(f"{Path(directory) / checkpoint.COORDINATOR_FILE}: layout {exc}") from None
-    if layout.fingerprint() != state["fingerprint"] or layout.total != state["total"]:
-        raise CheckpointError(f"{Path(directory) / checkpoint.COORDINATOR_FILE}: layout does not match its "
-                              f"fingerprint or total; the file was edited or is torn")
-    coord.layout = layout
-    coord.architecture = state.get("architecture") or None
-    coord.ranges = [(int(a), int(b)) for a, b in state["ranges"]]
-    log.info("restored the model (%d tensors, %d floats, %d shard(s)) from %s", len(layout.tensors), layout.total,
-             len(coord.ranges), directory)
+        raise CheckpointError(f"{path} cannot be restored by this server: {exc}; start with the options the run "
+                              f"was started with (its run config is the file's state.run), or restore from a "
+                              f"complete copy of {directory}") from None
+    log.info("restored the coordinator from %s", path)
 
 
 # ---- shard processes ---------------------------------------------------------

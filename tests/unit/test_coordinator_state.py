@@ -2,14 +2,17 @@
 out of a stand-in socket. No sockets are bound and no processes started."""
 from __future__ import annotations
 
+import json
 import time
 
 import msgpack
 import pytest
 import zmq
 
-from pserver import protocol
+from pserver import checkpoint, protocol
 from pserver.coordinator import OBSERVER_TIMEOUT_S, Coordinator
+from pserver.errors import CheckpointError
+from pserver.supervisor import CoordinatorCheckpointer, restore_coordinator
 from pserver.layout import Layout, shard_ranges
 from wire import Wire  # noqa: E402
 
@@ -105,7 +108,7 @@ def test_a_lost_rank_can_be_taken_back_a_live_one_cannot():
 def test_first_init_fixes_the_layout_and_the_ranges():
     coord = ready(shards=3)
     called = []
-    coord.on_model = lambda: called.append(coord.layout)
+    coord.on_change = lambda: called.append(coord.layout)
     reply = ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru"})
     assert reply["first"] is True and reply["world"] == 2
     assert coord.ranges == shard_ranges(LAYOUT.total, 3) == [(s["start"], s["end"]) for s in reply["shards"]]
@@ -304,7 +307,7 @@ def test_a_retried_rejoin_of_a_lost_rank_keeps_it():
 def test_a_retried_init_is_first_again_and_fixes_nothing_twice():
     coord = ready()
     called = []
-    coord.on_model = lambda: called.append(1)
+    coord.on_change = lambda: called.append(1)
     init = {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru", "rid": [CLIENT, 2]}
     assert ask(coord, init, identity=b"s1")["first"] is True
     assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT + 1, 1]})["first"] is False
@@ -368,3 +371,201 @@ def test_stats_name_the_coordinators_pid():
     import os
 
     assert make().summary()["pid"] == os.getpid()
+
+
+# ---- whole-server restarts: snapshot, restore, coordinator.json --------------------------------------------
+
+def on_disk(coord: Coordinator) -> dict:
+    """The snapshot as it comes back from coordinator.json."""
+    return json.loads(json.dumps(coord.snapshot()))
+
+
+def a_run_in_progress() -> Coordinator:
+    """3 ranks: 0 initialised the model and is done, 1 is training, 2 was declared lost; an evaluator watches."""
+    coord = ready(world=3, worker_timeout_s=5.0)
+    assert ask(coord, {"op": "JOIN", "name": "a", "rid": [CLIENT, 1]})["rank"] == 0
+    assert ask(coord, {"op": "JOIN", "name": "b", "rid": [CLIENT + 1, 1]})["rank"] == 1
+    assert ask(coord, {"op": "JOIN", "name": "c", "rid": [CLIENT + 2, 1]})["rank"] == 2
+    assert ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire(), "architecture": "gru", "rid": [CLIENT, 2]})["first"]
+    ask(coord, {"op": "MODEL", "observer": "eval"})
+    ask(coord, {"op": "HEARTBEAT", "rank": 1, "samples": 640, "nan_recoveries": 2, "rid": [CLIENT + 1, 2]})
+    ask(coord, {"op": "DONE", "rank": 0, "report": {"samples": 900, "final_loss": 0.4}, "rid": [CLIENT, 3]})
+    coord.workers[0].last_seen = coord.workers[1].last_seen = time.monotonic() + 10.0
+    coord.check_liveness(time.monotonic() + 6.0)
+    assert [w.lost for w in coord.workers.values()] == [False, False, True]
+    return coord
+
+
+def restored(state: dict, world: int = 3, **kw) -> Coordinator:
+    coord = make(shards=2, world=world, worker_timeout_s=5.0, **kw)
+    coord.restore(state)
+    return coord
+
+
+def test_a_restored_coordinator_knows_every_rank_the_model_and_its_decisions():
+    old = a_run_in_progress()
+    state = on_disk(old)
+    new = restored(state)
+    assert not new.ready and new.restored_endpoints == {0: "10.0.0.0:7000", 1: "10.0.0.1:7001"}
+    for k in range(2):  # the shards register again, on their old ports
+        ask(new, {"op": "REGISTER", "shard": k, "endpoint": new.restored_endpoints[k]})
+    assert on_disk(new) == state
+    assert [(w.rank, w.name, w.done, w.lost, w.samples, w.nan_recoveries) for w in new.workers.values()] == \
+        [(0, "a", True, False, 900, 0), (1, "b", False, False, 640, 2), (2, "c", False, True, 0, 0)]
+    assert new.workers[0].report == {"samples": 900, "final_loss": 0.4}
+    assert (new.layout, new.architecture, new.ranges) == (LAYOUT, "gru", old.ranges)
+    # a retried JOIN or first INIT, its reply lost with the old server, is answered as the first time
+    assert ask(new, {"op": "JOIN", "name": "b", "rid": [CLIENT + 1, 1]})["rank"] == 1
+    assert ask(new, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT, 2]})["first"] is True
+    assert new.memory.repeats == 2 and list(new.workers) == [0, 1, 2]
+    assert refused(ask(new, {"op": "JOIN", "name": "stranger"}), "malformed")  # no rank is free
+    assert ask(new, {"op": "JOIN", "name": "c again", "rank": 2})["rank"] == 2  # a lost rank is taken back
+    # the running worker goes on with its rank: heartbeats and DONE are accepted
+    assert ask(new, {"op": "HEARTBEAT", "rank": 1, "samples": 700})["ok"] is True and new.workers[1].samples == 700
+    ask(new, {"op": "DONE", "rank": 1})
+    ask(new, {"op": "DONE", "rank": 2})
+    assert not new.finished  # the evaluator counts as watching from the restore
+    ask(new, {"op": "LEAVE", "observer": "eval"})
+    assert new.finished
+
+
+def test_a_restored_coordinator_counts_silence_from_the_restore():
+    new = restored(on_disk(a_run_in_progress()))
+    seen = new.workers[1].last_seen
+    assert abs(seen - time.monotonic()) < 5.0
+    new.check_liveness(seen + 4.0)
+    assert not new.workers[1].lost
+    new.check_liveness(seen + 6.0)
+    assert new.workers[1].lost
+
+
+def test_before_init_only_ranks_are_restored():
+    coord = ready(world=2)
+    ask(coord, {"op": "JOIN", "name": "a", "rid": [CLIENT, 1]})
+    new = restored(on_disk(coord), world=2)
+    assert new.layout is None and new.ranges == [] and list(new.workers) == [0]
+    for k in range(2):
+        ask(new, {"op": "REGISTER", "shard": k, "endpoint": f"h:{k + 1}"})
+    assert ask(new, {"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT, 2]})["first"] is True
+
+
+def test_decisions_are_checkpointed_before_their_reply_leaves():
+    coord = ready(world=2)
+    seen = []
+    coord.on_change = lambda: seen.append((len(coord.socket.sent), on_disk(coord)))
+
+    def changes(header: dict) -> bool:
+        before = len(seen)
+        ask(coord, header)
+        return len(seen) > before
+
+    assert changes({"op": "JOIN", "name": "a", "rid": [CLIENT, 1]})
+    sent, state = seen[-1]
+    assert sent == 0  # the reply had not left yet
+    assert state["workers"][0]["name"] == "a" and state["memory"] == [[CLIENT, 1, "JOIN", 0]]
+    assert not changes({"op": "JOIN", "name": "a", "rid": [CLIENT, 1]})  # its retry: nothing new
+    assert changes({"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT, 2]})
+    assert seen[-1][1]["layout"] == LAYOUT.to_wire()
+    assert not changes({"op": "INIT", "layout": LAYOUT.to_wire(), "rid": [CLIENT + 1, 1]})  # not first: nothing fixed
+    assert changes({"op": "JOIN", "name": "b"})
+    for op in ({"op": "PING"}, {"op": "HEARTBEAT", "rank": 0, "samples": 5}, {"op": "MODEL", "observer": "e"},
+               {"op": "JOIN", "name": "c"}, {"op": "LEAVE", "observer": "e"}):
+        assert not changes(op), op  # the JOIN is refused: no rank is free
+    assert changes({"op": "DONE", "rank": 0})
+    assert changes({"op": "STOP", "reason": "target reached"}) and not changes({"op": "STOP", "reason": "again"})
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_reply(caplog):
+    coord = ready(world=1)
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    coord.on_change = disk_full
+    assert ask(coord, {"op": "JOIN"})["rank"] == 0
+    assert "checkpoint not written" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(world=2), "this one has 3"),
+    (lambda s: s.update(shards=3), "3 shard\\(s\\), this one has 2"),
+    (lambda s: s["run"].update(rule="downpour"), "another run config \\(differing: rule\\)"),
+    (lambda s: s.update(fingerprint="0" * 64), "fingerprint"),
+    (lambda s: s.update(ranges=[[0, 5], [5, 20]]), "shard ranges"),
+    (lambda s: s["workers"][1].update(rank=0), "worker entry 1"),
+    (lambda s: s["workers"][2].update(rank=3), "worker entry 2"),
+    (lambda s: s["workers"][0].pop("done"), "worker entry 0"),
+    (lambda s: s["memory"].append([1, 1, "DONE", 0]), "memory entry"),
+    (lambda s: s.pop("memory"), "missing memory"),
+    (lambda s: s.update(endpoints={"9": "h:1"}), "endpoints"),
+])
+def test_a_state_of_another_run_or_malformed_is_refused_and_changes_nothing(change, message):
+    state = on_disk(a_run_in_progress())
+    change(state)
+    coord = make(shards=2, world=3)
+    with pytest.raises(ValueError, match=message):
+        coord.restore(state)
+    assert coord.workers == {} and coord.layout is None and len(coord.memory) == 0
+
+
+# ---- coordinator.json ------------------------------------------------------------------------------------
+
+def test_coordinator_json_is_written_at_each_decision_and_every_interval(tmp_path):
+    coord = ready(world=2)
+    saver = CoordinatorCheckpointer(coord, tmp_path, every_s=30.0)
+    saver.tick(time.monotonic() + 60.0)
+    assert not (tmp_path / checkpoint.COORDINATOR_FILE).exists()  # nothing decided yet: nothing to keep
+    ask(coord, {"op": "JOIN", "name": "a", "rid": [CLIENT, 1]})
+    assert checkpoint.load_coordinator(tmp_path) == on_disk(coord)  # the JOIN wrote it
+    ask(coord, {"op": "HEARTBEAT", "rank": 0, "samples": 64})
+    saver.tick(time.monotonic() + 1.0)
+    assert checkpoint.load_coordinator(tmp_path)["workers"][0]["samples"] == 0  # not yet an interval
+    saver.tick(time.monotonic() + 31.0)
+    assert checkpoint.load_coordinator(tmp_path)["workers"][0]["samples"] == 64
+    assert saver.save() is None  # unchanged: not written again
+
+
+def saved_run(tmp_path) -> tuple[Coordinator, object]:
+    coord = a_run_in_progress()
+    return coord, checkpoint.save_coordinator(tmp_path, coord.snapshot())
+
+
+def test_a_torn_or_edited_coordinator_checkpoint_is_refused_naming_the_file(tmp_path):
+    coord, path = saved_run(tmp_path)
+    assert checkpoint.check_restore(tmp_path, shards=2, world=3) == on_disk(coord)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=f"{path} is torn.*complete copy"):
+        checkpoint.check_restore(tmp_path, shards=2, world=3)
+    path.write_text(text.replace('"name": "b"', '"name": "x"'))
+    with pytest.raises(CheckpointError, match=f"{path}: the state's CRC32 does not match"):
+        checkpoint.load_coordinator(tmp_path)
+    path.write_text(text.replace(checkpoint.COORDINATOR_FORMAT, "notpu-coordinator/1"))
+    with pytest.raises(CheckpointError, match="format 'notpu-coordinator/1'"):
+        checkpoint.load_coordinator(tmp_path)
+    path.write_text(json.dumps({"layout": [], "ranges": [], "total": 0, "fingerprint": ""}))  # the old format
+    with pytest.raises(CheckpointError, match="no state object"):
+        checkpoint.load_coordinator(tmp_path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="not found: nothing to restore"):
+        checkpoint.load_coordinator(tmp_path)
+
+
+def test_a_mismatched_coordinator_checkpoint_is_refused_saying_what_to_do(tmp_path):
+    coord, path = saved_run(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{path} was written by a server with 2 shard.*--shards 2"):
+        checkpoint.check_restore(tmp_path, shards=3, world=3)
+    with pytest.raises(CheckpointError, match="--workers 3"):
+        checkpoint.check_restore(tmp_path, shards=2, world=2)
+    other = Coordinator(Wire(), shards=2, world=3, run_config={**CONFIG, "rule": "easgd"})
+    with pytest.raises(CheckpointError, match=f"{path} cannot be restored.*differing: rule.*options the run"):
+        restore_coordinator(other, checkpoint.load_coordinator(tmp_path), tmp_path)
+
+
+def test_a_shard_checkpoint_beside_a_coordinator_without_a_model_is_refused(tmp_path):
+    coord = ready(world=2)
+    ask(coord, {"op": "JOIN"})
+    checkpoint.save_coordinator(tmp_path, coord.snapshot())
+    checkpoint.shard_file(tmp_path, 1).write_bytes(b"from another run")
+    with pytest.raises(CheckpointError, match="shard-1.npz exists but .* holds no model: they are from different runs"):
+        checkpoint.check_restore(tmp_path, shards=2, world=2)
