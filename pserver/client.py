@@ -4,7 +4,9 @@ One DEALER per shard, so a pull or a push goes to every shard at once and the
 replies are gathered with one poll. Every receive has a timeout. A request
 that times out is retried on a fresh socket (the old one may hold a reply that
 will never come, or a request that will never leave), with exponential
-back-off, up to `retries` times.
+back-off, up to `retries` times, and for at least `ClientConfig.server_wait_s`
+seconds in all: a server restarted with `pserver start --restore` on the
+same address (and its shards on their old ports) answers the retry.
 
 A retry must have the effect, and get the answer, of the request it
 repeats; how each op ensures it:
@@ -50,6 +52,10 @@ class ClientConfig:
     backoff_s: float = 0.25  # first back-off; doubles each retry
     max_backoff_s: float = 5.0
     not_ready_wait_s: float = 120.0  # how long to wait for the first worker's INIT to reach the shards
+    # Keep re-sending a request that gets no reply for at least this long in all, even past `retries`: a whole
+    # server lost and restarted with `pserver start --restore` answers again on the same address. 0: `retries`
+    # alone bounds the wait. Programs that must outlive a restart set it (`runner.worker.WorkerConfig`).
+    server_wait_s: float = 0.0
 
 
 def _tcp(endpoint: str) -> str:
@@ -110,7 +116,8 @@ def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Cli
     pending = set(range(len(peers)))
     attempt = 0
     backoff = config.backoff_s
-    not_ready_deadline = time.monotonic() + config.not_ready_wait_s
+    started = time.monotonic()
+    not_ready_deadline = started + config.not_ready_wait_s
     while pending:
         for i in pending:
             try:
@@ -148,15 +155,17 @@ def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Cli
             break
         if waiting:
             attempt += 1
-            if attempt > config.retries:
+            waited = time.monotonic() - started
+            if attempt > config.retries and waited >= config.server_wait_s:
                 names = ", ".join(peers[i].endpoint for i in sorted(waiting))
-                total = attempt * timeout_s
                 raise ServerUnreachable(
                     f"no reply to {what} from {names} after {attempt} attempt(s) of {timeout_s:g} s "
-                    f"(about {total:g} s); is `pserver start` running there and reachable from this host? "
+                    f"(about {waited:.0f} s); is `pserver start` running there and reachable from this host? "
                     f"Check the address, firewalls and --keys")
-            log.warning("no reply to %s from %s within %.1f s; retry %d of %d in %.2f s", what,
-                        ", ".join(peers[i].endpoint for i in sorted(waiting)), timeout_s, attempt, config.retries, backoff)
+            left = f"{attempt} of {config.retries}" if attempt <= config.retries else \
+                f"{attempt}, for up to {config.server_wait_s - waited:.0f} s more"
+            log.warning("no reply to %s from %s within %.1f s; retry %s in %.2f s", what,
+                        ", ".join(peers[i].endpoint for i in sorted(waiting)), timeout_s, left, backoff)
             for i in waiting:
                 peers[i].retries += 1
                 peers[i].connect()

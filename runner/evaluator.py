@@ -36,6 +36,7 @@ from pserver.fileio import atomic_write_json, atomic_write_text
 from pserver.layout import Layout, unflatten
 from pserver.stats import mean_staleness
 from runner.callbacks import CallbackSettings, Scalars, Tracker, checkpoint_path
+from runner.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class EvaluatorConfig:
     max_val_rows: int = 20_000  # a bigger validation split is subsampled (seeded) for the periodic checks
     keys_dir: str | None = None
     key_name: str | None = None
+    server_wait_s: float = WorkerConfig.server_wait_s  # a server lost and restarted with --restore: wait, go on
     # runner.callbacks.CallbackSettings, flat (one JSON document); every default is defined there
     monitor: str = CallbackSettings.monitor
     early_stopping_patience: int | None = CallbackSettings.early_stopping_patience
@@ -113,8 +115,8 @@ class Evaluator:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.client = Client(cfg.ps, ClientConfig(timeout_s=30.0), worker=EVALUATOR_ID,
-                             curve=client_curve(cfg.keys_dir, cfg.key_name))
+        self.client = Client(cfg.ps, ClientConfig(timeout_s=30.0, server_wait_s=cfg.server_wait_s),
+                             worker=EVALUATOR_ID, curve=client_curve(cfg.keys_dir, cfg.key_name))
         self.started_at = cfg.started_at or time.time()
         self.data = load_dataset(cfg.data_dir)
         self.split = split_indices(len(self.data.y))

@@ -44,7 +44,12 @@ class WorkerConfig:
     seed: int = 0
     # one request's wait (a shard being restarted costs this once); retries follow
     timeout_s: float = ClientConfig.timeout_s
-    retries: int = 8  # with back-off up to 5 s: over a minute and a half before a worker gives up
+    retries: int = 8  # with back-off up to 5 s: over a minute and a half before a worker gives up...
+    # ...unless the whole server is lost (its host, SIGKILL): a person or a service manager restarts it with
+    # `pserver start --restore` on the same address, which takes minutes, and the worker waits this long for it,
+    # keeping its rank and its pushes' sequence numbers (pserver.client.ClientConfig.server_wait_s). The
+    # evaluator waits as long (runner.evaluator.EvaluatorConfig).
+    server_wait_s: float = 300.0
 
 
 def configure_threads(threads: int) -> None:
@@ -132,7 +137,8 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Join, train, report DONE. Returns this worker's report."""
     data = load_dataset(cfg.data_dir)  # a missing or malformed DIR is reported before any wait for the server
     curve = client_curve(cfg.keys_dir, cfg.key_name)
-    client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries), curve=curve)
+    client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries,
+                                         server_wait_s=cfg.server_wait_s), curve=curve)
     try:
         return _run(cfg, client, data)
     finally:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", default=w.key_name, metavar="NAME",
                    help="use the key pair NAME (workers/NAME.key_secret) in --keys (default: the only or first one)")
     s.add_argument("--seed", type=int, default=w.seed)
+    s.add_argument("--server-wait-s", type=float, default=w.server_wait_s,
+                   help="how long to wait for a lost server to come back (pserver start --restore) before giving "
+                        f"up (default {w.server_wait_s:g})")
     s.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole WorkerConfig as one JSON object, instead of the other options (notpu train)")
     s.set_defaults(handler=cmd_start, sub_parser=s)
@@ -61,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.keras and the test scores from the best centre of the run, not the last")
     v.add_argument("--tensorboard", default=e.tensorboard, metavar="DIR", help="TensorBoard scalars per evaluation")
     v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
+    v.add_argument("--server-wait-s", type=float, default=e.server_wait_s,
+                   help=f"how long to wait for a lost server to come back (default {e.server_wait_s:g})")
     v.add_argument("--keys", default=e.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
     v.add_argument("--key", default=e.key_name, metavar="NAME",
                    help="the key pair NAME in --keys (default: the first one)")
@@ -93,7 +98,8 @@ def _from_options(args: argparse.Namespace, cls, allowed: tuple[str, ...] = (), 
 
 def cmd_start(args: argparse.Namespace) -> int:
     cfg = _from_options(args, WorkerConfig, ps=args.ps, data_dir=args.data, threads=args.threads, name=args.name,
-                        rank=args.rank, keys_dir=args.keys, key_name=args.key, seed=args.seed)
+                        rank=args.rank, keys_dir=args.keys, key_name=args.key, seed=args.seed,
+                        server_wait_s=args.server_wait_s)
     threads = cfg.threads or os.cpu_count() or 1
     configure_threads(threads)
     from runner.worker import run_worker
@@ -109,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         interval_s=args.interval_s, target_auc=args.target_auc, started_at=args.started_at,
                         finish_file=args.finish_file, keys_dir=args.keys, key_name=args.key,
                         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor,
-                        min_delta=args.min_delta, restore_best=args.restore_best, tensorboard=args.tensorboard)
+                        min_delta=args.min_delta, restore_best=args.restore_best, tensorboard=args.tensorboard,
+                        server_wait_s=args.server_wait_s)
     configure_threads(args.threads)
     from runner.evaluator import Evaluator
 
