@@ -73,10 +73,13 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--keys", default=d.keys_dir, metavar="DIR",
                    help="CurveZMQ: encrypt, and admit only the public keys in DIR/allowed (see `pserver keys`)")
     s.add_argument("--checkpoint-dir", default=d.checkpoint_dir, metavar="DIR",
-                   help="shards save their slice here; a shard that dies is restarted from it")
+                   help="shards save their slice here, the coordinator its state; a shard that dies is "
+                        "restarted from it, a whole server with --restore DIR")
     s.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
                    help=f"seconds between checkpoints (default {d.checkpoint_every_s:g})")
-    s.add_argument("--restore", default=d.restore, metavar="DIR", help="resume the model and every shard from DIR")
+    s.add_argument("--restore", default=d.restore, metavar="DIR",
+                   help="resume a lost server's run from its --checkpoint-dir DIR: the coordinator (ranks, model, "
+                        "workers done and lost) and every shard, on the same --port, with the same options")
     s.add_argument("--max-delta-norm-factor", type=float, default=d.max_delta_norm_factor,
                    help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
     s.add_argument("--max-staleness", type=int, default=d.max_staleness,

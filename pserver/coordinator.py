@@ -473,11 +473,13 @@ class Coordinator:
         elif state["ranges"]:
             raise ValueError("shard ranges without a layout")
         endpoints = state["endpoints"]
-        if not (isinstance(endpoints, dict) and all(k.isdigit() and int(k) < self.n_shards and isinstance(e, str)
-                                                    and ":" in e for k, e in endpoints.items())):
+        if not (isinstance(endpoints, dict) and all(isinstance(k, str) and k.isdigit() and int(k) < self.n_shards
+                                                    and isinstance(e, str) and ":" in e for k, e in endpoints.items())):
             raise ValueError(f"endpoints must map shard indices to host:port, got {endpoints!r}")
         now = time.monotonic()
         workers = {}
+        if not isinstance(state["workers"], list):
+            raise ValueError(f"workers must be a list, got {type(state['workers']).__name__}")
         for i, w in enumerate(state["workers"]):
             try:
                 info = WorkerInfo(rank=w["rank"], name=w["name"], joined_at=now, last_seen=now, done=w["done"],
