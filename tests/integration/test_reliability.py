@@ -1,10 +1,13 @@
 """Reliability, server side: CurveZMQ allow-list, shard checkpoints and restarts, lost workers,
 the running-median norm guard, and bounded staleness (SSP) — all against `pserver start`."""
+import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -12,11 +15,15 @@ import pytest
 
 from pserver import checkpoint
 from pserver.client import Client, ClientConfig
-from pserver.errors import RemoteError, ServerUnreachable
+from pserver.errors import ProcessExited, RemoteError, ServerUnreachable, WaitTimeout
 from pserver.layout import Layout
+from pserver.procs import stop_trees, wait_for_file
 from pserver.security import client_curve, create_keys
 
 from conftest import wait_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datasets import write_fading  # noqa: E402
 
 pytestmark = pytest.mark.integration
 LAYOUT = Layout.from_shapes([(50, 30), (30,), (1001,)])  # 2531 floats
@@ -242,3 +249,109 @@ def test_ssp_bounds_the_clock_gap(pserver):
     assert s["updates"] == {"0": 9, "1": 6}
     np.testing.assert_array_equal(fast.pull(), initial() + 15)
     fast.close(), slow.close()
+
+
+# ---- the whole server lost --------------------------------------------------------
+
+@pytest.fixture
+def fading_data(tmp_path):
+    return write_fading(tmp_path / "fading")
+
+
+@pytest.mark.slow
+def test_whole_server_killed_mid_run_and_restored_finishes_the_run(fading_data, tmp_path):
+    """SIGKILL to `pserver start`'s process group (coordinator and shards: the PS host lost) mid-run, then
+    `pserver start --restore` on the same port: the workers and the evaluator wait, go on with their ranks,
+    and the run finishes. Prints the recovery time (kill to the first update after the restore) and the
+    updates lost (shard versions read just before the kill against those of the last checkpoint)."""
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    options = ["--workers", "2", "--shards", "2", "--rule", "downpour", "--epochs", "40", "--hidden", "8",
+               "--batch-size", "32", "--exit-when-done", "--checkpoint-dir", str(ckpt), "--checkpoint-every-s", "1"]
+    procs: list[subprocess.Popen] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def log_of(name: str) -> str:
+        return (logs / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def start(name: str, cmd: list[str], **kw) -> subprocess.Popen:
+        with open(logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stderr=log, env=env, **kw)
+        procs.append(proc)
+        return proc
+
+    def start_server(*extra: str, n: int) -> tuple[subprocess.Popen, str]:
+        ready = tmp_path / f"ready{n}.json"
+        proc = start(f"pserver{n}", [sys.executable, "-m", "runner.pserver_cli", "start", "--ready-file", str(ready),
+                                     *options, *extra], stdout=subprocess.DEVNULL,
+                     start_new_session=True)  # its own process group: killed whole below
+        try:
+            wait_for_file(ready, 60, alive=lambda: proc.poll() is None)
+        except (ProcessExited, WaitTimeout) as exc:
+            raise AssertionError(f"{exc}:\n{log_of(f'pserver{n}')}") from None
+        return proc, json.loads(ready.read_text())["address"]
+
+    def coordinator_state() -> dict:
+        return checkpoint.load_coordinator(ckpt) if (ckpt / checkpoint.COORDINATOR_FILE).exists() else {}
+
+    def checkpointed() -> list[int]:  # written atomically: present means complete
+        paths = [checkpoint.shard_file(ckpt, k) for k in range(2)]
+        return [checkpoint.load_shard(p)[0].version if p.exists() else -1 for p in paths]
+
+    try:
+        server, address = start_server("--port", "0", n=0)
+        port = address.rsplit(":", 1)[1]
+        cli = [sys.executable, "-m", "runner.worker_cli"]
+        workers = [start(name, [*cli, "start", "--ps", address, "--data", str(fading_data), "--threads", "1",
+                                "--name", name], stdout=subprocess.PIPE, text=True) for name in ("hostA", "hostB")]
+        evaluator = start("evaluator", [*cli, "evaluate", "--ps", address, "--data", str(fading_data), "--out",
+                                        str(run), "--interval-s", "1"], stdout=subprocess.DEVNULL)
+
+        # mid-run: both workers joined, and a checkpoint after some updates on every shard
+        wait_for(lambda: len(coordinator_state().get("workers", [])) == 2 and min(checkpointed()) >= 6, 180,
+                 "both workers to join and every shard to checkpoint 6 updates")
+        c = Client(address, ClientConfig(timeout_s=2.0, retries=1))
+        before = c.stats()
+        c.close()
+        names = {int(r): w["name"] for r, w in before["coordinator"]["workers"].items()}
+        assert sorted(names.values()) == ["hostA", "hostB"] and not any(w["done"] for w in before["coordinator"]
+                                                                        ["workers"].values()), "killed too late"
+        at_kill = [s["version"] for s in before["shards"]]
+        t_kill = time.monotonic()
+        os.killpg(server.pid, signal.SIGKILL)  # the coordinator and every shard at once
+        assert server.wait(10) == -signal.SIGKILL
+        on_disk = checkpointed()
+        lost = [max(k - d, 0) for k, d in zip(at_kill, on_disk)]
+
+        server, again = start_server("--port", port, "--restore", str(ckpt), n=1)
+        assert again == address
+        c = Client(address, ClientConfig(timeout_s=2.0, retries=5))
+        wait_for(lambda: any(s.get("version", -1) > d for s, d in zip(c.stats()["shards"], on_disk)), 120,
+                 "an update after the restore")
+        recovery_s = time.monotonic() - t_kill
+        c.close()
+
+        reports = []
+        for w, name in zip(workers, ("hostA", "hostB")):
+            stdout, _ = w.communicate(timeout=300)
+            assert w.returncode == 0, log_of(name)
+            reports.append(json.loads(stdout.strip().splitlines()[-1]))
+        assert evaluator.wait(300) == 0, log_of("evaluator")
+        assert server.wait(120) == 0, log_of("pserver1")  # --exit-when-done: both DONE, the evaluator left
+    finally:
+        stop_trees(procs, grace_s=5.0)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert {int(r): n for r, n in summary["worker_names"].items()} == names  # the same ranks, no third JOIN
+    assert sorted(r["rank"] for r in reports) == [0, 1] and summary["lost_workers"] == []
+    state = checkpoint.load_coordinator(ckpt)
+    assert [(w["rank"], w["name"], w["done"]) for w in state["workers"]] == [(r, names[r], True) for r in (0, 1)]
+    final = [checkpoint.load_shard(checkpoint.shard_file(ckpt, k))[0] for k in range(2)]  # refuses NaN or Inf
+    assert all(np.isfinite(s.centre).all() and s.version > d for s, d in zip(final, on_disk))
+    assert np.isfinite(summary["val_auc"]) and np.isfinite(summary["test_auc"])
+    assert "restored the coordinator" in log_of("pserver1")
+    print(f"\nwhole server killed and restored: first update {recovery_s:.1f} s after the kill; "
+          f"updates lost per shard {lost} (versions {at_kill} at the kill, {on_disk} in the last checkpoint, "
+          f"every 1 s); final versions {[s.version for s in final]}")
+    assert recovery_s < 120
