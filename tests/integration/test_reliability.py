@@ -349,9 +349,12 @@ def test_whole_server_killed_mid_run_and_restored_finishes_the_run(fading_data, 
     assert [(w["rank"], w["name"], w["done"]) for w in state["workers"]] == [(r, names[r], True) for r in (0, 1)]
     final = [checkpoint.load_shard(checkpoint.shard_file(ckpt, k))[0] for k in range(2)]  # refuses NaN or Inf
     assert all(np.isfinite(s.centre).all() and s.version > d for s, d in zip(final, on_disk))
+    pushes = sum(r["exchanges"] for r in reports)  # each a push to every shard, answered once
+    never_applied = [pushes - s.version for s in final]  # the updates lost; a push applied twice would lower it
+    assert all(0 <= n <= pushes // 4 for n in never_applied), (pushes, never_applied)
     assert np.isfinite(summary["val_auc"]) and np.isfinite(summary["test_auc"])
     assert "restored the coordinator" in log_of("pserver1")
     print(f"\nwhole server killed and restored: first update {recovery_s:.1f} s after the kill; "
           f"updates lost per shard {lost} (versions {at_kill} at the kill, {on_disk} in the last checkpoint, "
-          f"every 1 s); final versions {[s.version for s in final]}")
+          f"every 1 s); final versions {[s.version for s in final]} of {pushes} pushes: {never_applied} lost")
     assert recovery_s < 120
