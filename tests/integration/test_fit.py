@@ -120,7 +120,8 @@ def test_registered_custom_layer_travels_through_custom_modules(fading_arrays, t
 
 def test_early_stopping_stops_and_keeps_the_best_centre(fading_arrays, tmp_path):
     """min_delta 1.0: no AUC can improve by that, so patience 2 runs out at the third evaluation, whatever the
-    timing; 200 epochs would take far longer."""
+    timing; 1,000 epochs would take far longer (on a quiet 2-core machine the stop came after ~49,000 samples,
+    a tenth of the plan)."""
     from models.outputs import churn_probability
     from runner import fit
     from runner.evaluator import binary_metrics
@@ -128,8 +129,8 @@ def test_early_stopping_stops_and_keeps_the_best_centre(fading_arrays, tmp_path)
     X, y = fading_arrays
     stop = keras.callbacks.EarlyStopping(monitor="val_auc", patience=2, min_delta=1.0, restore_best_weights=True)
     result = fit(conv1d_model(*X.shape[1:]), (X, y), out=tmp_path / "run", workers=2,
-                 **{**FAST, "epochs": 200}, callbacks=[stop])
-    planned = 2 * 200 * 8 * 32  # workers × epochs × steps per epoch × batch
+                 **{**FAST, "epochs": 1000}, callbacks=[stop])
+    planned = 2 * 1000 * 8 * 32  # workers × epochs × steps per epoch × batch
     assert result.summary["stopped_early"].startswith("val_auc did not improve")
     assert result.summary["samples"] < planned / 4
     assert 3 <= len(result.evaluations) <= 6  # the stop, then the evaluations until the workers have stopped
