@@ -440,6 +440,37 @@ def test_ssp_parks_a_push_too_far_ahead_and_releases_it_when_the_laggard_catches
     assert shard.gate.to_wire()["parked"] == [] and dict(shard.gate.gaps) == {0: 2, 1: 2}
 
 
+def test_ssp_after_a_shard_restart_parks_and_releases_from_the_restored_clocks(make, tmp_path):
+    """A shard restarted from its checkpoint while a push was parked: the gate waits as the first shard did.
+
+    The parked push was never applied, so the checkpoint does not hold it; the worker's client re-sends it to
+    the restarted shard, whose SSP clocks come from the restored update counts: it is parked again, and released
+    when the laggard's update is applied. The centre ends where an uninterrupted shard's does.
+    """
+    c, one = np.arange(N, dtype=np.float32), np.ones(N, np.float32)
+    first, wire = make(max_staleness=1)
+    init(first, wire, c, world=2)
+    push(first, wire, 0, 1, one)
+    push(first, wire, 0, 2, one)
+    assert push(first, wire, 0, 3, one) is None  # parked: 2 ahead of worker 1
+    path = checkpoint.save_shard(tmp_path, first.snapshot())  # the shard dies here, its parked push with it
+
+    again, again_wire = make(max_staleness=1)
+    checkpoint.restore_shard(again, path)
+    assert again.stats.updates == {0: 2} and again.version == 2
+    retried = push(again, again_wire, 0, 2, one)  # a retry of an applied push: answered, not applied
+    assert retried.header["applied"] is False
+    assert push(again, again_wire, 0, 3, one) is None  # the parked push, re-sent: parked again
+    np.testing.assert_array_equal(again.centre.current, c + 2)
+    assert again.gate.to_wire()["parked"] == [0]
+    again.handle(frames(b"w1", {"op": "PUSH", "worker": 1, "seq": 1, "pulled": 0, "mode": "add"}, [one]))
+    replies = again_wire.take()
+    assert [who for who, _ in replies] == [b"w0", b"w1"]  # released as worker 1's update was applied
+    assert all(m.header["applied"] is True for _, m in replies)
+    np.testing.assert_array_equal(again.centre.current, c + 4)
+    assert again.stats.updates == {0: 3, 1: 1} and again.version == 4
+
+
 def test_ssp_does_not_hold_back_ids_outside_the_world(make):
     shard, wire = make(max_staleness=0)
     init(shard, wire, vec(0), world=2)
