@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def interleave(benchmark: Any, main: Callable[[], object], others: dict[str, Callable[[], object]],
@@ -47,3 +47,15 @@ def median_time(fn: Callable[[], object], rounds: int, warmup: int = 1) -> float
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def numbers(x: Any) -> Iterable[Any]:
+    """Every number (and null) among a benchmark's figures (dicts and lists, nested), to check they are finite."""
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from numbers(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from numbers(v)
+    elif x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
+        yield x

@@ -49,6 +49,7 @@ import pytest
 
 from bench._data import prepared_retail
 from bench._procs import QUICK, kill_tree
+from bench._timing import numbers
 from optimizers import RECOMMENDED_RULE
 from runner.local import TrainConfig, train
 
@@ -189,7 +190,7 @@ def test_buckets_daily_vs_weekly(benchmark, root: Path) -> None:
     for name, run in figures["runs"].items():
         assert isinstance(run["test_auc"], float) and 0.0 <= run["test_auc"] <= 1.0, (name, run["test_auc"])
         assert run["steps"] == r["steps"][name.split("-")[1]]
-    for v in _numbers({k: v for k, v in figures.items() if k != "errors"}):
+    for v in numbers({k: v for k, v in figures.items() if k != "errors"}):
         assert v is None or math.isfinite(v), figures
     if not QUICK:
         assert figures["runs"]["keras-weekly"]["time_to_target_s"] is not None, figures["runs"]["keras-weekly"]
@@ -213,18 +214,6 @@ def _lines(figures: dict[str, Any]) -> list[str]:
 
 def _fmt(x: float | None, fmt: str, none: str = "-") -> str:
     return none if x is None else fmt.format(x)
-
-
-def _numbers(x: Any) -> Iterable[Any]:
-    """Every number (and null) among the figures, to check they are finite."""
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _numbers(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _numbers(v)
-    elif x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
-        yield x
 
 
 def _made_up_runs() -> dict[str, Any]:

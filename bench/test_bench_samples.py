@@ -52,6 +52,7 @@ import pytest
 
 from bench._data import prepared
 from bench._procs import QUICK, kill_tree
+from bench._timing import numbers
 from runner.local import TrainConfig, train
 
 ALL_RULES = ("downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging")
@@ -175,7 +176,7 @@ def test_samples_to_target(benchmark, root: Path) -> None:
           f"{figures['target_val_auc']:.4f} = {TARGET_FRACTION:.0%} of plain Keras'):\n  " + "\n  ".join(lines))
 
     assert not r["errors"], r["errors"]
-    for v in _numbers(figures):
+    for v in numbers(figures):
         assert v is None or (isinstance(v, (int, float)) and math.isfinite(v)), figures
     assert set(figures["samples_ratio_vs_keras"]) == set(RULES)
     for rule in RULES:
@@ -233,15 +234,3 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
 
 def _fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.0f}"
-
-
-def _numbers(x: Any) -> Iterable[Any]:
-    """Every number (and null) among the figures, to check they are finite."""
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _numbers(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _numbers(v)
-    elif x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
-        yield x
