@@ -68,11 +68,16 @@ def period_features(x_block: np.ndarray, n_types: int, bucket_days: int = 1,
         # The daily tensor does not keep how many events had a value, so the mean is per event.
         mean = np.where(c > 0, s / np.maximum(c, 1), 0.0)
         out += [c, s, mn, mx, mean, step_active[:, sl].sum(axis=1, keepdims=True)]
-    for active, unit in [(step_active, bucket_days)] + ([(np.asarray(active_days, bool), 1)]
-                                                         if active_days is not None and bucket_days > 1 else []):
-        last = np.where(active.any(axis=1), np.argmax(active[:, ::-1], axis=1), active.shape[1])  # 0: the last one
-        out.append(last[:, None].astype(np.float64) * unit)  # days since the last active step (day)
+    out.append(_since_last(step_active) * bucket_days)  # days since the last active step
+    if active_days is not None and bucket_days > 1:
+        out.append(_since_last(np.asarray(active_days, bool)))  # days since the last active day
     return np.concatenate(out, axis=1).astype(np.float32)
+
+
+def _since_last(active: np.ndarray) -> np.ndarray:
+    """(b, n) bool -> (b, 1) float64: entries since the last True (0: the last one), n if none."""
+    last = np.where(active.any(axis=1), np.argmax(active[:, ::-1], axis=1), active.shape[1])
+    return last[:, None].astype(np.float64)
 
 
 def baseline(cfg: BaselineConfig) -> dict:
