@@ -309,7 +309,8 @@ class FuzzRun:
     oversized: int = 0
     outsider_answered: int = -1  # replies to a peer with an unlisted key (CurveZMQ only)
     regenerated: int = 0
-    seconds: float = 0.0  # wall time of the fuzzing, oversized frames included
+    seconds: float = 0.0  # wall time of the fuzzing, oversized frames and their timeouts included
+    loop_seconds: float = 0.0  # wall time of the `messages` alone: what messages/s is made of
     rss_before: dict[int, int] = field(default_factory=dict)
     rss_after: dict[int, int] = field(default_factory=dict)
 
@@ -319,7 +320,7 @@ class FuzzRun:
 
     def summary(self) -> str:
         return (f"fuzz{' (CurveZMQ)' if self.curve else ''}: {self.total} messages sent in {self.seconds:.1f} s "
-                f"({self.total / self.seconds:.0f}/s, {self.regenerated} mutations regenerated), of which "
+                f"({self.messages / self.loop_seconds:.0f}/s before the oversized, {self.regenerated} mutations regenerated), of which "
                 f"{self.oversized} oversized\n  to shard 0, by op: {dict(self.sent['shard'])}\n"
                 f"  to the coordinator, by op: {dict(self.sent['coordinator'])}\n  kinds {dict(self.kinds)}\n"
                 f"  error codes: shard {dict(self.codes['shard'])}, coordinator {dict(self.codes['coordinator'])}\n"
@@ -378,6 +379,7 @@ def fuzz(address: str, base: Baseline, messages: int, curve: dict[str, bytes] | 
             run.codes[name][reply.header.get("code")] += 1
             if not is_error_reply(reply):
                 run.bad.append((i, name, kind, f"{frames[:1]!r} answered {reply.header}"))
+        run.loop_seconds = time.perf_counter() - t0
         for name, target in targets.items():  # a request answered twice would leave a reply behind
             run.stray[name] = 0
             while target.receive(timeout_s=0.2) is not None:
