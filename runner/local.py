@@ -8,28 +8,22 @@ that dies does not end the run: asynchronous rules go on without it,
 synchronous rounds close without it after the round timeout, and the summary
 names it. Shards checkpoint to RUN/checkpoints; one that dies is restarted
 from its checkpoint on the same port and the workers go on.
+
+`LocalLauncher` is local mode's `runner.launcher.Launcher`; the driver
+(`runner.launcher.run`) is the one Spark (runner.spark) shares.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, IO
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from models.dataset import load_dataset
-from optimizers import SHARD_PLUGINS
-from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
-from pserver.fileio import atomic_write_json
-from pserver.procs import stop_trees, wait_for_file
+from pserver.errors import ConfigError
 from pserver.server import ServerConfig
 from runner.callbacks import CallbackSettings
 from runner.evaluator import EvaluatorConfig
+from runner.launcher import Children, Endpoints, Launcher, WorkerExit, WorkerSpec, child_json, python, run
 from runner.run_config import RunConfig
 from runner.worker import WorkerConfig
 
@@ -64,6 +58,10 @@ class TrainConfig:
     checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
     progress: bool = True
     seed: int = WorkerConfig.seed
+    # Where the workers run: "local" (child processes, runner.local) or "spark" (tasks, runner.spark); `master` is
+    # the Spark master URL `notpu train --engine spark` starts its session with (None: spark-submit's, else local[N]).
+    engine: str = "local"
+    master: str | None = None
     # Your own model: `--model package.module:build`, called as build(steps, features) (runner.keras_model), or
     # what runner.api.fit describes from a model object: the architecture JSON, compile config and custom modules.
     model: str | None = None
@@ -92,177 +90,38 @@ class TrainConfig:
         return asdict(CallbackSettings.of(self))
 
 
-def _python(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
 def _json(config: Any) -> str:
-    """A child's whole configuration (a dataclass) as one JSON document, for its --config-json."""
-    return json.dumps(asdict(config))
+    return child_json(config)
 
 
-class _Children:
-    """The processes of one run, each logging to RUN/logs/NAME.log."""
+class LocalLauncher(Launcher):
+    """Workers as child processes of this one, on this machine."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._files: list[IO[bytes]] = []
+    engine = "local"
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        f = open(self.log_dir / f"{name}.log", "wb")
-        self._files.append(f)
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        self.procs[name] = proc
-        return proc
+    def threads(self, config: TrainConfig) -> int:
+        return config.threads or max((os.cpu_count() or 1) // config.workers, 1)
 
-    def tail(self, name: str, lines: int = 15) -> str:
-        path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace").splitlines() if path.exists() else []
-        return "\n".join(text[-lines:])
+    def start_workers(self, workers: list[WorkerSpec], endpoints: Endpoints, children: Children) -> None:
+        self._children = children
+        self._workers = {w.rank: children.start(f"worker{w.rank}", python(
+            "runner.worker_cli", "start", "--config-json", child_json(w.config(endpoints.keys_dir, f"local-{w.rank}"))))
+            for w in workers}
+        self._ended: set[int] = set()
 
-    def stop_all(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to every child, SIGKILL to what is left of their trees after `grace_s`."""
-        try:
-            stop_trees(self.procs.values(), grace_s=grace_s)
-        finally:
-            for f in self._files:
-                f.close()
+    def poll(self) -> list[WorkerExit]:
+        ended = [WorkerExit(rank, p.returncode, f"(pid {p.pid})\n{self._children.tail(f'worker{rank}', 5)}")
+                 for rank, p in self._workers.items() if rank not in self._ended and p.poll() is not None]
+        self._ended.update(e.rank for e in ended)
+        return ended
 
-
-def _wait_ready(path: Path, server: subprocess.Popen, children: _Children, timeout_s: float) -> str:
-    try:
-        wait_for_file(path, timeout_s, alive=lambda: server.poll() is None)
-    except ProcessExited:
-        raise NotpuError(f"pserver exited with code {server.returncode} before it was ready:\n"
-                         f"{children.tail('pserver')}") from None
-    except WaitTimeout:
-        raise NotpuError(f"pserver was not ready within {timeout_s:g} s; "
-                         f"see {children.log_dir / 'pserver.log'}") from None
-    return json.loads(path.read_text())["address"]
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self._workers.values())
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run a whole local training; returns the summary also written to RUN/summary.json."""
-    if config.workers < 1 or config.shards < 1:
-        raise ConfigError("--workers and --shards must be at least 1")
-    config.run_config().to_wire(config.workers)  # checks the rule and the options early
-    callbacks = config.callbacks()
-    data = load_dataset(config.data_dir)  # checks the data before any process starts
-    steps, features = data.X.shape[1:]
-    del data
-    if config.model:  # only here does the driver import Keras: to call your build and check what it returns
-        from runner.keras_model import from_builder
-
-        spec = from_builder(config.model, steps, features, seed=config.seed)
-        config = replace(config, architecture=spec.architecture, compile_config=spec.compile_config,
-                         custom_modules=spec.custom_modules,
-                         learning_rate=config.learning_rate if config.learning_rate is not None else spec.learning_rate)
-    run_cfg = config.run_config().to_wire(config.workers)
-    env = _child_env(config.custom_modules)
-    out = Path(config.out_dir)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    for stale in ("history.jsonl", "summary.json", ".finish", ".pserver.json"):
-        (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
-    threads = config.threads or max((os.cpu_count() or 1) // config.workers, 1)
-    started_at = time.time()
-    children = _Children(out / "logs")
-    ready = out / ".pserver.json"
-    finish = out / ".finish"
-    server_config = ServerConfig(
-        port=0, shards=config.shards, workers=config.workers, run=run_cfg, round_timeout_s=config.round_timeout_s,
-        worker_timeout_s=config.worker_timeout_s, ready_file=str(ready), plugins=SHARD_PLUGINS,
-        **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
-           if config.checkpoint_every_s > 0 else {}))
-    try:
-        server = children.start("pserver", _python("pserver.cli", "start", "--config-json", server_config.to_json()),
-                                env)
-        address = _wait_ready(ready, server, children, config.startup_timeout_s)
-        log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s", address, config.workers,
-                 threads, run_cfg["rule"])
-        workers = [children.start(f"worker{i}", _python("runner.worker_cli", "start", "--config-json", _json(
-            WorkerConfig(ps=address, data_dir=config.data_dir, threads=threads, name=f"local-{i}", seed=config.seed))),
-            env) for i in range(config.workers)]
-        evaluator = children.start("evaluator", _python("runner.worker_cli", "evaluate", "--config-json", _json(
-            EvaluatorConfig(ps=address, data_dir=config.data_dir, out_dir=str(out), interval_s=config.eval_interval_s,
-                            target_auc=config.target_auc or None, started_at=started_at, finish_file=str(finish),
-                            **callbacks))), env)
-        dead = _supervise(config, children, server, workers, evaluator, out, finish)
-        summary = json.loads((out / "summary.json").read_text())
-    finally:
-        children.stop_all()
-        ready.unlink(missing_ok=True)
-        finish.unlink(missing_ok=True)
-    names = summary.get("worker_names", {})
-    lost = set(summary.get("lost_workers", []))
-    lost.update(int(rank) for rank, name in names.items() if int(name.rsplit("-", 1)[-1]) in dead)
-    summary["lost_workers"] = sorted(lost)
-    summary["threads_per_worker"] = threads
-    summary["seed"] = config.seed
-    summary["wall_s"] = round(time.time() - started_at, 3)
-    atomic_write_json(out / "summary.json", summary, indent=2)
-    if lost:
-        log.warning("the run finished without worker(s) %s", sorted(lost))
-    return summary
-
-
-def _child_env(custom_modules) -> dict[str, str]:
-    """PYTHONPATH for the children: where this process found the run's custom modules, so they find them too."""
-    if not custom_modules:
-        return {}
-    from runner.keras_model import module_roots
-
-    roots = module_roots(custom_modules)
-    old = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": os.pathsep.join([*roots, *([old] if old else [])])}
-
-
-def _supervise(config: TrainConfig, children: _Children, server: subprocess.Popen, workers: list[subprocess.Popen],
-               evaluator: subprocess.Popen, out: Path, finish: Path) -> set[int]:
-    """Wait for the evaluator to finish the run; returns the indices of workers that died."""
-    bar = _progress(config)
-    dead: set[int] = set()
-    all_exited_at = None
-    history = out / "history.jsonl"
-    seen = 0
-    try:
-        while True:
-            time.sleep(0.25)
-            if history.exists():
-                lines = history.read_text().splitlines()
-                for line in lines[seen:]:
-                    h = json.loads(line)
-                    if bar is not None:
-                        bar.set_postfix_str(f"val_auc={h['val_auc']:.4f} updates={h['updates']}")
-                        bar.n = h["samples"]
-                        bar.refresh()
-                seen = len(lines)
-            for i, p in enumerate(workers):
-                if p.poll() not in (None, 0) and i not in dead:
-                    dead.add(i)
-                    log.warning("worker %d (pid %d) exited with code %s; the run goes on without it:\n%s",
-                                i, p.pid, p.returncode, children.tail(f"worker{i}", 5))
-            if all_exited_at is None and all(p.poll() is not None for p in workers):
-                all_exited_at = time.monotonic()
-                finish.touch()  # workers that never joined cannot say DONE: tell the evaluator to finish
-            if evaluator.poll() is not None:
-                if evaluator.returncode != 0:
-                    raise NotpuError(f"the evaluator exited with code {evaluator.returncode}:\n{children.tail('evaluator')}")
-                return dead
-            if server.poll() is not None:
-                raise NotpuError(f"pserver exited with code {server.returncode} during the run:\n{children.tail('pserver')}")
-            if all_exited_at is not None and time.monotonic() - all_exited_at > config.finish_timeout_s:
-                raise NotpuError(f"the evaluator did not finish within {config.finish_timeout_s:g} s of the last worker; "
-                                 f"see {children.log_dir / 'evaluator.log'}")
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _progress(config: TrainConfig):
-    if not config.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc=f"{config.rule} × {config.workers}", unit=" samples", dynamic_ncols=True, file=sys.stderr)
+    if config.engine != "local":
+        raise ConfigError(f"runner.local.train runs --engine local, not {config.engine!r}; "
+                          f"for Spark call runner.spark.train(spark, config)")
+    return run(config, LocalLauncher())

@@ -1,4 +1,4 @@
-"""`notpu train` (local multiprocess training, see runner.local) and `notpu demo` (the whole path, see runner.demo)."""
+"""`notpu train` (local multiprocess training, see runner.local; on Spark, runner.spark) and `notpu demo` (the whole path, see runner.demo)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
     t.add_argument("--workers", type=int, default=d.workers, help=f"default {d.workers}")
     t.add_argument("--shards", type=int, default=d.shards, help=f"default {d.shards}")
+    t.add_argument("--engine", choices=("local", "spark"), default=d.engine,
+                   help="where the workers run: child processes of this one (local), or Spark tasks (spark: the "
+                        f"server and the evaluator stay on this host, the driver; default {d.engine})")
+    t.add_argument("--master", default=d.master, metavar="URL",
+                   help="--engine spark: the Spark master (default: spark-submit's, else local[WORKERS,4])")
     add_run_options(t)
     t.add_argument("--model", default=d.model, metavar="MODULE:FUNCTION",
                    help="your own Keras model: FUNCTION(steps, features) in MODULE returns it compiled "
@@ -34,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s, help=f"default {d.eval_interval_s:g}")
     t.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
                    help=f"a synchronous round closes without a dead worker after this (default {d.round_timeout_s:g})")
+    t.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
+                   help="a worker silent this long is declared lost; on Spark, a retried task then takes its rank "
+                        f"back (default {d.worker_timeout_s:g})")
     t.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
                    help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from its "
                         f"checkpoint and the run goes on (0: no checkpoints; default {d.checkpoint_every_s:g})")
@@ -53,16 +61,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runner.local import train
+    from pserver.errors import ConfigError
 
-    summary = train(TrainConfig(
+    if args.master is not None and args.engine != "spark":
+        raise ConfigError("--master is the Spark master URL; add --engine spark")
+    config = TrainConfig(
         data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
         learning_rate=args.learning_rate, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
-        checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
+        worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
-        restore_best=args.early_stopping_patience is not None, tensorboard=args.tensorboard))
+        restore_best=args.early_stopping_patience is not None, tensorboard=args.tensorboard, engine=args.engine,
+        master=args.master)
+    if config.engine == "spark":
+        from runner.spark import train_with_session
+
+        summary = train_with_session(config)
+    else:
+        from runner.local import train
+
+        summary = train(config)
     lost = f", lost worker(s) {summary['lost_workers']}" if summary["lost_workers"] else ""
     print(f"{summary['rule']} × {summary['workers']}: test AUC {summary['test_auc']:.4f} (val {summary['val_auc']:.4f}), "
           f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "

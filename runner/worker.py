@@ -50,6 +50,10 @@ class WorkerConfig:
     # keeping its rank and its pushes' sequence numbers (pserver.client.ClientConfig.server_wait_s). The
     # evaluator waits as long (runner.evaluator.EvaluatorConfig).
     server_wait_s: float = 300.0
+    # A restarted worker asking for its rank back (a Spark task retried) waits this long for the coordinator to
+    # declare the rank's previous holder lost, which it does once that one's heartbeats have stopped for the
+    # server's worker timeout. 0: no wait (a rank still held is refused).
+    rejoin_wait_s: float = 0.0
 
 
 def configure_threads(threads: int) -> None:
@@ -145,7 +149,32 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         client.close()
 
 
+def _rank_state(client: Client, rank: int) -> str:
+    """"free", "done", "lost" or "running": what the coordinator knows of `rank`."""
+    w = client.stats()["coordinator"]["workers"].get(str(rank))
+    return "free" if w is None else "done" if w["done"] else "lost" if w["lost"] else "running"
+
+
+def _wait_for_rank(client: Client, rank: int, timeout_s: float, poll_s: float = 0.5) -> str:
+    """Wait until `rank` is free or its holder was declared lost (or is done); returns that state."""
+    deadline = time.monotonic() + timeout_s
+    while (state := _rank_state(client, rank)) == "running":
+        if time.monotonic() > deadline:
+            raise NotpuError(f"rank {rank} is still held at {client.address} after {timeout_s:g} s: its previous "
+                             f"worker still sends heartbeats, or the server's --worker-timeout-s is longer than "
+                             f"rejoin_wait_s")
+        time.sleep(poll_s)
+    return state
+
+
 def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
+    if cfg.rank >= 0 and cfg.rejoin_wait_s > 0:
+        state = _wait_for_rank(client, cfg.rank, cfg.rejoin_wait_s)
+        if state == "done":  # a restart after the work was done (the task died reporting it): nothing left to do
+            log.info("rank %d is already done; not training again", cfg.rank)
+            return {"rank": cfg.rank, "already_done": True}
+        if state == "lost":
+            log.info("rank %d was declared lost; taking it back", cfg.rank)
     info = client.join(cfg.name, cfg.rank)
     rank, world = client.rank, client.world
     # Heartbeats start at once: importing TensorFlow and building the model can take longer than the
