@@ -83,7 +83,8 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: the file is empty; expected a header and events")
 
 
-def _check_columns(path: Path, found: Sequence[str], columns: EventColumns, roles: Sequence[str]) -> None:
+def check_column_names(path: Path | str, found: Sequence[str], columns: EventColumns, roles: Sequence[str]) -> None:
+    """DataError naming the first of the `roles` columns not among `found`, and the flag that renames it."""
     flags = {"id": "--id-col", "time": "--time-col", "type": "--type-col", "value": "--value-col"}
     for role in roles:
         name = getattr(columns, role)
@@ -107,7 +108,7 @@ def _csv_header(path: Path) -> list[str]:
 
 def _csv_batches(path: Path, columns: EventColumns, roles: Sequence[str]) -> Iterator[pa.RecordBatch]:
     header = _csv_header(path)
-    _check_columns(path, header, columns, roles)
+    check_column_names(path, header, columns, roles)
     dict_str = pa.dictionary(pa.int32(), pa.string())
     # Ids and types are low-cardinality per block: dictionary-encoding them makes the
     # per-batch factorisation free. Timestamps stay text until we know their format.
@@ -130,7 +131,7 @@ def _parquet_batches(path: Path, columns: EventColumns, roles: Sequence[str]) ->
         pf = pq.ParquetFile(path, read_dictionary=[columns.id, columns.type])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
-    _check_columns(path, pf.schema_arrow.names, columns, roles)
+    check_column_names(path, pf.schema_arrow.names, columns, roles)
     yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns.names(roles))
 
 
@@ -212,7 +213,7 @@ def check_columns(path: str | Path, columns: EventColumns = EventColumns(), role
             raise DataError(f"{path}: cannot read as Parquet ({str(exc).splitlines()[0]})") from None
     else:
         names = _csv_header(path)
-    _check_columns(path, names, columns, roles)
+    check_column_names(path, names, columns, roles)
 
 
 def iter_events(

@@ -175,10 +175,27 @@ class DailyAggregator:
         np.minimum.at(self.min, cell_v, vv.astype(np.float32))
         np.maximum.at(self.max, cell_v, vv.astype(np.float32))
 
-    def add_tally(self, cust: np.ndarray) -> None:
-        """Count one per entry of `cust` (global codes >= 0) in the per-customer tally."""
-        c = cust[cust >= 0]
-        self.tally[: self.n_customers] += np.bincount(c, minlength=self.n_customers)
+    def add_cells(self, cust: np.ndarray, day: np.ndarray, type_idx: np.ndarray, count: np.ndarray,
+                  nval: np.ndarray, total: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+        """Accumulate cells already aggregated per (customer, window day, type), as `spark_prepare` makes them.
+
+        All arrays (n,): `count` events, `nval` of them with a finite value, whose
+        sum, min and max are `total`, `low`, `high` (0, +inf, -inf when nval is 0).
+        Days fold into steps here, as events do in `add`, so both give the same cells.
+        """
+        self.active[cust, day] = True
+        cell = (cust, self.window.step_of_day(day), type_idx)
+        np.add.at(self.count, cell, count)
+        np.add.at(self.nval, cell, nval)
+        np.add.at(self.sum, cell, total)
+        np.minimum.at(self.min, cell, low.astype(np.float32))
+        np.maximum.at(self.max, cell, high.astype(np.float32))
+
+    def add_tally(self, cust: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add one (or `weights`, (n,)) per entry of `cust` (global codes >= 0) to the per-customer tally."""
+        ok = cust >= 0
+        w = None if weights is None else weights[ok]
+        self.tally[: self.n_customers] += np.bincount(cust[ok], weights=w, minlength=self.n_customers).astype(np.int64)
 
     def ids(self) -> np.ndarray:
         """(customers,) ids as text, in row order."""

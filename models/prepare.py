@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 OTHER = "other"  # the bucket for types outside the kept ones (and, at predict time, unknown types)
 SPEC_FORMAT = "notpu-churn-spec/1"
+ENGINES = ("local", "spark")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class PrepareConfig:
     max_types: int = 50  # kept types + 'other'; the talk: 50 types x 5 functions = 250 features
     columns: EventColumns = field(default_factory=EventColumns)
     bucket_days: int | None = None  # days per time step; None: `auto_bucket_days(observation_days)`
+    engine: str = "local"  # "local": numpy on this machine; "spark": Spark SQL (models.spark_prepare)
+    master: str | None = None  # --engine spark: the Spark master URL; None: local[*]
+    parts: int | None = None  # --engine spark: files under DIR/parts/; None: Spark's default parallelism
 
 
 
@@ -70,6 +74,14 @@ def _check_options(cfg: PrepareConfig) -> None:
                                ("--max-types", cfg.max_types, 2), ("--bucket-days", 1 if cfg.bucket_days is None else cfg.bucket_days, 1)):
         if value < low:
             raise DataError(f"{option} {value}: must be at least {low}")
+    if cfg.engine not in ENGINES:
+        raise DataError(f"--engine {cfg.engine!r}: not one of {', '.join(ENGINES)}")
+    if cfg.engine != "spark":
+        given = [flag for flag, value in (("--master", cfg.master), ("--parts", cfg.parts)) if value is not None]
+        if given:
+            raise DataError(f"{' and '.join(given)} apply to --engine spark only; add --engine spark or leave them out")
+    if cfg.parts is not None and cfg.parts < 1:
+        raise DataError(f"--parts {cfg.parts}: must be at least 1")
     if cfg.bucket_days is not None and cfg.bucket_days > cfg.observation_days:
         raise DataError(f"--bucket-days {cfg.bucket_days}: longer than the {cfg.observation_days}-day observation window; "
                         "use fewer --bucket-days or more --observation-days")
@@ -119,14 +131,18 @@ def type_index(uniques: np.ndarray, types: list[str]) -> np.ndarray:
     return np.where(idx < 0, types.index(OTHER), idx).astype(np.int64)
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Run both passes and write DIR; returns the spec (also DIR/spec.json)."""
-    _check_options(cfg)
-    out = Path(cfg.out)
-    check_replaceable(out, marker="spec.json")
-    check_columns(cfg.events, cfg.columns)
-    t0 = time.perf_counter()
-    s = survey(cfg.events, cfg.columns)
+@dataclass(frozen=True)
+class Plan:
+    """What pass 1 decides, whichever engine runs pass 2: the windows and the kept types."""
+
+    cutoff_s: int
+    label_end_s: int
+    window: Window
+    types: list[str]  # kept types, then OTHER
+
+
+def plan(cfg: PrepareConfig, s: LogSurvey) -> Plan:
+    """The cut-off, label window, time steps and kept types for a surveyed log; DataError if they cannot be had."""
     end_of_log = (s.last_s // DAY_S + 1) * DAY_S  # the end of the last event's UTC day
     cutoff = parse_cutoff(cfg.cutoff) if cfg.cutoff else end_of_log - cfg.label_days * DAY_S
     label_end = cutoff + cfg.label_days * DAY_S
@@ -142,7 +158,26 @@ def prepare(cfg: PrepareConfig) -> dict:
         )
     bucket = cfg.bucket_days if cfg.bucket_days is not None else auto_bucket_days(cfg.observation_days)
     window = Window(start_s=cutoff - cfg.observation_days * DAY_S, days=cfg.observation_days, bucket_days=bucket)
-    types = choose_types(s, window.start_s, cutoff, cfg.max_types)
+    return Plan(cutoff, label_end, window, choose_types(s, window.start_s, cutoff, cfg.max_types))
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run both passes and write DIR; returns the spec (also DIR/spec.json).
+
+    `cfg.engine` "spark" runs the same passes as Spark SQL (`models.spark_prepare`).
+    """
+    _check_options(cfg)
+    if cfg.engine == "spark":
+        from models.spark_prepare import prepare_spark
+
+        return prepare_spark(cfg)
+    out = Path(cfg.out)
+    check_replaceable(out, marker="spec.json")
+    check_columns(cfg.events, cfg.columns)
+    t0 = time.perf_counter()
+    s = survey(cfg.events, cfg.columns)
+    p = plan(cfg, s)
+    window, cutoff, types = p.window, p.cutoff_s, p.types
     t1 = time.perf_counter()
     log.info("pass 1: %d events in %.1fs; cut-off %s, %d types kept", s.events, t1 - t0, iso(cutoff), len(types) - 1)
 
@@ -151,40 +186,58 @@ def prepare(cfg: PrepareConfig) -> dict:
         ftype = type_index(b.type_uniques, types)[b.type_codes]  # (n,)
         is_session = (b.type_uniques == cfg.session_type)[b.type_codes]
         in_obs = (b.ts_s >= window.start_s) & (b.ts_s < cutoff)
-        in_label = is_session & (b.ts_s >= cutoff) & (b.ts_s < label_end)
+        in_label = is_session & (b.ts_s >= cutoff) & (b.ts_s < p.label_end_s)
         cust = agg.encode(b.id_codes, b.id_uniques, in_obs | in_label)
         agg.add(cust, b.ts_s, ftype, b.value)
         agg.add_tally(cust[in_label])
     t2 = time.perf_counter()
     log.info("pass 2: %d customers in the windows in %.1fs", agg.n_customers, t2 - t1)
 
+    kept, y = kept_rows(cfg, agg)
+    ids = agg.ids()
+    spec = make_spec(cfg, p, detect_format(Path(cfg.events)), events=s.events, seen=agg.n_customers,
+                     kept=kept.size, churned=int(y.sum()))
+    _write(out, agg, kept, y, ids[kept], spec)
+    log.info("prepared %d customers x %d steps of %d day(s) x %d features in %.1fs (%.0f events/s) -> %s",
+             kept.size, window.steps, window.bucket_days, len(spec["features"]), time.perf_counter() - t0,
+             s.events / (time.perf_counter() - t0), out)
+    return spec
+
+
+def kept_rows(cfg: PrepareConfig, agg: DailyAggregator) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `agg` kept by the newcomer filter, sorted by id; their labels int8, 1 = churned)."""
     active = agg.active_days()
     kept = np.flatnonzero(active >= max(cfg.min_active_days, 1))
-    if kept.size == 0:
+    kept = kept[np.argsort(agg.ids()[kept], kind="stable")]  # rows sorted by id, so CSV and Parquet give the same X
+    y = (agg.tally[kept] < cfg.min_sessions).astype(np.int8)  # (customers,) 1 = churned
+    return kept, y
+
+
+def make_spec(cfg: PrepareConfig, p: Plan, source_format: str, events: int, seen: int, kept: int, churned: int) -> dict:
+    """spec.json for the counts pass 2 found; DataError if no customer is kept or the label is the same for all."""
+    window, cutoff = p.window, p.cutoff_s
+    if kept == 0:
         raise DataError(
             f"{cfg.events}: no customer has {cfg.min_active_days}+ active days in the window "
             f"{iso(window.start_s)} .. {iso(cutoff)}; check --cutoff, --observation-days or lower --min-active-days"
         )
-    ids = agg.ids()
-    kept = kept[np.argsort(ids[kept], kind="stable")]  # rows sorted by id, so CSV and Parquet give the same X
-    y = (agg.tally[kept] < cfg.min_sessions).astype(np.int8)  # (customers,) 1 = churned
-    churn_rate = float(y.mean())
+    churn_rate = churned / kept
     if churn_rate in (0.0, 1.0):
         which = "churned" if churn_rate == 1.0 else "stayed"
         raise DataError(
-            f"label rule: all {kept.size} customers {which} (fewer than --min-sessions {cfg.min_sessions} "
+            f"label rule: all {kept} customers {which} (fewer than --min-sessions {cfg.min_sessions} "
             f"{cfg.session_type!r} events in {cfg.label_days} days after {iso(cutoff)}); "
             "change --min-sessions, --label-days, --session-type or --cutoff"
         )
-    spec = {
+    return {
         "format": SPEC_FORMAT,
-        "source": {"path": str(cfg.events), "format": detect_format(Path(cfg.events))},
+        "source": {"path": str(cfg.events), "format": source_format},
         "columns": asdict(cfg.columns),
-        "types": types,
+        "types": p.types,
         "other_type": OTHER,
         "max_types": cfg.max_types,
         "aggregations": list(AGGREGATIONS),
-        "features": feature_names(types),
+        "features": feature_names(p.types),
         "feature_layout": "X[customer, step, type_index * 5 + aggregation_index]",
         "missing_values": "NaN/empty values are counted but excluded from sum/min/max/mean; empty cells are 0",
         "scaling": {"name": SCALING, "formula": "sign(x) * log1p(|x|)", "applies_to": "all features"},
@@ -195,20 +248,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         },
         "label": {
             "session_type": cfg.session_type, "label_days": cfg.label_days, "min_sessions": cfg.min_sessions,
-            "end": iso(label_end),
+            "end": iso(p.label_end_s),
             "rule": f"y = 1 (churn) if fewer than {cfg.min_sessions} {cfg.session_type!r} events in [cutoff, cutoff + {cfg.label_days} days)",
         },
         "filter": {"min_active_days": cfg.min_active_days, "rule": "keep customers with at least min_active_days days with an event in the window"},
         "counts": {
-            "events_read": s.events, "customers_seen": int(agg.n_customers), "customers_kept": int(kept.size),
-            "customers_dropped_newcomers": int(agg.n_customers - kept.size), "churn_rate": round(churn_rate, 6),
+            "events_read": events, "customers_seen": int(seen), "customers_kept": int(kept),
+            "customers_dropped_newcomers": int(seen - kept), "churn_rate": round(churn_rate, 6),
         },
     }
-    _write(out, agg, kept, y, ids[kept], spec)
-    log.info("prepared %d customers x %d steps of %d day(s) x %d features in %.1fs (%.0f events/s) -> %s",
-             kept.size, window.steps, window.bucket_days, len(spec["features"]), time.perf_counter() - t0,
-             s.events / (time.perf_counter() - t0), out)
-    return spec
 
 
 def _write(out: Path, agg: DailyAggregator, kept: np.ndarray, y: np.ndarray, ids: np.ndarray, spec: dict) -> None:
