@@ -49,6 +49,13 @@ class ShardProcessConfig:
             raise ConfigError(f"--config-json is not a ShardProcessConfig: {exc!r}") from None
 
 
+#: A restarted shard serves only once registered, and its REGISTER can queue at the coordinator behind STATS
+#: requests (an evaluator sends one every 0.5 s) that each wait up to 5 s for this very shard. A retry goes on a
+#: fresh socket, so an answer later than the timeout is lost: with 2 s the shard never heard one while an
+#: evaluator was polling. Long enough for a few STATS ahead of it.
+REGISTER_TIMEOUT_S = 20.0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver.shard_process")
     p.add_argument("--index", type=int, required=True, help="the shard's index (as in --config-json)")
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         shard.on_tick = tick
         curve = security.internal_curve(config.keys_dir) if config.keys_dir else None
         request(proc.coordinator, {"op": "REGISTER", "shard": config.index, "endpoint": shard.endpoint},
-                config=ClientConfig(timeout_s=2.0, retries=10), curve=curve)
+                config=ClientConfig(timeout_s=REGISTER_TIMEOUT_S, retries=3), curve=curve)
         shard.serve()
         if saver is not None:
             saver.save()  # SIGTERM: the last word on disk
