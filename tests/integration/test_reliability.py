@@ -251,6 +251,77 @@ def test_ssp_bounds_the_clock_gap(pserver):
     fast.close(), slow.close()
 
 
+def test_ssp_wait_survives_a_shard_killed_and_restarted_from_its_checkpoint(pserver, tmp_path):
+    """SSP and a shard restart together, with real shard processes: fast's push is parked at both shards (one
+    update ahead of the bound) when shard 0's process is SIGKILLed. `pserver start` restarts it from its
+    checkpoint; fast's client times out and re-sends the same push, which the restored shard parks again from
+    the clocks in the checkpoint. The slow worker then catches up, fast is released, and both finish: every
+    push applied exactly once at both shards, no gap past the bound."""
+    k, every_s = 2, 0.5
+    ckpt = tmp_path / "ckpt"
+    server = pserver("--workers", "2", "--shards", "2", "--max-staleness", str(k), "--round-timeout-s", "60",
+                     "--checkpoint-dir", str(ckpt), "--checkpoint-every-s", str(every_s))
+    # fast re-sends a parked push every second: across the restart, and while parked after it
+    fast = Client(server.address, ClientConfig(timeout_s=1.0, retries=60, backoff_s=0.05, max_backoff_s=0.2))
+    slow = Client(server.address, ClientConfig(timeout_s=2.0, retries=10, backoff_s=0.05, max_backoff_s=0.5))
+    fast.join("fast")
+    fast.init(initial(), LAYOUT)
+    slow.join("slow")
+    one = np.ones(LAYOUT.total, np.float32)
+    for _ in range(k + 1):
+        fast.push(one)  # gaps 0, 1, 2: allowed
+
+    def checkpointed() -> list[int]:  # written atomically (pserver.fileio): present means complete
+        paths = [checkpoint.shard_file(ckpt, i) for i in range(2)]
+        return [checkpoint.load_shard(p)[0].version if p.exists() else -1 for p in paths]
+
+    wait_for(lambda: checkpointed() == [k + 1] * 2, 20 * every_s + 10, "checkpoints holding fast's 3 pushes")
+    errors: list[BaseException] = []
+
+    def fast_pushes():
+        try:
+            for _ in range(6):
+                fast.push(one)  # the first: gap 3 > 2, parked until slow pushes
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    t = threading.Thread(target=fast_pushes)
+    t.start()
+    try:
+        wait_for(lambda: all(s["ssp"]["parked"] == [fast.worker] for s in slow.stats()["shards"]), 20,
+                 "fast's push to be parked at both shards")
+        victim = shard_procs(server)[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(5)
+
+        def parked_again() -> bool:  # by the restarted process, from its restored clocks
+            procs = shard_procs(server)
+            if len(procs) != 2 or victim.pid in [p.pid for p in procs]:
+                return False
+            shards = slow.stats()["shards"]
+            return not shards[0].get("error") and shards[0]["ssp"]["parked"] == [fast.worker]
+
+        wait_for(parked_again, 30, "the restarted shard 0 to park fast's re-sent push")
+        assert "restarting it from its checkpoint" in server.log()
+        assert t.is_alive() and not errors, errors  # fast is still waiting, not failed
+        for _ in range(6):
+            slow.pull()
+            slow.push(one)
+    finally:
+        t.join(60)
+    assert not t.is_alive() and not errors, errors
+    stats = fast.stats()["shards"]
+    for s in stats:
+        gaps = {int(g): n for g, n in s["ssp"]["gaps"].items()}
+        assert s["updates"] == {"0": 9, "1": 6} and s["version"] == 15 and s["ssp"]["parked"] == [], s
+        assert max(gaps) <= k, gaps
+    assert stats[1]["ssp"]["waits"] >= 1
+    np.testing.assert_array_equal(fast.pull(), initial() + 15)  # nothing lost, nothing applied twice
+    print(f"\nSSP across a shard restart: shard 0 waits {stats[0]['ssp']['waits']}, "
+          f"duplicates {stats[0]['duplicates']}; shard 1 waits {stats[1]['ssp']['waits']}")
+    fast.close(), slow.close()
+
+
 # ---- the whole server lost --------------------------------------------------------
 
 @pytest.fixture
