@@ -145,6 +145,12 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
     bk = b.get("test_buckets_daily_vs_weekly", {}).get("buckets")
     if bk:
         lines += _buckets_section(bk)
+    fz = [b[n]["fuzz"] for n in ("test_fuzz_at_scale[plain]", "test_fuzz_at_scale[curve]") if "fuzz" in b.get(n, {})]
+    if fz:
+        lines += _fuzz_section(fz)
+    sk = b.get("test_soak", {}).get("soak")
+    if sk:
+        lines += _soak_section(sk)
     t = b.get("test_transport_round_trip")
     if t:
         lines += [
@@ -334,6 +340,58 @@ def _buckets_section(bk: dict[str, Any]) -> list[str]:
     if bk.get("errors"):
         lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in bk["errors"].items())]
     return lines + [""]
+
+
+def _fuzz_section(runs: list[dict[str, Any]]) -> list[str]:
+    """bench/test_bench_fuzz.py: malformed and hostile messages to a shard and the coordinator."""
+    lines = [
+        "## Fuzzing at scale",
+        "",
+        "Malformed or hostile messages (tests/integration/fuzzing.py: random bytes, truncated and bit-flipped "
+        "headers, wrong frame counts, sizes, versions and field types, unknown ops, NaN/Inf deltas, frames above "
+        "MAXMSGSIZE) to shard 0 and the coordinator of `pserver start --shards 2`, one in flight per socket. "
+        "Every message that expects an answer got one error reply, counted by the endpoint; both processes alive and "
+        "not restarted; the centre's checksum unchanged. RSS growth: each shard, after the first messages, to the end.",
+        "",
+        "| CurveZMQ | messages | to shard / coordinator | seconds (messages alone) | messages/s | shard RSS growth (MiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in runs:
+        growth = ", ".join(f"{k}: {v:+.2f}" for k, v in f["rss_growth_mib"].items())
+        lines.append(f"| {'yes' if f['curve'] else 'no'} | {f['messages']:,} | {f['to_shard']:,} / "
+                     f"{f['to_coordinator']:,} | {f['seconds']:.1f} ({f['loop_seconds']:.1f}) | "
+                     f"{f['messages_per_s']:.0f} | {growth} |")
+    return lines + [""]
+
+
+def _soak_section(sk: dict[str, Any]) -> list[str]:
+    """bench/test_bench_soak.py: a long run with workers and a shard killed, against an undisturbed one."""
+    d, u = sk["disturbed"], sk["undisturbed"]
+    lines = [
+        "## Soak",
+        "",
+        f"{sk['workers']} workers × 1 thread, {sk['shards']} shards, ADAG, GRU {sk['hidden']} on "
+        f"{sk['players']:,} generated players × {sk['days']} days; the disturbed run lasts {d['duration_s']:.0f} s "
+        f"with a random worker SIGKILLed and restarted with its rank every {sk['kill_every_s']:.0f} s and shard 1's "
+        f"process SIGKILLed once (restarted from its checkpoint by `pserver start`); the undisturbed run "
+        f"{u['duration_s']:.0f} s. Test AUC of each run's best centre: disturbed {d['test_auc']:.4f}, undisturbed "
+        f"{u['test_auc']:.4f} (Δ {sk['auc_delta']:+.4f}).",
+        "",
+        "| kill | at (s) | recovered in (s) |",
+        "| --- | --- | --- |",
+        *[f"| {r['what']} | {r['at_s']:.0f} | {r['recovery_s']:.1f} |" for r in d["recoveries"]],
+        "",
+        "| run | shard | RSS (MiB) | growth (MiB) over (s) | slope (MiB/h) | processes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, run in (("disturbed", d), ("undisturbed", u)):
+        for k, s in run["shards"].items():
+            lines.append(f"| {name} | {k} | {_f(s['rss_start_mib'], '{:.1f}')} → {_f(s['rss_end_mib'], '{:.1f}')} | "
+                         f"{s['rss_growth_mib']:+.2f} over {s['span_s']:.0f} | {s['rss_slope_mib_per_h']:+.2f} | "
+                         f"{s['processes']} |")
+    return lines + ["", "Recovery: a worker's, from the kill to its restarted process's first update (TensorFlow's "
+                        "import included); the shard's, from the kill to the restored shard's first new update. The "
+                        "slope is over each shard's longest-lived process after its first minute.", ""]
 
 
 def write_plot(data: dict[str, Any], out: Path) -> bool:
