@@ -53,6 +53,9 @@ class EvaluatorConfig:
     target_auc: float | None = None
     started_at: float | None = None  # unix time the run started (wall_s counts from it)
     finish_file: str | None = None  # when this file appears, finish even if workers have not said DONE
+    # A lost worker may come back (Spark retries its task, which rejoins with its rank): then only DONE from every
+    # rank, or the finish file, ends the run.
+    wait_for_lost: bool = False
     max_val_rows: int = 20_000  # a bigger validation split is subsampled (seeded) for the periodic checks
     keys_dir: str | None = None
     key_name: str | None = None
@@ -191,7 +194,8 @@ class Evaluator:
 
     def _finished(self, coord: dict[str, Any]) -> bool:
         workers = coord["workers"].values()
-        all_in = len(coord["workers"]) >= self.world and all(w["done"] or w["lost"] for w in workers)
+        all_in = len(coord["workers"]) >= self.world and all(
+            w["done"] or (w["lost"] and not self.cfg.wait_for_lost) for w in workers)
         told = bool(self.cfg.finish_file and os.path.exists(self.cfg.finish_file))
         return all_in or told
 

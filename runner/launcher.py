@@ -231,12 +231,13 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s, engine %s", endpoints.address,
                  config.workers, threads, run_cfg["rule"], launcher.engine)
         keyed = endpoints.keys_dir is not None
+        rejoin_wait_s = launcher.rejoin_wait_s(config)
         evaluator = children.start("evaluator", python("runner.worker_cli", "evaluate", "--config-json", child_json(
             EvaluatorConfig(ps=endpoints.address, data_dir=config.data_dir, out_dir=str(out),
                             interval_s=config.eval_interval_s, target_auc=config.target_auc or None,
                             started_at=started_at, finish_file=str(finish), keys_dir=endpoints.keys_dir,
-                            key_name=EVALUATOR_KEY if keyed else None, **callbacks))))
-        rejoin_wait_s = launcher.rejoin_wait_s(config)
+                            key_name=EVALUATOR_KEY if keyed else None, wait_for_lost=rejoin_wait_s > 0,
+                            **callbacks))))
         launcher.start_workers([WorkerSpec(rank=r, ps=endpoints.address, data_dir=config.data_dir, threads=threads,
                                            seed=config.seed, key_name=f"worker{r}" if keyed else None,
                                            rejoin_wait_s=rejoin_wait_s)
@@ -250,7 +251,8 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
             children.stop_all()
             ready.unlink(missing_ok=True)
             finish.unlink(missing_ok=True)
-    lost = set(summary.get("lost_workers", [])) | dead
+    done = {int(rank) for rank, report in summary.get("worker_reports", {}).items() if report}
+    lost = (set(summary.get("lost_workers", [])) | dead) - done  # a failed Spark job names no rank: all are "dead"
     summary["lost_workers"] = sorted(lost)
     summary["threads_per_worker"] = threads
     summary["seed"] = config.seed
