@@ -79,6 +79,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         label_days=args.label_days, session_type=args.session_type, min_sessions=args.min_sessions,
         min_active_days=args.min_active_days, max_types=args.max_types, columns=_columns(args),
         bucket_days=None if args.bucket_days == "auto" else args.bucket_days,
+        engine=args.engine, master=args.master, parts=args.parts,
     ))
     c, w = spec["counts"], spec["window"]
     steps = f"{w['steps']} steps of {w['bucket_days']} days" if w["bucket_days"] > 1 else f"{w['steps']} days"
@@ -129,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("prepare", help="event log -> X.npy, y.npy, ids.npy, spec.json")
-    p.add_argument("events", help="CSV or Parquet event log")
+    p.add_argument("events", help="CSV or Parquet event log (--engine spark: also a directory, glob or URI)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--cutoff", help="ISO date (UTC); default: --label-days before the end of the log")
     p.add_argument("--observation-days", type=int, default=90)
@@ -141,6 +142,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bucket-days", type=_bucket_days, default="auto", metavar="N|auto",
                    help=f"days per time step; auto (default): 1 up to a {LONG_WINDOW_DAYS}-day window, "
                         f"{LONG_WINDOW_BUCKET_DAYS} beyond")
+    p.add_argument("--engine", default="local", metavar="local|spark",
+                   help="local (default): numpy on this machine; spark: Spark SQL, DIR written as parts/part-K "
+                        "(pip install 'notpu[spark]', Java 17+)")
+    p.add_argument("--master", metavar="URL", help="--engine spark: Spark master (default local[*])")
+    p.add_argument("--parts", type=int, metavar="N",
+                   help="--engine spark: files under DIR/parts/, one per worker (default: Spark's parallelism)")
     _add_columns(p, from_spec=False)
     p.set_defaults(handler=cmd_prepare)
 

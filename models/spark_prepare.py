@@ -43,6 +43,7 @@ from models.events import DAY_S, MAX_PLAUSIBLE_UNIX_S, EventColumns, check_colum
 from models.features import AGGREGATIONS, BLOCK_ROWS, DailyAggregator
 from models.outdir import check_replaceable, staged_dir
 from models.prepare import LogSurvey, Plan, PrepareConfig, iso, kept_rows, make_spec, plan
+from models.spark_session import spark_session, stop_spark
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,6 @@ def prepare_spark(cfg: PrepareConfig, spark: Any = None) -> dict:
     fmt = source_format(cfg.events)
     own = spark is None
     if own:
-        from models.spark_session import spark_session
-
         spark = spark_session(cfg.master)
     try:
         t0 = time.perf_counter()
@@ -269,7 +268,7 @@ def prepare_spark(cfg: PrepareConfig, spark: Any = None) -> dict:
         return spec
     finally:
         if own:
-            spark.stop()
+            stop_spark(spark)
 
 
 def _write_empty_part(staged: str, k: int, p: Plan) -> None:

@@ -23,6 +23,7 @@ DEFAULT_MASTER = "local[*]"
 DRIVER_MEMORY = "1g"
 JAVA_MIN_VERSION = 17
 JAVA_VERSION_TIMEOUT_S = 30.0
+JVM_EXIT_TIMEOUT_S = 30.0
 
 
 def _java() -> str | None:
@@ -66,7 +67,33 @@ def spark_session(master: str | None = None, app: str = "notpu-prepare") -> Any:
              .config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .getOrCreate())
-    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setLogLevel("ERROR")  # a glob logs a Java stack trace at WARN; errors reach the user as DataError
     log.info("spark %s on %s, default parallelism %d", spark.version, spark.sparkContext.master,
              spark.sparkContext.defaultParallelism)
     return spark
+
+
+def stop_spark(spark: Any, timeout_s: float = JVM_EXIT_TIMEOUT_S) -> None:
+    """Stop the session and the JVM pyspark launched for it, waiting at most timeout_s for it to exit.
+
+    `SparkSession.stop` leaves the gateway JVM running for a next session; a
+    command or a test that is done with Spark should leave no process behind.
+    The JVM exits when its stdin closes (that is how pyspark ties it to the driver).
+    """
+    from pyspark import SparkContext
+
+    spark.stop()
+    gateway = SparkContext._gateway
+    proc = getattr(gateway, "proc", None)  # None when pyspark did not launch the JVM (a given gateway)
+    if gateway is None or proc is None:
+        return
+    gateway.shutdown()
+    SparkContext._gateway = SparkContext._jvm = None  # the next spark_session launches a fresh JVM
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.warning("the Spark JVM (pid %d) did not exit %.0f s after its stdin closed; killing it", proc.pid, timeout_s)
+        proc.kill()
+        proc.wait(timeout_s)
