@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,27 @@ def slots(sc) -> int:
         return sc.defaultParallelism // max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
 
 
+def local_slots(master: str) -> int | None:
+    """The task slots of a local master (local, local[N], local[N,F], local[*]); None for a cluster's URL."""
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip())
+    if m is None:
+        return None
+    return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1) or 1)
+
+
+def check_slots(config, sync: bool, have: int, master: str, task_cpus: str = "1") -> None:
+    """A synchronous rule's barrier stage needs a slot per worker at once: refuse fewer, saying what to pass."""
+    if sync and have < config.workers:
+        raise ConfigError(
+            f"rule {config.rule} is synchronous: its {config.workers} workers run as one Spark barrier stage, "
+            f"which needs {config.workers} task slots at once, and {master} has {have} (executor cores / "
+            f"spark.task.cpus {task_cpus}); pass --workers {have} or fewer, a master with more cores "
+            f"(e.g. --master local[{config.workers}]), or an asynchronous rule")
+    if have < config.workers:
+        log.warning("%s has %d task slot(s) for %d workers: the others start as the first ones finish",
+                    master, have, config.workers)
+
+
 class SparkLauncher(Launcher):
     """The workers as Spark tasks; the server (and the evaluator) on the driver."""
 
@@ -99,18 +121,7 @@ class SparkLauncher(Launcher):
         if config.worker_timeout_s <= 0 and not sync:
             raise ConfigError("--engine spark restarts a failed worker once the server has declared it lost; "
                               "--worker-timeout-s must be above 0")
-        have = slots(self.sc)
-        master = self.sc.master
-        if sync and have < config.workers:
-            raise ConfigError(
-                f"rule {config.rule} is synchronous: its {config.workers} workers run as one Spark barrier stage, "
-                f"which needs {config.workers} task slots at once, and {master} has {have} "
-                f"(executor cores / spark.task.cpus {self.sc.getConf().get('spark.task.cpus', '1')}); pass "
-                f"--workers {have} or fewer, a cluster with more cores (e.g. --master local[{config.workers}]), "
-                f"or an asynchronous rule")
-        if have < config.workers:
-            log.warning("%s has %d task slot(s) for %d workers: the others start as the first ones finish",
-                        master, have, config.workers)
+        check_slots(config, sync, slots(self.sc), self.sc.master, self.sc.getConf().get("spark.task.cpus", "1"))
 
     def start_server(self, config: ServerConfig, children: Children, startup_timeout_s: float) -> Endpoints:
         self._keys = tempfile.mkdtemp(prefix="notpu-keys-")  # mode 0700: the secrets stay on the driver
@@ -261,6 +272,10 @@ def train_with_session(config) -> dict[str, Any]:
         import pyspark  # noqa: F401
     except ImportError:
         raise NotpuError("--engine spark needs PySpark (pip install pyspark) and Java 17 on this host") from None
+    sync = bool(config.run_config().to_wire(config.workers).get("sync"))  # also checks the run options
+    have = local_slots(config.master) if config.master else None
+    if sync and have is not None:  # refused before a JVM starts; a cluster's slots are counted once it is up
+        check_slots(config, sync, have, config.master)
     spark = session(config.master, config.workers)
     try:
         return train(spark, config)
