@@ -66,12 +66,14 @@ def test_transport_round_trip(benchmark) -> None:
             client.init(initial, TALK_LAYOUT)
             client.pull(out=out)
 
+            # As a worker does: the reply's centre is what the model's weights are set from, so the client
+            # hands back a view on the received frame, with no copy into a buffer of its own.
             def push_pull() -> None:
-                client.push(delta, pull=True, out=out)
+                client.push(delta, pull=True)
 
             def push_then_pull() -> None:
                 client.push(delta)
-                client.pull(out=out)
+                client.pull()
 
             ps_s, others = interleave(benchmark, push_pull, {"bare": bare.round_trip, "separate": push_then_pull},
                                       ROUNDS, WARMUP)

@@ -310,19 +310,31 @@ class Client:
     # ---- shards -------------------------------------------------------------
 
     def _gather(self, replies: list[protocol.Message], out: np.ndarray | None, index: int = -1) -> np.ndarray:
-        """Copy each reply's array ``index`` into its range of ``out`` (total,)."""
+        """Copy each reply's array ``index`` into its range of ``out`` (total,). With one shard and no ``out``,
+        the reply's array itself: a view on the received frame, read-only, no copy."""
+        if out is None and len(self.shards) == 1:
+            out = self._check_slice(self.shards[0], replies[0], index)
+            out.flags.writeable = False
+            return out
         if out is None:
             out = np.empty(self.total, np.float32)
         for s, msg in zip(self.shards, replies):
-            arr = msg.arrays[index] if msg.arrays else None
-            if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
-                raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
-                                            f"for its range [{s.start}, {s.end})")
-            out[s.start:s.end] = arr
+            out[s.start:s.end] = self._check_slice(s, msg, index)
         return out
 
+    @staticmethod
+    def _check_slice(s: ShardInfo, msg: protocol.Message, index: int) -> np.ndarray:
+        """The reply's array ``index``, checked to be shard ``s``'s slice."""
+        arr = msg.arrays[index] if msg.arrays else None
+        if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
+            raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
+                                        f"for its range [{s.start}, {s.end})")
+        return arr
+
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The whole centre as one float32 vector (total,)."""
+        """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard,
+        a read-only view on the reply's frame (no copy: set the model's weights from it), from several, a new
+        array."""
         reqs = [protocol.encode({"op": "PULL", "worker": self.worker}) for _ in self.shards]
         replies = exchange(self._peers, reqs, self.config, "PULL")
         self.versions = [int(m.header["version"]) for m in replies]
@@ -335,7 +347,8 @@ class Client:
         mode: the shard-side apply (`pserver.applies`); the built-ins are "add" (C += Δ), "scaled"
         (C += scale·Δ), "staleness" (C += scale·Δ/(staleness+1)) and "elastic" (Δ is the worker's
         weights W; the shard applies E = scale·(W − C), C += E, and replies with E). Returns
-        (staleness per shard, the new centre if pull, else the array the replies carry, if any: E).
+        (staleness per shard, the new centre if pull, else the array the replies carry, if any: E); an array
+        returned without ``out`` may be a read-only view on a reply's frame, as `pull` says.
         """
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")

@@ -22,7 +22,8 @@ class Downpour(Exchange):
 
     def exchange(self, w: np.ndarray) -> np.ndarray:
         np.subtract(w, self.pulled, out=self._delta)  # Δ = W − W_pulled, (total,)
-        staleness, centre = self.client.push(self._delta, mode=self.spec.mode, scale=self.scale(), pull=True,
-                                             out=self.pulled)
+        # the new centre, read-only (a view on the reply, from one shard): kept as W_pulled and what W is set from
+        staleness, centre = self.client.push(self._delta, mode=self.spec.mode, scale=self.scale(), pull=True)
+        self.pulled = centre
         self.record(staleness)
-        return centre.copy()
+        return centre
