@@ -8,8 +8,9 @@ The same two passes as `models.prepare`, over any CSV/Parquet path Spark reads
    that small table and decides the cut-off, window and kept types with the
    same `prepare.plan` as the local path;
 2. one aggregation to cells of (customer, window day, type): count, finite
-   values, their sum, min and max; and one to each customer's sessions in the
-   label window. The customers are range-partitioned by id into P parts; the
+   values, their sum, min and max; in the same scan, each customer's sessions
+   in the label window. The customers are range-partitioned by id (ranges, not
+   hashes: the parts laid end to end are then the local path's id order) into P parts; the
    task of part k folds its cells into steps, filters newcomers and builds the
    features with the local path's `DailyAggregator` (`add_cells`, `block`), and
    writes DIR/parts/part-k itself. The driver gets one row per part back.
@@ -189,7 +190,7 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
         cell = col["day"] >= 0  # label rows carry day -1
         agg.add_cells(cust[cell], col["day"][cell], col["t"][cell], col["n"][cell], col["nval"][cell],
                       col["total"][cell], col["low"][cell], col["high"][cell])
-        agg.add_tally(cust[~cell], col["sessions"][~cell])
+        agg.add_tally(cust[~cell], col["n"][~cell])
     kept, y = kept_rows(job.cfg, agg)
     write_part(part_dir(job.staged, k), (agg.block(kept[i:i + BLOCK_ROWS]) for i in range(0, kept.size, BLOCK_ROWS)),
                (kept.size, job.plan.window.steps, agg.n_types * len(AGGREGATIONS)), y, agg.ids()[kept], agg.active[kept])
@@ -200,29 +201,27 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
 
 
 def cells(ev: Any, cfg: PrepareConfig, p: Plan) -> Any:
-    """Pass 2's rows: one per (customer, window day, type) cell, and one per customer with label sessions (day -1)."""
+    """Pass 2's rows, from one scan: a cell per (customer, window day, type), and per customer with
+    sessions in the label window a row of day -1 whose `n` is their count. The windows do not overlap,
+    so an event lands in one row or none."""
     from pyspark.sql import functions as F
 
-    w = p.window
+    w, ts = p.window, F.col("ts")
     type_of = F.create_map(*[F.lit(x) for i, name in enumerate(p.types) for x in (name, i)])
     other = len(p.types) - 1  # types outside the kept ones, and the type named OTHER, go to the last
+    in_obs = (ts >= w.start_s) & (ts < p.cutoff_s)
+    in_label = (F.col("type") == cfg.session_type) & (ts >= p.cutoff_s) & (ts < p.label_end_s)
     finite = F.col("value").isNotNull() & ~F.isnan("value") & (F.abs("value") < float("inf"))
-    obs = (ev.where((F.col("ts") >= w.start_s) & (F.col("ts") < p.cutoff_s))
-           .select("id", ((F.col("ts") - w.start_s) / DAY_S).cast("int").alias("day"),
-                   F.coalesce(type_of[F.col("type")], F.lit(other)).alias("t"), "value"))
-    grid = (obs.withColumn("v", F.when(finite, F.col("value")))  # NaN/inf/empty: counted, no value
+    return (ev.where(in_obs | in_label)
+            .select("id",
+                    F.when(in_obs, ((ts - w.start_s) / DAY_S).cast("int")).otherwise(-1).alias("day"),
+                    F.when(in_obs, F.coalesce(type_of[F.col("type")], F.lit(other))).otherwise(-1).alias("t"),
+                    F.when(finite, F.col("value")).alias("v"))  # NaN/inf/empty: counted, no value
             .groupBy("id", "day", "t")
             .agg(F.count(F.lit(1)).alias("n"), F.count("v").alias("nval"),
                  F.coalesce(F.sum("v"), F.lit(0.0)).alias("total"),
                  F.coalesce(F.min("v"), F.lit(float("inf"))).alias("low"),
-                 F.coalesce(F.max("v"), F.lit(float("-inf"))).alias("high"))
-            .withColumn("sessions", F.lit(0).cast("long")))
-    label = (ev.where((F.col("type") == cfg.session_type) & (F.col("ts") >= p.cutoff_s) & (F.col("ts") < p.label_end_s))
-             .groupBy("id").agg(F.count(F.lit(1)).alias("sessions"))
-             .select("id", F.lit(-1).alias("day"), F.lit(-1).alias("t"), F.lit(0).cast("long").alias("n"),
-                     F.lit(0).cast("long").alias("nval"), F.lit(0.0).alias("total"),
-                     F.lit(float("inf")).alias("low"), F.lit(float("-inf")).alias("high"), "sessions"))
-    return grid.unionByName(label)
+                 F.coalesce(F.max("v"), F.lit(float("-inf"))).alias("high")))
 
 
 def prepare_spark(cfg: PrepareConfig, spark: Any = None) -> dict:
