@@ -1,7 +1,8 @@
 """The worker loop: a Keras model trained on one data partition, exchanging with the PS.
 
 A worker joins the coordinator, gets its rank r of n and the run config,
-trains on partition r of the training split (memory-mapped), and every λ
+trains on partition r of the training split (memory-mapped; its own part of
+a DIR prepared in n parts, `training_rows`), and every λ
 local steps lets the rule exchange its flat weights with the shards. The
 first worker to join initialises the centre with its freshly built model.
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from models.dataset import Dataset, load_dataset, split_indices
+from models.dataset import load_dataset, load_part, num_parts, split_indices
 from optimizers import effective_settings, make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
@@ -131,6 +132,24 @@ def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
     return max(math.ceil(share / batch_size), 1)
 
 
+def training_rows(data_dir: str, world: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(X, y, rank r's training rows into X, the rows every rank trains on per epoch).
+
+    A DIR written in as many parts as there are workers (`notpu prepare --engine spark`) gives rank r its own
+    part, and no other part's arrays are read (memory maps: only their headers, for the shortest share);
+    otherwise rank r takes `partition` r of the whole DIR's training rows. Either way the rows are the
+    whole DIR's `split_indices` training rows.
+    """
+    if world > 1 and num_parts(data_dir) == world:
+        part = load_part(data_dir, rank)
+        log.info("rank %d reads only part %d of %d of %s", rank, rank, world, data_dir)
+        share = min(len(load_part(data_dir, k).split().train) for k in range(world))
+        return part.X, part.y, part.split().train, share
+    data = load_dataset(data_dir)
+    mine, share = partition(split_indices(len(data.y)).train, world, rank)
+    return data.X, data.y, mine, share
+
+
 def _reset_optimizer(model) -> None:
     """Zero the optimizer's slots (Adam's moments, momentum): after a NaN step they hold NaN too."""
     for v in model.optimizer.variables:
@@ -139,12 +158,12 @@ def _reset_optimizer(model) -> None:
 
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Join, train, report DONE. Returns this worker's report."""
-    data = load_dataset(cfg.data_dir)  # a missing or malformed DIR is reported before any wait for the server
+    load_part(cfg.data_dir, 0)  # a missing or malformed DIR is reported before any wait for the server
     curve = client_curve(cfg.keys_dir, cfg.key_name)
     client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries,
                                          server_wait_s=cfg.server_wait_s), curve=curve)
     try:
-        return _run(cfg, client, data)
+        return _run(cfg, client)
     finally:
         client.close()
 
@@ -167,7 +186,7 @@ def _wait_for_rank(client: Client, rank: int, timeout_s: float, poll_s: float = 
     return state
 
 
-def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
+def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
     if cfg.rank >= 0 and cfg.rejoin_wait_s > 0:
         state = _wait_for_rank(client, cfg.rank, cfg.rejoin_wait_s)
         if state == "done":  # a restart after the work was done (the task died reporting it): nothing left to do
@@ -182,10 +201,9 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
     beat = _Heartbeat(cfg, rank)
     beat.start()
     run = RunConfig.with_defaults(info["config"])  # a hand-written --run-json may leave keys out
-    split = split_indices(len(data.y))
-    mine, _ = partition(split.train, world, rank)
+    X, y, mine, share = training_rows(cfg.data_dir, world, rank)  # (customers, days, features), (customers,)
     batch_size = int(run["batch_size"])
-    spe = steps_per_epoch(len(split.train), world, batch_size)
+    spe = max(math.ceil(share / batch_size), 1)  # every rank takes as many steps: synchronous rounds line up
     eff = effective_settings(run, world, spe)
     window = eff.window
     epochs = int(run["epochs"])
@@ -207,7 +225,7 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
         model = keras.models.model_from_json(info["architecture"])
         compile_model(model, optimizer, lr)
     else:
-        model = build_model(ModelConfig(days=data.X.shape[1], features=data.X.shape[2], hidden=int(run["hidden"]),
+        model = build_model(ModelConfig(days=X.shape[1], features=X.shape[2], hidden=int(run["hidden"]),
                                         learning_rate=lr, optimizer=optimizer, seed=cfg.seed))
     weights = model.get_weights()
     layout = Layout.of(weights, [w.path for w in model.weights])
@@ -230,8 +248,8 @@ def _run(cfg: WorkerConfig, client: Client, data: Dataset) -> dict[str, Any]:
             for s in range(spe):
                 take = order[np.arange(s * batch_size, (s + 1) * batch_size) % len(order)]
                 rows = np.sort(mine[take])  # sorted: the memory map reads forward
-                xb = np.asarray(data.X[rows], dtype=np.float32)  # (batch, days, features)
-                loss = float(model.train_on_batch(xb, targets(data.y[rows], kind)))
+                xb = np.asarray(X[rows], dtype=np.float32)  # (batch, days, features)
+                loss = float(model.train_on_batch(xb, targets(y[rows], kind)))
                 samples += len(rows)
                 steps += 1
                 beat.samples = samples

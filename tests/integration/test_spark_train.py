@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for  # noqa: E402
 from datasets import write_fading  # noqa: E402
 
+from models.dataset import part_dir, split_indices, write_part, write_parts_index  # noqa: E402
 from pserver.procs import stop_tree  # noqa: E402
 
 pyspark = pytest.importorskip("pyspark")
@@ -34,6 +36,20 @@ RUN_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def fading(tmp_path_factory):
     return write_fading(tmp_path_factory.mktemp("spark-fading"), customers=600)
+
+
+@pytest.fixture(scope="module")
+def fading_parts(fading, tmp_path_factory):
+    """The same customers in the parts layout of `notpu prepare --engine spark`: two parts of uneven size."""
+    X, y, ids = (np.load(fading / f"{name}.npy") for name in ("X", "y", "ids"))
+    d = tmp_path_factory.mktemp("spark-fading-parts")
+    (d / "spec.json").write_text((fading / "spec.json").read_text())
+    bounds = [0, 280, len(y)]
+    for k in range(2):
+        a, b = bounds[k], bounds[k + 1]
+        write_part(part_dir(d, k), [X[a:b]], X[a:b].shape, y[a:b], ids[a:b], np.ones((b - a, X.shape[1]), bool))
+    write_parts_index(d, [b - a for a, b in zip(bounds, bounds[1:])])
+    return d
 
 
 def notpu_train(*args: str) -> subprocess.Popen:
@@ -80,21 +96,27 @@ def spark_workers(parent: int) -> dict[str, psutil.Process]:
     return out
 
 
-def test_sync_rule_runs_as_a_barrier_stage_and_learns(fading, tmp_path):
+def test_sync_rule_runs_as_a_barrier_stage_on_its_parts_and_learns(fading_parts, tmp_path):
+    """Each worker reads only its own part of a DIR written in as many parts as there are workers."""
     run = tmp_path / "run"
     t0 = time.monotonic()
-    stdout, _ = finish(notpu_train(str(fading), "--out", str(run), "--engine", "spark", "--master", "local[2]",
+    stdout, _ = finish(notpu_train(str(fading_parts), "--out", str(run), "--engine", "spark", "--master", "local[2]",
                                    "--workers", "2", "--rule", "easgd", "--epochs", "3", *TINY))
     summary = json.loads((run / "summary.json").read_text())
     print(f"\neasgd × 2 on local[2]: test AUC {summary['test_auc']:.4f}, {time.monotonic() - t0:.0f} s")
     assert summary["engine"] == "spark" and summary["spark_master"] == "local[2]"
     assert summary["lost_workers"] == [] and summary["task_attempts"] == {"0": 1, "1": 1}
     assert sorted(summary["worker_names"].values()) == ["spark-0", "spark-1"]
-    assert summary["samples"] == 2 * 3 * 6 * 32  # 3 epochs of 6 batches each (600 × 64% / 2 rows)
+    # part 0 holds fewer training rows: both ranks take its number of steps, so the rounds line up
+    share = min(int(((split_indices(600).train >= 280) == k).sum()) for k in (0, 1))
+    reports = summary["worker_reports"]
+    assert reports["0"]["steps"] == reports["1"]["steps"] == 3 * -(-share // 32)
     assert summary["test_auc"] > AUC_THRESHOLD
     for name in ("model.keras", "history.jsonl", "test_scores.csv", "spec.json", "logs/pserver.log",
                  "logs/evaluator.log", "logs/worker0.log", "logs/worker1.log"):
         assert (run / name).is_file(), name
+    for k in (0, 1):
+        assert f"rank {k} reads only part {k} of 2" in (run / "logs" / f"worker{k}.log").read_text()
     assert "CurveZMQ on" in (run / "logs" / "pserver.log").read_text()
     assert_nothing_left(run)
 
