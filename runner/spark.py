@@ -4,6 +4,8 @@
     from runner.spark import train
     summary = train(spark, TrainConfig(data_dir="data/", out_dir="run/", workers=4, rule="adag"))
 
+(the session's executors must run a Python that has notpu: `spark.pyspark.python`).
+
 The coordinator, the shards and the evaluator run on the driver, as in
 local mode (runner.launcher.run); the server binds the driver's host
 (`spark.driver.host`) behind CurveZMQ keys made for this run, and each
@@ -149,9 +151,9 @@ class SparkLauncher(Launcher):
             except BaseException as exc:  # noqa: BLE001 - the driver reads it in poll()
                 self._error = exc
 
+        self._ranks = [w.rank for w in workers]
         self._thread = threading.Thread(target=collect, name="spark-workers", daemon=True)
         self._thread.start()
-        self._ranks = [w.rank for w in workers]
 
     def poll(self) -> list[WorkerExit]:
         if self.running() or self._reported:
