@@ -83,11 +83,11 @@ def _check_arrays(where: Path, X: np.ndarray, y: np.ndarray, active: np.ndarray 
                         f"{active.dtype} {active.shape}; re-run `notpu prepare`")
 
 
-def _load_files(d: Path, mmap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(X, y, ids, active) of one file set: a one-file DIR or one part."""
+def _load_files(d: Path, mmap: bool, top: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(X, y, ids, active) of one file set: the DIR `top` of the one-file layout, or one of its parts."""
     missing = [f for f in ("X.npy", "y.npy") if not (d / f).is_file()]
     if missing:
-        raise DataError(f"{d}: missing {', '.join(missing)}; run `notpu prepare EVENTS --out DIR` again")
+        raise DataError(f"{d}: missing {', '.join(missing)}; run `notpu prepare EVENTS --out {top}` first")
     X = np.load(d / "X.npy", mmap_mode="r" if mmap else None)
     y = np.load(d / "y.npy")
     ids_path = d / "ids.npy"
@@ -119,10 +119,7 @@ def load_dataset(directory: str | Path, mmap: bool = True) -> Dataset:
             raise DataError(f"{d / PARTS_DIR}: the parts' ids are not in ascending order end to end; "
                             "re-run `notpu prepare --engine spark`")
         return Dataset(X=X, y=y, ids=ids, spec=_spec(d), active=active)
-    if not (d / "X.npy").is_file() or not (d / "y.npy").is_file():
-        missing = [f for f in ("X.npy", "y.npy") if not (d / f).is_file()]
-        raise DataError(f"{d}: missing {', '.join(missing)}; run `notpu prepare EVENTS --out {d}` first")
-    X, y, ids, active = _load_files(d, mmap)
+    X, y, ids, active = _load_files(d, mmap, top=d)
     return Dataset(X=X, y=y, ids=ids, spec=_spec(d), active=active)
 
 
@@ -186,13 +183,13 @@ def load_part(directory: str | Path, k: int, mmap: bool = True) -> Part:
     if not (d / PARTS_DIR).is_dir():
         if k != 0:
             raise DataError(f"{d}: one-file layout (1 part); part {k} does not exist")
-        X, y, ids, active = _load_files(d, mmap)
+        X, y, ids, active = _load_files(d, mmap, top=d)
         return Part(X=X, y=y, ids=ids, spec=_spec(d), active=active, index=0, parts=1, start=0, customers=len(y))
     index = _parts_index(d)
     P, rows = index["parts"], index["rows"]
     if not 0 <= k < P:
         raise DataError(f"{d}: part {k} of {P}; parts are numbered 0 .. {P - 1}")
-    X, y, ids, active = _load_files(part_dir(d, k), mmap)
+    X, y, ids, active = _load_files(part_dir(d, k), mmap, top=d)
     if len(y) != rows[k]:
         raise DataError(f"{part_dir(d, k)}: {len(y)} rows, {PARTS_INDEX} says {rows[k]}; re-run `notpu prepare --engine spark`")
     return Part(X=X, y=y, ids=ids, spec=_spec(d), active=active, index=k, parts=P, start=int(sum(rows[:k])),
