@@ -33,7 +33,7 @@ class Rule:
     mode: str  # the shard-side apply (pserver.applies): a ROUND mode if sync, else a PUSH mode
     elastic: bool = False  # α(W − C) both ways; α defaults to β/n
     local_optimizer: str = "adam"  # the worker's own optimizer for local steps
-    lr_scale: str = "none"  # the local rate is the base × this: "none", "window" (λ), "workers" (n), "elastic" (n + 1)
+    lr_scale: str = "none"  # the local rate is the base × this: "none", "window" (λ) or "workers" (n)
     doc: str = ""
 
 

@@ -14,7 +14,7 @@ class AEASGD(Exchange):
     request, then returns E, so the pull and the push see the same centre.
     """
 
-    spec = Rule("aeasgd", sync=False, window=8, mode="elastic", elastic=True, lr_scale="elastic",
+    spec = Rule("aeasgd", sync=False, window=8, mode="elastic", elastic=True, lr_scale="workers",
                 doc="E = α(W − C); W ← W − E; C ← C + E")
 
     def exchange(self, w: np.ndarray) -> np.ndarray:

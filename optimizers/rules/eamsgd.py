@@ -10,4 +10,4 @@ class EAMSGD(AEASGD):
     """As AEASGD; the worker's local optimizer is Nadam, Adam with Nesterov momentum (`optimizers.base` says why)."""
 
     spec = Rule("eamsgd", sync=False, window=8, mode="elastic", elastic=True, local_optimizer="nadam",
-                lr_scale="elastic", doc="as AEASGD, local steps with Nesterov momentum (Nadam)")
+                lr_scale="workers", doc="as AEASGD, local steps with Nesterov momentum (Nadam)")

@@ -10,7 +10,7 @@ from optimizers.exchange import RoundExchange, Rule, register_rule
 class EASGD(RoundExchange):
     """Round r: E_i = α(W_i − C_r), W_i ← W_i − E_i; C_{r+1} = C_r + Σ_i E_i."""
 
-    spec = Rule("easgd", sync=True, window=8, mode="elastic", elastic=True, lr_scale="elastic",
+    spec = Rule("easgd", sync=True, window=8, mode="elastic", elastic=True, lr_scale="workers",
                 doc="round r: E_i = α(W_i − C_r); C_{r+1} = C_r + Σ E_i")
 
     def exchange(self, w: np.ndarray) -> np.ndarray:
