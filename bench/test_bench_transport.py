@@ -8,9 +8,20 @@ and one shard process) and `bench.echo_server`, a bare ROUTER that sends every
 message straight back. The client side of both runs in this process, in turn,
 round after round. Each side moves the same bytes: a 2,447,562-float32 delta
 (9.8 MB) out and as many floats back. The shard also applies the delta
-(one pass of `kernels.add`) and the client copies the new centre into the
-worker's buffer; `kernel_ms` and `copy_ms` time those two pieces alone, so the
-overhead over bare ZeroMQ can be read off.
+(one pass of `kernels.add`); `kernel_ms` and `copy_ms` time that pass and one
+copy of the vector alone, so the overhead over bare ZeroMQ can be read off.
+The reply's centre is used where it lands (a view on the received frame), as
+a worker sets its model's weights from it.
+
+The same run also times the co-located fast path: a worker on this host (of a
+second server, started alike), whose client maps the shard's shared memory (`pserver.shm`), so ZeroMQ
+carries only the headers. It copies the delta into its push segment, the
+shard applies it, and the client copies the new centre out into the worker's
+buffer (the delta is computed in the push segment, as a worker does, so it is
+not copied; `shm_copy_*` times a delta copied in): `shm_ratio_vs_bare_tcp`
+divides that by the bare echo, and
+`ratio_vs_memcpy` by two plain copies of the vector (out and back: the floor
+of any exchange that leaves both sides with their own copy).
 """
 from __future__ import annotations
 
@@ -22,7 +33,8 @@ import zmq
 from bench._procs import QUICK, TALK_LAYOUT, echo_servers, pserver
 from bench._timing import interleave, median_time
 from pserver import kernels, protocol
-from pserver.client import Client
+from pserver import shm
+from pserver.client import Client, ClientConfig
 
 ROUNDS, WARMUP = (5, 2) if QUICK else (100, 10)
 TIMEOUT_MS = 30_000
@@ -58,13 +70,35 @@ def test_transport_round_trip(benchmark) -> None:
     delta = (rng.standard_normal(n) * 1e-7).astype(np.float32)  # (n,) small: the centre stays finite for ever
     out = np.empty(n, np.float32)  # (n,) the worker's copy of the centre
 
-    with pserver() as address, echo_servers(1) as (echo,):
-        client = Client(address)
+    scratch = np.empty_like(out)  # (n,)
+
+    def two_memcpys() -> None:
+        np.copyto(scratch, delta)
+        np.copyto(out, scratch)
+
+    # Two servers: a shard whose centre is shared with a co-located worker sends TCP replies as copies (its
+    # buffers are rewritten two updates on), which is not what a TCP-only shard pays.
+    with pserver() as address, pserver() as local_address, echo_servers(1) as (echo,):
+        client = Client(address, ClientConfig(shared_memory=False))
+        local = Client(local_address)  # the same host: shared memory
         bare = BareEcho(echo, delta)
         try:
             client.join("bench-transport")
             client.init(initial, TALK_LAYOUT)
-            client.pull(out=out)
+            client.pull()
+            local.join("bench-transport-shm")
+            local.init(initial, TALK_LAYOUT)
+            local.pull(out=out)
+            assert local.shared_memory == [True], "the co-located worker did not get shared memory"
+
+            area = local.delta_buffer()  # a worker computes its delta here (DOWNPOUR does): no copy at push
+            np.copyto(area, delta)
+
+            def shm_push_pull() -> None:
+                local.push(area, pull=True, out=out)
+
+            def shm_copy_push_pull() -> None:  # a delta computed elsewhere, copied into the segment by push
+                local.push(delta, pull=True, out=out)
 
             # As a worker does: the reply's centre is what the model's weights are set from, so the client
             # hands back a view on the received frame, with no copy into a buffer of its own.
@@ -75,19 +109,26 @@ def test_transport_round_trip(benchmark) -> None:
                 client.push(delta)
                 client.pull()
 
-            ps_s, others = interleave(benchmark, push_pull, {"bare": bare.round_trip, "separate": push_then_pull},
+            ps_s, others = interleave(benchmark, push_pull, {"bare": bare.round_trip, "separate": push_then_pull,
+                                                             "shm": shm_push_pull, "shm_copy": shm_copy_push_pull,
+                                                             "memcpy": two_memcpys},
                                       ROUNDS, WARMUP)
             updates = client.stats()["shards"][0]["version"]
+            local_updates = local.stats()["shards"][0]["version"]
+            local_pid = local.stats()["shards"][0]["pid"]
         finally:
             bare.close()
             client.close()
+            local.close()
+    left = shm.wait_gone([local_pid])  # the shard removes its segment as it exits
+    assert not left, f"shared-memory segments left behind: {left}"
 
     # The two pieces of work the shard and the client do that bare ZeroMQ does not.
-    scratch = np.empty_like(out)
     kernel_s = median_time(lambda: kernels.add(out, delta, scratch), ROUNDS * 2)
     copy_s = median_time(lambda: np.copyto(scratch, out), ROUNDS * 2)
 
-    bare_s, separate_s = others["bare"], others["separate"]
+    bare_s, separate_s, shm_s, memcpy_s = others["bare"], others["separate"], others["shm"], others["memcpy"]
+    shm_copy_s = others["shm_copy"]
     mb = 2 * n * 4 / 1e6  # both ways
     info = {
         "floats": n,
@@ -101,13 +142,22 @@ def test_transport_round_trip(benchmark) -> None:
         "copy_ms": round(copy_s * 1e3, 3),
         "push_pull_gb_per_s": round(mb / 1e3 / ps_s, 2),
         "bare_gb_per_s": round(mb / 1e3 / bare_s, 2),
+        "shm_push_pull_ms": round(shm_s * 1e3, 3),
+        "shm_copy_push_pull_ms": round(shm_copy_s * 1e3, 3),
+        "two_memcpys_ms": round(memcpy_s * 1e3, 3),
+        "shm_copy_ratio_vs_bare_tcp": round(shm_copy_s / bare_s, 3),
+        "shm_ratio_vs_bare_tcp": round(shm_s / bare_s, 3),
+        "ratio_vs_memcpy": round(shm_s / memcpy_s, 3),
         "rounds": ROUNDS,
-        "target": "ratio_vs_bare_zmq <= 1.10",
+        "target": "ratio_vs_bare_zmq <= 1.10, shm_ratio_vs_bare_tcp <= 0.25, ratio_vs_memcpy <= 4",
     }
     benchmark.extra_info.update(info)
     print(f"\ntransport: push+pull of {n} float32 {ps_s * 1e3:.2f} ms, push then pull {separate_s * 1e3:.2f} ms, "
           f"bare zmq {bare_s * 1e3:.2f} ms: {ps_s / bare_s:.2f}x bare (separate {separate_s / bare_s:.2f}x); "
           f"overhead {(ps_s - bare_s) * 1e3:.2f} ms of which kernel {kernel_s * 1e3:.2f} ms + copy {copy_s * 1e3:.2f} ms "
           f"(median of {ROUNDS})")
-    # Every push was applied once: warm-up and timed rounds of both PS sides, nothing lost or doubled.
-    assert updates == 2 * (ROUNDS + WARMUP)
+    print(f"shared memory: push+pull {shm_s * 1e3:.2f} ms = {shm_s / bare_s:.3f}x bare tcp, "
+          f"{shm_s / memcpy_s:.2f}x two memcpys ({memcpy_s * 1e3:.2f} ms); with the delta copied in "
+          f"{shm_copy_s * 1e3:.2f} ms = {shm_copy_s / bare_s:.3f}x bare tcp")
+    # Every push was applied once: warm-up and timed rounds of the three PS sides, nothing lost or doubled.
+    assert updates == 2 * (ROUNDS + WARMUP) and local_updates == 2 * (ROUNDS + WARMUP)

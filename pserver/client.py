@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from pserver import protocol
+from pserver import protocol, shm
 from pserver.errors import ProtocolError, RemoteError, ServerUnreachable
 from pserver.layout import Layout
 from pserver.shard import ShardConfig
@@ -56,6 +56,10 @@ class ClientConfig:
     # server lost and restarted with `pserver start --restore` answers again on the same address. 0: `retries`
     # alone bounds the wait. Programs that must outlive a restart set it (`runner.worker.WorkerConfig`).
     server_wait_s: float = 0.0
+    # A worker (a client with a rank) reaches a shard on its own host through shared memory (`pserver.shm`):
+    # ZeroMQ carries the headers only. Same host: the shard's endpoint names a loopback or local address; a
+    # wrong guess costs one SHM request, as the segments' tokens must match. False: arrays always travel as frames.
+    shared_memory: bool = True
 
 
 def _tcp(endpoint: str) -> str:
@@ -195,6 +199,14 @@ def query_shard_stats(endpoint: str, context: zmq.Context | None = None, timeout
 
 
 @dataclass(frozen=True)
+class _Link:
+    """A co-located shard's segments, as this worker mapped them."""
+
+    centre: shm.CentreSegment
+    push: shm.Segment
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     index: int
     endpoint: str
@@ -229,6 +241,8 @@ class Client:
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
+        self._links: list[_Link | None] = []  # per shard: its segments if it is on this host (shared memory)
+        self._linked = False  # whether SHM was asked of this set of shards
 
     # ---- coordinator --------------------------------------------------------
 
@@ -293,6 +307,7 @@ class Client:
             self._retired_retries += sum(p.retries for p in self._peers)
             self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
             self.versions = [0] * len(infos)
+            self._unlink()
         self.shards = infos
 
     _set_shards = use_shards  # the old private name; tests/integration (netns_client.py, test_reliability.py) use it
@@ -309,17 +324,90 @@ class Client:
 
     # ---- shards -------------------------------------------------------------
 
-    def _gather(self, replies: list[protocol.Message], out: np.ndarray | None, index: int = -1) -> np.ndarray:
-        """Copy each reply's array ``index`` into its range of ``out`` (total,). With one shard and no ``out``,
-        the reply's array itself: a view on the received frame, read-only, no copy."""
-        if out is None and len(self.shards) == 1:
-            out = self._check_slice(self.shards[0], replies[0], index)
-            out.flags.writeable = False
-            return out
+    @property
+    def shared_memory(self) -> list[bool]:
+        """For each shard, whether this client exchanges with it through shared memory."""
+        return [link is not None for link in self._links] if self._links else [False] * len(self.shards)
+
+    def _link(self) -> None:
+        """Map shared memory with every shard on this host, once per set of shards; a worker's only (an
+        observer, without a rank, has no push segment). A shard that cannot is reached over ZeroMQ."""
+        if self._linked:
+            return
+        self._linked = True
+        self._links = [None] * len(self.shards)
+        if not (self.config.shared_memory and 0 <= self.rank < self.world and shm.available()):
+            return
+        for i, s in enumerate(self.shards):
+            host = s.endpoint.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+            if not shm.is_local(host):
+                continue
+            try:
+                reply = exchange([self._peers[i]], [protocol.encode({"op": "SHM", "worker": self.worker})],
+                                 self.config, "SHM")[0].header
+                n = s.end - s.start
+                if reply.get("n") != n:
+                    raise ValueError(f"segments of {reply.get('n')!r} floats for a slice of {n}")
+                centre = shm.CentreSegment.open(str(reply["centre"]), n, int(reply["centre_token"]))
+                try:
+                    push = shm.Segment.open(str(reply["push"]), n, int(reply["push_token"]))
+                except BaseException:
+                    centre.close()
+                    raise
+                push.unlink()  # mapped at both ends: nothing is left behind if either process dies
+                self._links[i] = _Link(centre, push)
+            except (RemoteError, ValueError, TypeError, KeyError, OSError) as exc:
+                log.info("shard %d at %s: exchanging over ZeroMQ, not shared memory (%s)", s.index, s.endpoint, exc)
+        if any(self._links):
+            log.info("worker %d: shared memory with shard(s) %s", self.worker,
+                     [s.index for s, link in zip(self.shards, self._links) if link is not None])
+
+    def delta_buffer(self) -> np.ndarray | None:
+        """Where to compute the next push's (total,) float32 array so that `push` copies nothing: with one
+        shard, through shared memory, the worker's push area itself; else None. Write it only between
+        exchanges (the shard reads it while it serves a push)."""
+        self._link()
+        if len(self.shards) == 1 and self._links and self._links[0] is not None:
+            return self._links[0].push.buffers[0]
+        return None
+
+    def _unlink(self) -> None:
+        """Unmap the shards' segments; `_link` asks for new ones at the next exchange."""
+        for link in self._links:
+            if link is not None:
+                link.centre.close()
+                link.push.close()
+        self._links, self._linked = [], False
+
+    def _collect(self, replies: list[protocol.Message], out: np.ndarray | None, centre: bool) -> np.ndarray:
+        """The shards' arrays as one (total,) vector: the centre (``centre``, each reply's last array) or the
+        apply's array (its first). Copied into ``out`` if given; else, from one shard, the reply's frame itself
+        (a read-only view, no copy), else a new array. A reply through shared memory is read from the
+        segments (the centre under its seqlock; the version read becomes this shard's)."""
+        index = -1 if centre else 0
+        if out is None and len(self.shards) == 1 and not replies[0].header.get("shm"):
+            view = self._check_slice(self.shards[0], replies[0], index)
+            view.flags.writeable = False
+            return view
         if out is None:
             out = np.empty(self.total, np.float32)
-        for s, msg in zip(self.shards, replies):
-            out[s.start:s.end] = self._check_slice(s, msg, index)
+        for i, (s, msg) in enumerate(zip(self.shards, replies)):
+            link = self._links[i] if self._links else None
+            target = out[s.start:s.end]
+            if not msg.header.get("shm") or link is None:
+                target[:] = self._check_slice(s, msg, index)
+            elif not centre:
+                if msg.header.get("shm_arrays") != 1:
+                    raise ProtocolError("frames", f"shard {s.index} at {s.endpoint} wrote no array to the reply area")
+                np.copyto(target, link.push.buffers[1])
+            else:
+                version = link.centre.read(target)
+                if version is None:  # rewritten under us again and again: ask for a copy instead
+                    reply = exchange([self._peers[i]], [protocol.encode({"op": "PULL", "worker": self.worker})],
+                                     self.config, "PULL")[0]
+                    target[:] = self._check_slice(s, reply, -1)
+                    version = int(reply.header["version"])
+                self.versions[i] = version
         return out
 
     @staticmethod
@@ -331,14 +419,43 @@ class Client:
                                         f"for its range [{s.start}, {s.end})")
         return arr
 
+    def _shard_requests(self, header: dict[str, Any], array: np.ndarray | None) -> list[list[Any]]:
+        """One request per shard: ``header`` and the shard's range of ``array`` (if any) as a frame, or, through
+        shared memory, written to the worker's push segment and named by its token."""
+        reqs = []
+        for i, s in enumerate(self.shards):
+            link = self._links[i] if self._links else None
+            h = {**header, "pulled": self.versions[i]} if "pulled" in header else header
+            if link is not None:
+                area = link.push.buffers[0]
+                if array is not None and not (len(self.shards) == 1 and array.ctypes.data == area.ctypes.data):
+                    np.copyto(area, array[s.start:s.end])
+                reqs.append(protocol.encode({**h, "shm": link.push.token}))
+            else:
+                reqs.append(protocol.encode(h, [] if array is None else [array[s.start:s.end]]))
+        return reqs
+
+    def _send(self, header: dict[str, Any], array: np.ndarray | None = None) -> list[protocol.Message]:
+        """Ask every shard; a shard that no longer knows this worker's segments (it restarted) is asked for new
+        ones, once, and the request re-sent (a push keeps its seq, so none is applied twice)."""
+        self._link()
+        try:
+            return exchange(self._peers, self._shard_requests(header, array), self.config, header["op"])
+        except RemoteError as exc:
+            if exc.code != "shm" or not any(self._links):
+                raise
+            log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
+            self._unlink()
+            self._link()
+            return exchange(self._peers, self._shard_requests(header, array), self.config, header["op"])
+
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard,
-        a read-only view on the reply's frame (no copy: set the model's weights from it), from several, a new
-        array."""
-        reqs = [protocol.encode({"op": "PULL", "worker": self.worker}) for _ in self.shards]
-        replies = exchange(self._peers, reqs, self.config, "PULL")
+        """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard
+        over ZeroMQ, a read-only view on the reply's frame (no copy: set the model's weights from it),
+        otherwise a new array."""
+        replies = self._send({"op": "PULL", "worker": self.worker})
         self.versions = [int(m.header["version"]) for m in replies]
-        return self._gather(replies, out)
+        return self._collect(replies, out, centre=True)
 
     def push(self, delta: np.ndarray, mode: str = "add", scale: float = 1.0, pull: bool = False,
              out: np.ndarray | None = None) -> tuple[list[int], np.ndarray | None]:
@@ -353,19 +470,18 @@ class Client:
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
         self.seq += 1
-        reqs = [protocol.encode({"op": "PUSH", "worker": self.worker, "seq": self.seq, "pulled": v,
-                                 "mode": mode, "scale": float(scale), "pull": pull}, [delta[s.start:s.end]])
-                for s, v in zip(self.shards, self.versions)]
-        replies = exchange(self._peers, reqs, self.config, "PUSH")
+        replies = self._send({"op": "PUSH", "worker": self.worker, "seq": self.seq, "pulled": 0, "mode": mode,
+                              "scale": float(scale), "pull": pull}, delta)
         staleness = [int(m.header.get("staleness", 0)) for m in replies]
         result = None
-        carries = any(m.arrays for m in replies)  # the new centre if pull, else the apply's array (elastic: E)
+        carries = any(m.arrays or m.header.get("shm_arrays") for m in replies)
+        versions = [int(m.header["version"]) for m in replies]
+        if pull or carries:  # the centre, or an array computed against it as of this reply: the worker has seen it
+            self.versions = versions
         if pull:
-            result = self._gather(replies, out, index=-1)
+            result = self._collect(replies, out, centre=True)
         elif carries:
-            result = self._gather(replies, out, index=0)
-        if carries:  # the centre, or an array computed against it as of this reply: the worker has seen it
-            self.versions = [int(m.header["version"]) for m in replies]
+            result = self._collect(replies, out, centre=False)
         return staleness, result
 
     def round(self, value: np.ndarray, number: int, mode: str, alpha: float = 1.0,
@@ -385,8 +501,8 @@ class Client:
                                  "mode": mode, "alpha": float(alpha)}, [value[s.start:s.end]])
                 for s in self.shards]
         replies = exchange(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
-        centre = self._gather(replies, None, index=-1)
-        diff = self._gather(replies, None, index=0) if any(len(m.arrays) > 1 for m in replies) else None
+        centre = self._collect(replies, None, centre=True)
+        diff = self._collect(replies, None, centre=False) if any(len(m.arrays) > 1 for m in replies) else None
         self.versions = [int(m.header["version"]) for m in replies]
         return int(replies[0].header["round"]), centre, diff
 
@@ -397,3 +513,4 @@ class Client:
     def close(self) -> None:
         for p in [self.coordinator, *self._peers]:
             p.close()
+        self._unlink()

@@ -57,12 +57,14 @@ every array is float32, ``<f4``):
     INIT      {start, end, total, world, fingerprint?, rid?} + [slice] → {ok, first, version}
                 the first INIT sets the slice; a later one of the same range is answered (first false), a
                 retry of the first one (same rid) as the first (first true)
-    PULL      {worker} → {ok, version} + [slice]
-    PUSH      {worker, seq, pulled, mode, scale?, pull?} + [delta]
+    PULL      {worker, shm?} → {ok, version} + [slice]
+    PUSH      {worker, seq, pulled, mode, scale?, pull?, shm?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
                 mode: a PUSH apply of pserver.applies; built in: add, scaled, staleness or elastic (delta is
                 then the worker's weights W, and E = scale·(W − centre)); a seq not newer than the worker's
                 last is answered, not applied
+    SHM       {worker} → {ok, n, centre, centre_token, push, push_token}
+                a worker of the world on the shard's host asks for shared memory (see Shared memory below)
     ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
                 synchronous rules (mode: a ROUND apply of pserver.applies; built in: elastic or average);
                 the reply waits for the round to close
@@ -71,6 +73,18 @@ every array is float32, ``<f4``):
                 from the coordinator: workers declared lost (silent) or done; rounds and SSP stop waiting for them
     STATS     {} → {ok, stats}
     PING      {} → {ok, shard, version}
+
+Shared memory: a worker on the shard's host sends SHM and maps the two
+segments the reply names (`pserver.shm`: the centre's, double-buffered and
+read under a per-buffer sequence number, and its own push segment), checking
+each one's token. From then on its PUSH and PULL carry ``shm``: the push
+segment's token, and no array frame: the PUSH's array is the segment's push
+area (n float32, written before the header is sent), and the reply carries
+``shm`` true and no frame either: the worker reads the centre from the centre
+segment, and an apply's one array (elastic: E) from its segment's reply area,
+``shm_arrays`` saying there is one. A token the shard did not hand to that
+worker (it restarted, or the worker asked again) is refused (``shm``); the
+worker asks again or goes back to frames.
 
 Coordinator (the ``host:port`` that workers are given):
 
@@ -120,6 +134,7 @@ ERROR_CODES = (
     "not_ready",     # the shard has no weights yet (retry after INIT)
     "mismatch",      # INIT of another layout
     "round",         # synchronous round out of order
+    "shm",           # no shared memory here, or a segment token the shard did not give that worker
     "stale",         # a JOIN or INIT older than the last one its client sent (a late copy of a retried request)
     "internal",      # a bug on the server side; the state was not changed
 )

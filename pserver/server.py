@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pserver import applies, checkpoint, security, supervisor
+from pserver import applies, checkpoint, security, shm, supervisor
 from pserver.coordinator import MAX_MESSAGE_BYTES, Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
@@ -247,6 +247,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
         return coord.summary()
     finally:
         stop_trees(procs, grace_s=5.0)
+        shm.remove_stale()  # a shard that died without removing its shared-memory segments
         notifier.close()
         sock.close(linger=0)
         security.stop_authenticators()

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import applies, protocol, security
+from pserver import applies, protocol, security, shm
 from pserver.applies import PushApply, RoundApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ProtocolError
@@ -152,7 +152,8 @@ class _Push:
     apply: PushApply  # the mode's
     scale: float
     pull: bool
-    delta: np.ndarray  # a view on the received frame
+    delta: np.ndarray  # a view on the received frame, or on the worker's push segment
+    link: shm.Segment | None = None  # the worker's push segment if it came through shared memory
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Shard:
         self.left: set[int] = set()
         self.round = _Round()
         self._pushes: dict[int, _PushRecord] = {}
+        self._links: dict[int, shm.Segment] = {}  # worker -> its push segment (co-located workers, SHM)
+        self._segments: list[str] = []  # names this shard created, unlinked at close if still there
         self._init_rid: tuple[int, int] | None = None  # the request id of the INIT that set the slice
         # The round that closed last: (number, reply header, worker -> its reply arrays), for retries of it.
         self._closed: tuple[int, dict[str, Any], dict[int, list[np.ndarray]]] | None = None
@@ -207,7 +210,7 @@ class Shard:
             StalenessGate(config.max_staleness) if config.max_staleness >= 0 else None
         self.handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
             "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
-            "BYE": self._bye, "STATS": self._stats, "PING": self._ping, "LOST": self._lost,
+            "BYE": self._bye, "STATS": self._stats, "PING": self._ping, "LOST": self._lost, "SHM": self._shm,
         }
 
     # ---- event loop -------------------------------------------------------
@@ -237,6 +240,16 @@ class Shard:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        self.close_segments()
+
+    def close_segments(self) -> None:
+        """Unmap the shared-memory segments and remove every name this shard created that is still there."""
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        for name in self._segments:
+            shm._unlink(name)
+        self._segments.clear()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -303,6 +316,9 @@ class Shard:
     def _reply_with_centre(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray] = ()) -> None:
         """Reply whose last frame is the current centre, sent zero-copy and tracked."""
         assert self.centre is not None
+        if self.centre.shared:  # its buffer is rewritten two updates on, maybe before ZeroMQ has sent it
+            self._send(identity, protocol.encode(header, [*extra, self.centre.current.copy()]))
+            return
         frames = protocol.encode(header, [*extra, self.centre.current])
         self._send(identity, frames, track_centre=True)
 
@@ -395,14 +411,58 @@ class Shard:
         log.info("shard %d initialised: [%d, %d) of %d floats, world %d", self.config.index, start, end, total, world)
         return protocol.encode(ok(first=True, version=self.version))
 
-    def _pull(self, identity: bytes, msg: protocol.Message) -> None:
+    def _pull(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
         self._require_ready()
         worker = self._worker(msg.header)
+        link = self._link(worker, hfield(msg.header, "shm", int, 0))
         if msg.arrays:
             raise ProtocolError("frames", f"PULL carries no array frame, got {len(msg.arrays)}")
         self.stats.pulls[worker] += 1
+        if link is not None:  # the worker reads the centre from the shard's segment
+            return protocol.encode(ok(version=self.version, shm=True))
         self._reply_with_centre(identity, ok(version=self.version))
         return None
+
+    def _shm(self, identity: bytes, msg: protocol.Message) -> list[Any]:
+        """A worker on this host asks for shared memory: the centre's segment and a push segment of its own."""
+        centre = self._require_ready()
+        worker = self._worker(msg.header)
+        if msg.arrays:
+            raise ProtocolError("frames", f"SHM carries no array frame, got {len(msg.arrays)}")
+        if worker >= self.world:
+            raise ProtocolError("malformed", f"worker {worker} is outside the world of {self.world}: only a worker "
+                                             f"of the world gets a push segment")
+        if not shm.available():
+            raise ProtocolError("shm", f"shard {self.config.index} has no {shm.SHM_DIR}; exchange over ZeroMQ")
+        try:
+            if centre.segment is None:
+                segment = shm.CentreSegment.create(shm.centre_name(self.config.index), centre.size)
+                self._segments.append(segment.name)
+                centre.share(segment, self.version)
+            link = shm.Segment.create(shm.push_name(self.config.index, worker), centre.size)
+        except OSError as exc:
+            raise ProtocolError("shm", f"shard {self.config.index} cannot create a shared-memory segment "
+                                       f"({exc}); exchange over ZeroMQ") from None
+        self._segments.append(link.name)
+        old = self._links.pop(worker, None)
+        if old is not None:  # asked again (its reply was lost, or it restarted): the old one is never mapped again
+            old.unlink()
+            self._segments.remove(old.name)
+            old.close()
+        self._links[worker] = link
+        assert centre.segment is not None
+        return protocol.encode(ok(n=centre.size, centre=centre.segment.name, centre_token=centre.segment.token,
+                                  push=link.name, push_token=link.token))
+
+    def _link(self, worker: int, token: int) -> shm.Segment | None:
+        """The worker's push segment for a request that names it by token (0: none, over ZeroMQ)."""
+        if not token:
+            return None
+        link = self._links.get(worker)
+        if link is None or link.token != token:
+            raise ProtocolError("shm", f"worker {worker} has no push segment {token:#x} at shard {self.config.index} "
+                                       f"(restarted?); ask for one with SHM, or send the arrays as frames")
+        return link
 
     def _push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
         self._require_ready()
@@ -413,10 +473,16 @@ class Shard:
         mode = hfield(h, "mode", str)
         scale = float(hfield(h, "scale", (int, float), 1.0))
         want_pull = hfield(h, "pull", bool, False)
+        link = self._link(worker, hfield(h, "shm", int, 0))
         apply = applies.push_apply(mode)
         if not np.isfinite(scale):
             raise ProtocolError("not_finite", f"PUSH scale {scale!r} is not finite")
-        delta = self._one_slice(msg)
+        if link is not None:
+            if msg.arrays:
+                raise ProtocolError("frames", f"a PUSH through shared memory carries no array frame, got {len(msg.arrays)}")
+            delta = link.buffers[0]  # (n,) the worker wrote its array there before sending this header
+        else:
+            delta = self._one_slice(msg)
 
         last = self._pushes.get(worker)
         if last is not None and seq <= last.seq:
@@ -424,12 +490,9 @@ class Shard:
             self.stats.duplicates[worker] += 1
             header = dict(last.reply, applied=False, version=self.version)
             extra = last.extra if seq == last.seq else []
-            if want_pull:
-                self._reply_with_centre(identity, header, extra)
-                return None
-            return protocol.encode(header, extra)
+            return self._push_reply(identity, header, extra, want_pull, link)
 
-        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta)
+        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, link)
         if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
             return None  # SSP: parked; applied and answered when the slowest live worker has caught up
         return self._apply_push(push)
@@ -451,7 +514,7 @@ class Shard:
             centre.discard(out)
             raise ProtocolError("too_large", f"worker {worker}: {why}")
 
-        centre.commit(out)
+        centre.commit(out, self.version + 1)
         self.version += 1
         self.stats.updates[worker] += 1
         self.stats.record_staleness(worker, staleness)
@@ -463,10 +526,22 @@ class Shard:
         if self.gate is not None:
             self.gate.record(worker, self.live_workers(), self.stats.updates)
             self._release_parked()
-        if push.pull:
-            self._reply_with_centre(push.identity, reply, extra)
+        return self._push_reply(push.identity, reply, extra, push.pull, push.link)
+
+    def _push_reply(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray], pull: bool,
+                    link: shm.Segment | None) -> list[Any] | None:
+        """A PUSH's reply: its arrays as frames, or through the worker's segment (its reply area; the centre
+        in the shard's segment), the header saying so."""
+        if link is not None:
+            header = dict(header, shm=True)
+            if len(extra) == 1 and extra[0].shape == link.buffers[1].shape and extra[0].dtype == np.float32:
+                np.copyto(link.buffers[1], extra[0])
+                header["shm_arrays"], extra = 1, []
+            return protocol.encode(header, extra)
+        if pull:
+            self._reply_with_centre(identity, header, extra)
             return None
-        return protocol.encode(reply, extra)
+        return protocol.encode(header, extra)
 
     def _release_parked(self) -> None:
         """Apply and answer the parked pushes the SSP gate lets go now (after an update, a BYE or a LOST)."""
@@ -528,7 +603,7 @@ class Shard:
         count = len(rnd.contributors)
         out = centre.scratch()
         rnd.apply.close(self.kernels, centre.current, rnd.rows, count, out)
-        centre.commit(out)
+        centre.commit(out, self.version + 1)
         self.version += 1
         for worker in rnd.contributors:
             self.stats.updates[worker] += 1
@@ -564,6 +639,9 @@ class Shard:
     def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         worker = self._worker(msg.header)
         self.left.add(worker)
+        link = self._links.pop(worker, None)
+        if link is not None:
+            link.close()
         rnd = self.round
         if rnd.contributors and self.live_workers() <= set(rnd.contributors):
             self._close_round()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from pserver import checkpoint, security
+from pserver import checkpoint, security, shm
 from pserver.client import ClientConfig, request
 from pserver.errors import ConfigError, NotpuError
 from pserver.shard import Shard, ShardConfig
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     shard.install_signal_handlers()
+    shm.remove_stale()  # segments of shards killed before they could remove them (a predecessor of this one)
     saver = None
     try:
         if proc.checkpoint_dir:

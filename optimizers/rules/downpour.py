@@ -21,9 +21,12 @@ class Downpour(Exchange):
         return 1.0
 
     def exchange(self, w: np.ndarray) -> np.ndarray:
-        np.subtract(w, self.pulled, out=self._delta)  # Δ = W − W_pulled, (total,)
+        delta = self.client.delta_buffer()  # a co-located shard's push area: no copy at push
+        if delta is None:
+            delta = self._delta
+        np.subtract(w, self.pulled, out=delta)  # Δ = W − W_pulled, (total,)
         # the new centre, read-only (a view on the reply, from one shard): kept as W_pulled and what W is set from
-        staleness, centre = self.client.push(self._delta, mode=self.spec.mode, scale=self.scale(), pull=True)
+        staleness, centre = self.client.push(delta, mode=self.spec.mode, scale=self.scale(), pull=True)
         self.pulled = centre
         self.record(staleness)
         return centre

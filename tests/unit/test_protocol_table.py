@@ -79,7 +79,7 @@ TABLE = parse_table(protocol.__doc__)
 def test_the_table_is_read():
     assert len(TABLE["shard"]) >= 8 and len(TABLE["coordinator"]) >= 10
     assert TABLE["shard"]["PUSH"] == Op({"worker": False, "seq": False, "pulled": False, "mode": False, "scale": True,
-                                         "pull": True}, 1, frozenset({"version", "staleness", "applied", "norm"}), 0)
+                                         "pull": True, "shm": True}, 1, frozenset({"version", "staleness", "applied", "norm"}), 0)
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +161,12 @@ VALUES = {
     "scale": 1.0, "pull": False, "round": 0, "alpha": 1.0, "lost": [], "done": [],
     "shard": 0, "endpoint": "127.0.0.1:1", "name": "w", "rank": 0, "layout": LAYOUT.to_wire(), "architecture": "",
     "observer": "eval", "samples": 1, "nan_recoveries": 0, "report": {}, "reason": "test", "rid": [1, 1],
+    "shm": 0,  # no segment: the arrays travel as frames
 }
 MODE = {"PUSH": "add", "ROUND": "average"}
 # An order in which every op succeeds on a fresh server of world 1 (the coordinator's STATS comes before any
 # shard registers, so that it asks no shard over the network).
-ORDER = {"shard": ["INIT", "PING", "PULL", "PUSH", "ROUND", "STATS", "LOST", "BYE"],
+ORDER = {"shard": ["INIT", "PING", "PULL", "PUSH", "ROUND", "STATS", "SHM", "LOST", "BYE"],
          "coordinator": ["PING", "STATS", "REGISTER", "INIT", "JOIN", "HEARTBEAT", "MODEL", "STOP", "LEAVE", "DONE"]}
 
 
@@ -183,3 +184,5 @@ def test_replies_are_as_the_table_says(kernels, side):
         assert reply.header["ok"] is True, (side, op, reply.header)
         assert set(reply.header) - {"op", "v", "ok", "arrays"} == entry.reply, f"{side} {op}"
         assert len(reply.arrays) == entry.reply_frames, f"{side} {op}"
+    if side == "shard":
+        server.close_segments()  # SHM made two
