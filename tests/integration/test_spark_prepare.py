@@ -104,7 +104,7 @@ def test_same_tensor_and_spec_as_local_and_parts_tile_the_split(spark, log_file:
 
 def test_buckets_from_a_glob_of_csv_files_with_iso_times(spark, tmp_path: Path) -> None:
     # 60 days in weeks: 9 steps, the oldest 3 days short; ISO text times, the log split over two CSV files.
-    table = generate_events(GeneratorConfig(players=150, days=60, seed=5))
+    table = generate_events(GeneratorConfig(players=100, days=60, seed=5))
     table = table.set_column(1, "timestamp", table["timestamp"].cast("timestamp[s]").cast("string"))
     whole_csv, parts_dir = tmp_path / "events.csv", tmp_path / "csv"
     parts_dir.mkdir()
@@ -123,9 +123,9 @@ def test_buckets_from_a_glob_of_csv_files_with_iso_times(spark, tmp_path: Path) 
 
 
 def test_driver_memory_stays_flat_as_the_log_grows(spark, tmp_path: Path) -> None:
-    """Python heap peak of the driver for a log and one 5x its size: the events never come to the driver."""
+    """Python heap peak of the driver for a log and one 8x its size: the events never come to the driver."""
     peaks, sizes = [], []
-    for players in (60, 300):
+    for players in (40, 320):
         events = write_events(generate_events(GeneratorConfig(players=players, days=30, seed=3)),
                               tmp_path / f"e{players}.parquet")
         sizes.append(pq.ParquetFile(events).metadata.num_rows)
@@ -138,7 +138,7 @@ def test_driver_memory_stays_flat_as_the_log_grows(spark, tmp_path: Path) -> Non
             tracemalloc.stop()
     print(f"\ndriver Python heap peak: {sizes[0]} events {peaks[0] / 2**20:.1f} MiB, "
           f"{sizes[1]} events {peaks[1] / 2**20:.1f} MiB")
-    assert sizes[1] > 4 * sizes[0]
+    assert sizes[1] > 5 * sizes[0]
     assert peaks[1] < 1.3 * peaks[0] + 2**20, peaks
     assert peaks[1] < sizes[1] * 8  # less than one float64 per event: no column of events was ever held
 
