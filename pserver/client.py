@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from pserver import protocol, shm
+from pserver import precision, protocol, shm
 from pserver.errors import ProtocolError, RemoteError, ServerUnreachable
 from pserver.layout import Layout
 from pserver.shard import ShardConfig
@@ -60,6 +60,13 @@ class ClientConfig:
     # ZeroMQ carries the headers only. Same host: the shard's endpoint names a loopback or local address; a
     # wrong guess costs one SHM request, as the segments' tokens must match. False: arrays always travel as frames.
     shared_memory: bool = True
+    # The form of pushes and pulled centres between this worker and shards it reaches over ZeroMQ: "float32",
+    # or "float16"/"bfloat16" (half the bytes; the worker keeps the rounding residual and adds it to its next
+    # push, `pserver.precision`). The centre stays float32 at the shards; shared memory is always float32.
+    wire: str = "float32"
+
+    def __post_init__(self) -> None:
+        precision.check(self.wire)
 
 
 def _tcp(endpoint: str) -> str:
@@ -243,6 +250,7 @@ class Client:
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
         self._links: list[_Link | None] = []  # per shard: its segments if it is on this host (shared memory)
         self._linked = False  # whether SHM was asked of this set of shards
+        self._feedback: precision.ErrorFeedback | None = None  # the push residual, for a half-precision wire
 
     # ---- coordinator --------------------------------------------------------
 
@@ -362,6 +370,11 @@ class Client:
             log.info("worker %d: shared memory with shard(s) %s", self.worker,
                      [s.index for s, link in zip(self.shards, self._links) if link is not None])
 
+    @property
+    def residual(self) -> np.ndarray | None:
+        """What a half-precision wire's rounding has kept back from the pushes so far (total,), None on float32."""
+        return None if self._feedback is None else self._feedback.residual
+
     def delta_buffer(self) -> np.ndarray | None:
         """Where to compute the next push's (total,) float32 array so that `push` copies nothing: with one
         shard, through shared memory, the worker's push area itself; else None. Write it only between
@@ -413,15 +426,17 @@ class Client:
     @staticmethod
     def _check_slice(s: ShardInfo, msg: protocol.Message, index: int) -> np.ndarray:
         """The reply's array ``index``, checked to be shard ``s``'s slice."""
-        arr = msg.arrays[index] if msg.arrays else None
+        arr = precision.widen(msg.arrays[index]) if msg.arrays else None
         if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
             raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
                                         f"for its range [{s.start}, {s.end})")
         return arr
 
-    def _shard_requests(self, header: dict[str, Any], array: np.ndarray | None) -> list[list[Any]]:
-        """One request per shard: ``header`` and the shard's range of ``array`` (if any) as a frame, or, through
-        shared memory, written to the worker's push segment and named by its token."""
+    def _shard_requests(self, header: dict[str, Any], array: np.ndarray | None,
+                        pieces: dict[int, np.ndarray] | None = None) -> list[list[Any]]:
+        """One request per shard: ``header`` and the shard's range of ``array`` (if any) as a frame (``pieces``:
+        shard → what to send instead, in wire form), or, through shared memory, written to the worker's push
+        segment and named by its token. Over ZeroMQ, the header asks for the centre in the wire form."""
         reqs = []
         for i, s in enumerate(self.shards):
             link = self._links[i] if self._links else None
@@ -431,23 +446,36 @@ class Client:
                 if array is not None and not (len(self.shards) == 1 and array.ctypes.data == area.ctypes.data):
                     np.copyto(area, array[s.start:s.end])
                 reqs.append(protocol.encode({**h, "shm": link.push.token}))
-            else:
-                reqs.append(protocol.encode(h, [] if array is None else [array[s.start:s.end]]))
+                continue
+            if self.config.wire != "float32":
+                h = {**h, "wire": self.config.wire}
+            piece = pieces[i] if pieces and i in pieces else None if array is None else array[s.start:s.end]
+            reqs.append(protocol.encode(h, [] if piece is None else [piece]))
         return reqs
+
+    def _narrow(self, delta: np.ndarray) -> dict[int, np.ndarray] | None:
+        """The push's pieces for shards reached over ZeroMQ, in the wire form, with error feedback."""
+        if self.config.wire == "float32":
+            return None
+        if self._feedback is None or self._feedback.residual.shape != (self.total,):
+            self._feedback = precision.ErrorFeedback(self.total, self.config.wire)
+        return {i: self._feedback.encode(delta[s.start:s.end], s.start, s.end) for i, s in enumerate(self.shards)
+                if not (self._links and self._links[i] is not None)}
 
     def _send(self, header: dict[str, Any], array: np.ndarray | None = None) -> list[protocol.Message]:
         """Ask every shard; a shard that no longer knows this worker's segments (it restarted) is asked for new
         ones, once, and the request re-sent (a push keeps its seq, so none is applied twice)."""
         self._link()
+        pieces = self._narrow(array) if array is not None else None
         try:
-            return exchange(self._peers, self._shard_requests(header, array), self.config, header["op"])
+            return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
         except RemoteError as exc:
             if exc.code != "shm" or not any(self._links):
                 raise
             log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
             self._unlink()
             self._link()
-            return exchange(self._peers, self._shard_requests(header, array), self.config, header["op"])
+            return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
 
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
         """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard

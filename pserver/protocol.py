@@ -16,7 +16,9 @@ The header always carries::
 
 and, when array frames follow, ``"arrays"``: a list with one entry per frame,
 ``[dtype, length]`` where dtype is one of ALLOWED_DTYPES (``"<f4"``,
-``"<i8"``) and length is the element count. A receiver checks the count of
+``"<i8"``, and for the half-precision wire ``"<f2"`` and ``"bf16"``: bfloat16,
+the upper 16 bits of a float32, carried as little-endian uint16; see
+`pserver.precision`) and length is the element count. A receiver checks the count of
 frames, each frame's byte size (length × itemsize) and the dtype before it
 looks at a single element. Replies are built the same way and always carry
 ``"ok"``: true, or false with ``"code"`` (a short machine word from ERROR_CODES)
@@ -57,12 +59,15 @@ every array is float32, ``<f4``):
     INIT      {start, end, total, world, fingerprint?, rid?} + [slice] → {ok, first, version}
                 the first INIT sets the slice; a later one of the same range is answered (first false), a
                 retry of the first one (same rid) as the first (first true)
-    PULL      {worker, shm?} → {ok, version} + [slice]
-    PUSH      {worker, seq, pulled, mode, scale?, pull?, shm?} + [delta]
+    PULL      {worker, shm?, wire?} → {ok, version} + [slice]
+    PUSH      {worker, seq, pulled, mode, scale?, pull?, shm?, wire?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
                 mode: a PUSH apply of pserver.applies; built in: add, scaled, staleness or elastic (delta is
                 then the worker's weights W, and E = scale·(W − centre)); a seq not newer than the worker's
                 last is answered, not applied
+                wire: "float32" (default), "float16" or "bfloat16", the form of the centre in the reply (a
+                float16 reply of a centre beyond float16's range is sent as float32); a PUSH's delta may be
+                of any of PUSH_DTYPES, and is widened to float32 before it is applied
     SHM       {worker} → {ok, n, centre, centre_token, push, push_token}
                 a worker of the world on the shard's host asks for shared memory (see Shared memory below)
     ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
@@ -116,7 +121,10 @@ from pserver.errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 #: The only dtypes that may travel; anything else is refused at the boundary.
-ALLOWED_DTYPES = {"<f4": np.dtype("<f4"), "<i8": np.dtype("<i8")}
+ALLOWED_DTYPES = {"<f4": np.dtype("<f4"), "<i8": np.dtype("<i8"), "<f2": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+_NAMES = {"<u2": "bf16"}  # a uint16 array travels as bfloat16, the only use of 16-bit integers here
+#: The dtypes a PUSH's array may have (each op checks its own): float32, or a half-precision wire form.
+PUSH_DTYPES = ("<f4", "<f2", "bf16")
 
 #: Largest header accepted: headers are small maps; a huge frame 0 is an attack.
 MAX_HEADER_BYTES = 1 << 20
@@ -161,9 +169,9 @@ def encode(header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[An
     payload = []
     for a in arrays:
         dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-        key = dt.str
+        key = _NAMES.get(dt.str, dt.str)
         if key not in ALLOWED_DTYPES:
-            raise ProtocolError(f"dtype {a.dtype} cannot travel; use float32 or int64")
+            raise ProtocolError(f"dtype {a.dtype} cannot travel; use float32, int64, float16 or bfloat16 (uint16)")
         a = np.ascontiguousarray(a, dtype=ALLOWED_DTYPES[key])
         specs.append([key, int(a.size)])
         payload.append(memoryview(a.reshape(-1)).cast("B"))

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import applies, protocol, security, shm
+from pserver import applies, precision, protocol, security, shm
 from pserver.applies import PushApply, RoundApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ProtocolError
@@ -154,6 +154,7 @@ class _Push:
     pull: bool
     delta: np.ndarray  # a view on the received frame, or on the worker's push segment
     link: shm.Segment | None = None  # the worker's push segment if it came through shared memory
+    wire: str = "float32"  # the form of the centre in the reply (pserver.precision)
 
 
 @dataclass
@@ -313,9 +314,13 @@ class Shard:
         if track_centre and self.centre is not None:
             self.centre.track(tracker)
 
-    def _reply_with_centre(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray] = ()) -> None:
-        """Reply whose last frame is the current centre, sent zero-copy and tracked."""
+    def _reply_with_centre(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray] = (),
+                           wire: str = "float32") -> None:
+        """Reply whose last frame is the current centre, sent zero-copy and tracked (or in ``wire`` form)."""
         assert self.centre is not None
+        if wire != "float32" and precision.fits(self.centre.current, wire):
+            self._send(identity, protocol.encode(header, [*extra, precision.narrow(self.centre.current, wire)]))
+            return
         if self.centre.shared:  # its buffer is rewritten two updates on, maybe before ZeroMQ has sent it
             self._send(identity, protocol.encode(header, [*extra, self.centre.current.copy()]))
             return
@@ -363,16 +368,25 @@ class Shard:
             raise ProtocolError("not_ready", f"shard {self.config.index} holds no weights yet; the first worker must INIT")
         return self.centre
 
-    def _one_slice(self, msg: protocol.Message) -> np.ndarray:
+    def _one_slice(self, msg: protocol.Message, dtypes: tuple[str, ...] = ("<f4",)) -> np.ndarray:
+        """The message's one array, of one of ``dtypes`` and as long as the slice (once there is one), as
+        float32 (widened from a half-precision wire form: a new array)."""
         if len(msg.arrays) != 1:
             raise ProtocolError("frames", f"{msg.op} carries exactly one array frame, got {len(msg.arrays)}")
         arr = msg.arrays[0]
-        if arr.dtype != np.float32:
-            raise ProtocolError("dtype", f"{msg.op} needs float32 ('<f4'), got {arr.dtype.str!r}")
+        if not any(arr.dtype == protocol.ALLOWED_DTYPES[d] for d in dtypes):
+            raise ProtocolError("dtype", f"{msg.op} needs one of {list(dtypes)}, got {msg.header['arrays'][0][0]!r}")
         if self.centre is not None and arr.shape[0] != self.centre.size:
             raise ProtocolError("size", f"{msg.op} array has {arr.shape[0]} floats, shard {self.config.index} owns "
                                         f"[{self.start}, {self.end}) = {self.centre.size}")
-        return arr
+        return precision.widen(arr)
+
+    @staticmethod
+    def _wire(header: dict[str, Any]) -> str:
+        wire = hfield(header, "wire", str, "float32")
+        if wire not in precision.WIRE:
+            raise ProtocolError("malformed", f"header field 'wire' must be one of {list(precision.WIRE)}, got {wire!r:.40}")
+        return wire
 
     @staticmethod
     def _worker(header: dict[str, Any]) -> int:
@@ -415,12 +429,13 @@ class Shard:
         self._require_ready()
         worker = self._worker(msg.header)
         link = self._link(worker, hfield(msg.header, "shm", int, 0))
+        wire = self._wire(msg.header)
         if msg.arrays:
             raise ProtocolError("frames", f"PULL carries no array frame, got {len(msg.arrays)}")
         self.stats.pulls[worker] += 1
         if link is not None:  # the worker reads the centre from the shard's segment
             return protocol.encode(ok(version=self.version, shm=True))
-        self._reply_with_centre(identity, ok(version=self.version))
+        self._reply_with_centre(identity, ok(version=self.version), wire=wire)
         return None
 
     def _shm(self, identity: bytes, msg: protocol.Message) -> list[Any]:
@@ -474,6 +489,7 @@ class Shard:
         scale = float(hfield(h, "scale", (int, float), 1.0))
         want_pull = hfield(h, "pull", bool, False)
         link = self._link(worker, hfield(h, "shm", int, 0))
+        wire = self._wire(h)
         apply = applies.push_apply(mode)
         if not np.isfinite(scale):
             raise ProtocolError("not_finite", f"PUSH scale {scale!r} is not finite")
@@ -482,7 +498,7 @@ class Shard:
                 raise ProtocolError("frames", f"a PUSH through shared memory carries no array frame, got {len(msg.arrays)}")
             delta = link.buffers[0]  # (n,) the worker wrote its array there before sending this header
         else:
-            delta = self._one_slice(msg)
+            delta = self._one_slice(msg, protocol.PUSH_DTYPES)
 
         last = self._pushes.get(worker)
         if last is not None and seq <= last.seq:
@@ -490,9 +506,9 @@ class Shard:
             self.stats.duplicates[worker] += 1
             header = dict(last.reply, applied=False, version=self.version)
             extra = last.extra if seq == last.seq else []
-            return self._push_reply(identity, header, extra, want_pull, link)
+            return self._push_reply(identity, header, extra, want_pull, link, wire)
 
-        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, link)
+        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, link, wire)
         if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
             return None  # SSP: parked; applied and answered when the slowest live worker has caught up
         return self._apply_push(push)
@@ -526,10 +542,10 @@ class Shard:
         if self.gate is not None:
             self.gate.record(worker, self.live_workers(), self.stats.updates)
             self._release_parked()
-        return self._push_reply(push.identity, reply, extra, push.pull, push.link)
+        return self._push_reply(push.identity, reply, extra, push.pull, push.link, push.wire)
 
     def _push_reply(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray], pull: bool,
-                    link: shm.Segment | None) -> list[Any] | None:
+                    link: shm.Segment | None, wire: str = "float32") -> list[Any] | None:
         """A PUSH's reply: its arrays as frames, or through the worker's segment (its reply area; the centre
         in the shard's segment), the header saying so."""
         if link is not None:
@@ -539,7 +555,7 @@ class Shard:
                 header["shm_arrays"], extra = 1, []
             return protocol.encode(header, extra)
         if pull:
-            self._reply_with_centre(identity, header, extra)
+            self._reply_with_centre(identity, header, extra, wire)
             return None
         return protocol.encode(header, extra)
 

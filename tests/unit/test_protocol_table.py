@@ -79,7 +79,7 @@ TABLE = parse_table(protocol.__doc__)
 def test_the_table_is_read():
     assert len(TABLE["shard"]) >= 8 and len(TABLE["coordinator"]) >= 10
     assert TABLE["shard"]["PUSH"] == Op({"worker": False, "seq": False, "pulled": False, "mode": False, "scale": True,
-                                         "pull": True, "shm": True}, 1, frozenset({"version", "staleness", "applied", "norm"}), 0)
+                                         "pull": True, "shm": True, "wire": True}, 1, frozenset({"version", "staleness", "applied", "norm"}), 0)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,7 @@ VALUES = {
     "shard": 0, "endpoint": "127.0.0.1:1", "name": "w", "rank": 0, "layout": LAYOUT.to_wire(), "architecture": "",
     "observer": "eval", "samples": 1, "nan_recoveries": 0, "report": {}, "reason": "test", "rid": [1, 1],
     "shm": 0,  # no segment: the arrays travel as frames
+    "wire": "float32",
 }
 MODE = {"PUSH": "add", "ROUND": "average"}
 # An order in which every op succeeds on a fresh server of world 1 (the coordinator's STATS comes before any
