@@ -55,6 +55,9 @@ class WorkerConfig:
     # declare the rank's previous holder lost, which it does once that one's heartbeats have stopped for the
     # server's worker timeout. 0: no wait (a rank still held is refused).
     rejoin_wait_s: float = 0.0
+    # float16 or bfloat16: pushes and pulled centres travel in 16 bits to shards on other hosts, with error
+    # feedback (pserver.precision); shards on this host are reached through shared memory, in float32.
+    wire: str = ClientConfig.wire
 
 
 def configure_threads(threads: int) -> None:
@@ -161,7 +164,7 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     load_part(cfg.data_dir, 0)  # a missing or malformed DIR is reported before any wait for the server
     curve = client_curve(cfg.keys_dir, cfg.key_name)
     client = Client(cfg.ps, ClientConfig(timeout_s=cfg.timeout_s, retries=cfg.retries,
-                                         server_wait_s=cfg.server_wait_s), curve=curve)
+                                         server_wait_s=cfg.server_wait_s, wire=cfg.wire), curve=curve)
     try:
         return _run(cfg, client)
     finally:

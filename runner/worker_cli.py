@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from models.errors import DataError
+from pserver import precision
 from pserver.cli import run_command
 from pserver.errors import ConfigError, NotpuError
 from pserver.server import config_from_json
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-wait-s", type=float, default=w.server_wait_s,
                    help="how long to wait for a lost server to come back (pserver start --restore) before giving "
                         f"up (default {w.server_wait_s:g})")
+    s.add_argument("--wire", default=w.wire, choices=list(precision.WIRE),
+                   help="pushes and pulls to shards on other hosts in 16 bits, with error feedback "
+                        f"(default {w.wire})")
     s.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole WorkerConfig as one JSON object, instead of the other options (notpu train)")
     s.set_defaults(handler=cmd_start, sub_parser=s)
@@ -99,7 +103,7 @@ def _from_options(args: argparse.Namespace, cls, allowed: tuple[str, ...] = (), 
 def cmd_start(args: argparse.Namespace) -> int:
     cfg = _from_options(args, WorkerConfig, ps=args.ps, data_dir=args.data, threads=args.threads, name=args.name,
                         rank=args.rank, keys_dir=args.keys, key_name=args.key, seed=args.seed,
-                        server_wait_s=args.server_wait_s)
+                        server_wait_s=args.server_wait_s, wire=args.wire)
     threads = cfg.threads or os.cpu_count() or 1
     configure_threads(threads)
     from runner.worker import run_worker
