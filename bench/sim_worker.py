@@ -20,7 +20,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from pserver.client import Client
+from pserver.client import Client, ClientConfig
 from pserver.layout import shard_ranges
 
 TIMEOUT_MS = 60_000
@@ -73,7 +73,9 @@ def main(argv: list[str]) -> int:
     bare: dict[str, BareClient] = {}
     for target in plan["targets"]:  # connect and join everything up front, outside the timed phases
         if target["kind"] == "ps":
-            c = Client(target["address"], context=context)
+            # a bare echo moves the bytes over TCP: so does the PS side, unless the plan asks for shared memory
+            c = Client(target["address"], ClientConfig(shared_memory=bool(plan.get("shared_memory", False))),
+                       context=context)
             c.join(plan.get("name", "sim"))
             c.pull(out=out)
             ps[target["name"]] = c
