@@ -75,7 +75,7 @@ def _quoted(name: str) -> str:
 
 
 def read_events(spark: Any, path: str, fmt: str, columns: EventColumns) -> Any:
-    """The log as a DataFrame of id, ts (unix seconds, null if unparseable), type, value, and raw text for errors."""
+    """The log as a DataFrame of id, ts (unix seconds, null if unparseable), type, value, and what `survey` reports."""
     from pyspark.errors import AnalysisException
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -121,7 +121,9 @@ def read_events(spark: Any, path: str, fmt: str, columns: EventColumns) -> Any:
         ts.cast("long").alias("ts"),
         F.col(_quoted(columns.type)).cast("string").alias("type"),
         value.alias("value"),
-        time_raw.cast("string").alias("time_text"),
+        time_raw.isNull().alias("time_null"),
+        # Text only for the rows in error: a cast per event would cost more than the survey itself.
+        F.when(time_raw.isNotNull() & ts.isNull(), time_raw.cast("string")).alias("bad_time"),
         F.when(bad_value, value_raw.cast("string")).alias("bad_value"),
     )
 
@@ -130,13 +132,11 @@ def survey(ev: Any, path: str, columns: EventColumns) -> LogSurvey:
     """Pass 1 as one Spark aggregation; DataError for the bad rows the local path refuses, named as it names them."""
     from pyspark.sql import functions as F
 
-    bad_time = F.col("ts").isNull() & F.col("time_text").isNotNull()
     rows = (ev.groupBy("type", F.floor(F.col("ts") / DAY_S).alias("day"))
             .agg(F.count(F.lit(1)).alias("n"), F.max("ts").alias("last"), F.min("ts").alias("first"),
                  F.count(F.when(F.col("id").isNull(), 1)).alias("null_ids"),
-                 F.count(F.when(F.col("time_text").isNull(), 1)).alias("null_times"),
-                 F.min(F.when(bad_time, F.col("time_text"))).alias("bad_time"),
-                 F.min("bad_value").alias("bad_value"))
+                 F.count(F.when(F.col("time_null"), 1)).alias("null_times"),
+                 F.min("bad_time").alias("bad_time"), F.min("bad_value").alias("bad_value"))
             .collect())  # (types x days) rows, however many events
     t = pd.DataFrame([r.asDict() for r in rows], columns=["type", "day", "n", "last", "first", "null_ids",
                                                           "null_times", "bad_time", "bad_value"])
