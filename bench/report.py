@@ -244,6 +244,18 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
             f"plain pandas {p['pandas_s']} s (peak {p['pandas_peak_rss_mb']} MiB): **{p['ratio_vs_pandas']}×**.",
             "",
         ]
+    sp = b.get("test_spark_prepare_throughput")
+    if sp:
+        lines += [
+            "## prepare on Spark",
+            "",
+            f"{sp['events']:,} events, `--engine spark --master {sp['master']}` against the local path in one run: "
+            f"local {sp['local_s']} s ({sp['local_events_per_s']:,} events/s), Spark {sp['spark_s']} s "
+            f"({sp['spark_events_per_s']:,} events/s, its JVM's start included): **{sp['spark_vs_local']}×** the "
+            "local speed; both outputs equal. On one machine the local engine is the one to use; Spark is for "
+            "logs that outgrow it or already live on a cluster.",
+            "",
+        ]
     out.write_text("\n".join(lines))
 
 
