@@ -14,6 +14,9 @@
 | test_bench_prepare | events/s in prepare | pandas groupby/pivot |
 | test_bench_samples | samples to 98% of plain Keras' val AUC, 1–8 workers per rule | plain Keras' samples to the same AUC |
 | test_bench_buckets | time to 98% of the best val AUC, daily against weekly steps (retail) | the same runs on daily steps |
+| test_bench_spark_prepare | events/s in prepare with Spark `local[2]` | the local path, same log, same run |
+| test_bench_fuzz | 100,000 hostile messages to a shard and the coordinator, with and without CURVE: messages/s, RSS growth | nothing: every message is answered or refused, the centre unchanged |
+| test_bench_soak | 8 workers, worker SIGKILLs and a shard kill over `NOTPU_SOAK_S` (30 min): RSS slope, recoveries, test AUC | an undisturbed run |
 
 Every figure that matters is a ratio of medians measured side by side in one
 run (`bench._timing`), stored in `benchmark.extra_info`; timings are never
