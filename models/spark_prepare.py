@@ -48,7 +48,7 @@ from models.spark_session import spark_session, stop_spark
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SCHEMA = "part int, seen long, kept long, churned long"  # what each part's task hands the driver
+SUMMARY_FIELDS = ("part", "seen", "kept", "churned")  # what each part's task hands the driver, all int64
 
 
 def source_format(path: str) -> str:
@@ -176,7 +176,7 @@ class PartJob:
 
 
 def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """One part's task: its customers' cells (sorted by id) -> DIR/parts/part-k; yields one summary row."""
+    """One part's task: its customers' cells -> DIR/parts/part-k (rows sorted by id); yields one summary row."""
     from pyspark import TaskContext
 
     k = TaskContext.get().partitionId()
@@ -194,10 +194,9 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
     kept, y = kept_rows(job.cfg, agg)
     write_part(part_dir(job.staged, k), (agg.block(kept[i:i + BLOCK_ROWS]) for i in range(0, kept.size, BLOCK_ROWS)),
                (kept.size, job.plan.window.steps, agg.n_types * len(AGGREGATIONS)), y, agg.ids()[kept], agg.active[kept])
-    yield pa.RecordBatch.from_pydict({"part": [k], "seen": [agg.n_customers], "kept": [int(kept.size)],
-                                      "churned": [int(y.sum())]},
-                                     schema=pa.schema([("part", pa.int32()), ("seen", pa.int64()),
-                                                       ("kept", pa.int64()), ("churned", pa.int64())]))
+    summary = dict(zip(SUMMARY_FIELDS, (k, agg.n_customers, int(kept.size), int(y.sum()))))
+    yield pa.RecordBatch.from_pydict({name: [v] for name, v in summary.items()},
+                                     schema=pa.schema([(name, pa.int64()) for name in SUMMARY_FIELDS]))
 
 
 def cells(ev: Any, cfg: PrepareConfig, p: Plan) -> Any:
@@ -250,8 +249,9 @@ def prepare_spark(cfg: PrepareConfig, spark: Any = None) -> dict:
         with staged_dir(out) as tmp:
             staged = str(tmp.resolve())
             job = PartJob(cfg=cfg, plan=p, staged=staged)
-            summary = (cells(ev, cfg, p).repartitionByRange(n_parts, "id").sortWithinPartitions("id")
-                       .mapInArrow(partial(build_part, job), SUMMARY_SCHEMA).collect())  # one row per part
+            summary = (cells(ev, cfg, p).repartitionByRange(n_parts, "id")
+                       .mapInArrow(partial(build_part, job), ", ".join(f"{f} long" for f in SUMMARY_FIELDS))
+                       .collect())  # one row per part
             by_part = {int(r["part"]): r for r in summary}
             for k in set(range(n_parts)) - set(by_part):  # a part with no customers: its task may not have run
                 _write_empty_part(staged, k, p)
