@@ -122,3 +122,64 @@ def warm_up() -> None:
     add_scaled(c, d, np.float32(0.5), o)
     elastic(c, d, np.float32(0.5), o, np.empty(4, np.float32))
     sum_round(c, np.ones((2, 4), np.float32), 2, 1.0, False, o)
+
+
+# ---- the half-precision wire (pserver.precision): bit-exact with numpy's casts, one pass each ----------------
+
+@njit(**_JIT)
+def to_bfloat16(x, out):
+    """out (uint16) = bfloat16 of x (float32), rounded to nearest even; NaN stays NaN."""
+    u = x.view(np.uint32)
+    for i in range(u.shape[0]):
+        b = np.int64(u[i])  # int64 arithmetic throughout: no mixed-sign promotion to float
+        if (b & 0x7F800000) == 0x7F800000 and (b & 0x007FFFFF) != 0:
+            out[i] = ((b >> 16) & 0x8000) | 0x7FC0
+        else:
+            out[i] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@njit(**_JIT)
+def from_bfloat16(q, out):
+    """out (float32) = the bfloat16 values q (uint16)."""
+    o = out.view(np.uint32)
+    for i in range(q.shape[0]):
+        o[i] = np.int64(q[i]) << 16
+
+
+@njit(**_JIT)
+def to_float16_bits(x, out):
+    """out (uint16) = the IEEE half of x (float32), as numpy's cast: nearest even, overflow to Inf, NaN kept."""
+    u = x.view(np.uint32)
+    for i in range(u.shape[0]):
+        f = np.int64(u[i])  # int64 arithmetic throughout: no mixed-sign promotion to float
+        sign = (f & 0x80000000) >> 16
+        exp = f & 0x7F800000
+        if exp >= 0x47800000:  # Inf, NaN, or too large: Inf
+            sig = f & 0x007FFFFF
+            if exp == 0x7F800000 and sig != 0:
+                h = 0x7C00 + (sig >> 13)
+                if h == 0x7C00:
+                    h += 1  # a NaN whose payload is all in the low bits stays a NaN
+                out[i] = sign + h
+            else:
+                out[i] = sign + 0x7C00
+        elif exp <= 0x38000000:  # a half subnormal, or zero
+            if exp < 0x33000000:
+                out[i] = sign
+            else:
+                sig = (0x00800000 + (f & 0x007FFFFF)) >> (113 - (exp >> 23))
+                if (sig & 0x3FFF) != 0x1000 or (f & 0x7FF) != 0:  # ties to even, shifted-out bits count
+                    sig += 0x1000
+                out[i] = sign + (sig >> 13)
+        else:
+            sig = f & 0x007FFFFF
+            if (sig & 0x3FFF) != 0x1000:  # ties to even
+                sig += 0x1000
+            out[i] = (sign + ((exp - 0x38000000) >> 13) + (sig >> 13)) & 0xFFFF  # a carry rounds up to Inf
+
+
+@njit(**_JIT)
+def gather(table, q, out):
+    """out[i] = table[q[i]]: a half's float32 value from the 65,536-entry table numpy's cast fills."""
+    for i in range(q.shape[0]):
+        out[i] = table[q[i]]

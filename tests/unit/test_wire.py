@@ -120,3 +120,22 @@ def test_bad_half_precision_requests_are_refused_and_change_nothing(shard, heade
     reply = ask(shard, header, arrays)
     assert reply.header["ok"] is False and reply.header["code"] == code, reply.header
     assert (shard.centre.current == 1).all() and shard.version == 0
+
+
+def test_the_numba_casts_equal_numpys_on_every_kind_of_bit_pattern():
+    """Random bit patterns (every exponent: normals, subnormals, Inf, NaN) and ties at every exponent."""
+    rng = np.random.default_rng(5)
+    ties = [(s << 31) | (e << 23) | m for s in (0, 1) for e in range(256)
+            for m in (0, 1, 0x800, 0xFFF, 0x1000, 0x1001, 0x17FF, 0x2000, 0x3000, 0x3FFF, 0x7FF000, 0x7FFFFF)]
+    bits = np.concatenate([rng.integers(0, 1 << 32, 2_000_000, dtype=np.uint64).astype(np.uint32),
+                           np.array(ties, np.uint32)])
+    x = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(precision.narrow(x, "float16").view(np.uint16), x.astype(np.float16).view(np.uint16))
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    np.testing.assert_array_equal(precision.widen(halves.view(np.float16)), halves.view(np.float16).astype(np.float32))
+    back = precision.widen(precision.narrow(x, "bfloat16"))
+    finite = ~np.isnan(x)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    np.testing.assert_array_equal(back[finite], x[finite].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.isnan(back[~finite]).all()

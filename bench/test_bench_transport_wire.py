@@ -1,0 +1,129 @@
+"""Time per exchange of the talk's model between hosts, float32 against the half-precision wire.
+
+    sudo python -m pytest -q -s bench/test_bench_transport_wire.py           # 5 rounds per wire and rate
+    sudo python -m pytest -q -s bench/test_bench_transport_wire.py --quick   # 2 rounds
+
+Two network namespaces stand for two hosts: ``ps`` runs `pserver start` (one
+shard) and ``w`` a worker's client, joined by a veth pair whose both ends are
+shaped by a token bucket (tc tbf) to 1 Gbit/s, then to 100 Mbit/s. At each
+rate the client pushes the talk's 2,447,562-float delta and pulls the centre
+back (`Client.push(pull=True)`), with ``wire`` float32, float16 and bfloat16
+in turn, round after round. Needs root, ``ip`` and ``tc``; skipped otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench._procs import QUICK, TALK_LAYOUT
+from runner.procs import kill_tree
+
+ROUNDS = 2 if QUICK else 5
+RATES = {"1gbit": "burst 1mb latency 100ms", "100mbit": "burst 256kb latency 400ms"}
+WIRES = ("float32", "float16", "bfloat16")
+NS, NET = ("notpu-wps", "notpu-ww"), "10.201.77"
+
+CLIENT = r"""
+import json, sys, time
+import numpy as np
+from bench._procs import TALK_LAYOUT
+from pserver.client import Client, ClientConfig
+address, rounds, wire, first = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+n = TALK_LAYOUT.total
+c = Client(address, ClientConfig(wire=wire, shared_memory=False, timeout_s=60.0))
+c.join("wire-" + wire)
+if first:
+    c.init(np.random.default_rng(0).standard_normal(n).astype(np.float32), TALK_LAYOUT)
+c.pull()
+delta = (np.random.default_rng(1).standard_normal(n) * 1e-4).astype(np.float32)
+times = []
+for _ in range(rounds + 1):  # the first warms up
+    t = time.perf_counter()
+    c.push(delta, pull=True)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"times": times[1:]}))
+c.close()
+"""
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def _usable() -> str:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if not (shutil.which("ip") and shutil.which("tc")):
+        return "needs ip and tc"
+    return ""
+
+
+@pytest.mark.skipif(bool(_usable()), reason=_usable() or "ok")
+@pytest.mark.timeout(1800)
+def test_transport_half_precision_wire(benchmark) -> None:
+    ps_ns, w_ns = NS
+    for ns in NS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    _sh("ip", "netns", "add", ps_ns)
+    _sh("ip", "netns", "add", w_ns)
+    server = None
+    try:
+        _sh("ip", "link", "add", "nwps0", "netns", ps_ns, "type", "veth", "peer", "name", "nww0", "netns", w_ns)
+        for ns, dev, ip in ((ps_ns, "nwps0", f"{NET}.1/24"), (w_ns, "nww0", f"{NET}.2/24")):
+            _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        tmp = Path(tempfile.mkdtemp(prefix="notpu-wire-"))
+        ready = tmp / "ready.json"
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+        with open(tmp / "pserver.log", "wb") as log:
+            server = subprocess.Popen(["ip", "netns", "exec", ps_ns, sys.executable, "-m", "runner.pserver_cli", "start",
+                                       "--host", f"{NET}.1", "--insecure", "--port", "0", "--ready-file", str(ready),
+                                       "--workers", str(len(WIRES) * len(RATES))],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp / "pserver.log").read_text()[-2000:]
+            time.sleep(0.05)
+        address = json.loads(ready.read_text())["address"]
+
+        results: dict[str, dict[str, float]] = {}
+        first = True
+        for rate, shape in RATES.items():
+            for ns, dev in ((ps_ns, "nwps0"), (w_ns, "nww0")):
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                    *shape.split())
+            for wire in WIRES:
+                out = subprocess.run(["ip", "netns", "exec", w_ns, sys.executable, "-c", CLIENT, address, str(ROUNDS),
+                                      wire, "1" if first else "0"], capture_output=True, text=True, env=env,
+                                     timeout=900)
+                assert out.returncode == 0, out.stderr[-3000:]
+                first = False
+                times = json.loads(out.stdout.strip().splitlines()[-1])["times"]
+                results.setdefault(rate, {})[wire] = sorted(times)[len(times) // 2]
+    finally:
+        if server is not None:
+            kill_tree(server)
+        for ns in NS:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    info: dict[str, object] = {"floats": TALK_LAYOUT.total, "rounds": ROUNDS}
+    for rate, by_wire in results.items():
+        for wire, s in by_wire.items():
+            info[f"{rate}_{wire}_ms"] = round(s * 1e3, 1)
+        info[f"{rate}_float16_vs_float32"] = round(by_wire["float16"] / by_wire["float32"], 3)
+        info[f"{rate}_bfloat16_vs_float32"] = round(by_wire["bfloat16"] / by_wire["float32"], 3)
+        print(f"\nwire at {rate}: push+pull float32 {by_wire['float32'] * 1e3:.0f} ms, float16 "
+              f"{by_wire['float16'] * 1e3:.0f} ms ({by_wire['float16'] / by_wire['float32']:.2f}x), bfloat16 "
+              f"{by_wire['bfloat16'] * 1e3:.0f} ms ({by_wire['bfloat16'] / by_wire['float32']:.2f}x) "
+              f"(median of {ROUNDS})")
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
