@@ -83,9 +83,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     ))
     c, w = spec["counts"], spec["window"]
     steps = f"{w['steps']} steps of {w['bucket_days']} days" if w["bucket_days"] > 1 else f"{w['steps']} days"
+    if args.engine == "spark":
+        from models.dataset import num_parts
+
+        where = f"{args.out} ({num_parts(args.out)} parts)"
+    else:
+        where = args.out
     print(f"{c['customers_kept']} customers x {steps} x {len(spec['features'])} features, "
           f"churn rate {c['churn_rate']:.3f}, {c['customers_dropped_newcomers']} newcomers left out, "
-          f"cut-off {spec['window']['cutoff']} -> {args.out}")
+          f"cut-off {spec['window']['cutoff']} -> {where}")
     return 0
 
 
