@@ -9,6 +9,14 @@ shaped by a token bucket (tc tbf) to 1 Gbit/s, then to 100 Mbit/s. At each
 rate the client pushes the talk's 2,447,562-float delta and pulls the centre
 back (`Client.push(pull=True)`), with ``wire`` float32, float16 and bfloat16
 in turn, round after round. Needs root, ``ip`` and ``tc``; skipped otherwise.
+
+`test_transport_wire_convergence` trains the default run (`notpu demo`'s data:
+`notpu generate --players 3000`, `prepare` and `pserver start` with their
+defaults) with two
+workers in the other namespace, once per wire, unshaped, and compares the test
+AUC the evaluator reports: a half-precision wire must not lose more than 0.005
+of float32's (one run each: asynchronous runs differ from run to run, and by
+more than that, so a gain says nothing either way).
 """
 from __future__ import annotations
 
@@ -127,3 +135,70 @@ def test_transport_half_precision_wire(benchmark) -> None:
               f"(median of {ROUNDS})")
     benchmark.extra_info.update(info)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def _namespaces() -> None:
+    ps_ns, w_ns = NS
+    for ns in NS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    _sh("ip", "netns", "add", ps_ns)
+    _sh("ip", "netns", "add", w_ns)
+    _sh("ip", "link", "add", "nwps0", "netns", ps_ns, "type", "veth", "peer", "name", "nww0", "netns", w_ns)
+    for ns, dev, ip in ((ps_ns, "nwps0", f"{NET}.1/24"), (w_ns, "nww0", f"{NET}.2/24")):
+        _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+        _sh("ip", "-n", ns, "link", "set", dev, "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+@pytest.mark.skipif(bool(_usable()), reason=_usable() or "ok")
+@pytest.mark.timeout(7200)
+def test_transport_wire_convergence(benchmark) -> None:
+    ps_ns, w_ns = NS
+    tmp = Path(tempfile.mkdtemp(prefix="notpu-wire-auc-"))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    events, data = tmp / "events.csv", tmp / "data"
+    for cmd in (["generate", "--players", "3000", "--out", str(events)], ["prepare", str(events), "--out", str(data)]):
+        subprocess.run([sys.executable, "-m", "runner.cli", *cmd], check=True, env=env, timeout=1800,
+                       capture_output=True)
+    aucs: dict[str, float] = {}
+    for wire in WIRES:
+        run = tmp / wire
+        run.mkdir()
+        ready = run / "ready.json"
+        procs: list[subprocess.Popen] = []
+        _namespaces()
+        try:
+            def start(ns: str, *args: str, log: str) -> subprocess.Popen:
+                with open(run / log, "wb") as f:
+                    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", *args], stdout=f,
+                                         stderr=subprocess.STDOUT, env=env)
+                procs.append(p)
+                return p
+
+            start(ps_ns, "runner.pserver_cli", "start", "--host", f"{NET}.1", "--insecure", "--port", "0",
+                  "--ready-file", str(ready), "--workers", "2", "--exit-when-done", log="pserver.log")
+            deadline = time.monotonic() + 60
+            while not ready.is_file():
+                assert time.monotonic() < deadline, (run / "pserver.log").read_text()[-2000:]
+                time.sleep(0.05)
+            address = json.loads(ready.read_text())["address"]
+            evaluator = start(ps_ns, "runner.worker_cli", "evaluate", "--ps", address, "--data", str(data),
+                              "--out", str(run / "out"), log="evaluator.log")
+            workers = [start(w_ns, "runner.worker_cli", "start", "--ps", address, "--data", str(data), "--wire", wire,
+                             "--threads", "1", "--seed", str(k), log=f"worker{k}.log") for k in range(2)]
+            for p in workers:
+                assert p.wait(3600) == 0, (run / "worker0.log").read_text()[-3000:]
+            assert evaluator.wait(600) == 0, (run / "evaluator.log").read_text()[-3000:]
+            aucs[wire] = json.loads((run / "out" / "summary.json").read_text())["test_auc"]
+        finally:
+            for p in procs:
+                kill_tree(p)
+            for ns in NS:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    info = {f"test_auc_{w}": round(a, 4) for w, a in aucs.items()}
+    info.update({f"auc_{w}_minus_float32": round(aucs[w] - aucs["float32"], 4) for w in WIRES[1:]})
+    info["target"] = "auc_float16 - auc_float32 >= -0.005"
+    print(f"\nwire convergence, test AUC: " + ", ".join(f"{w} {a:.4f}" for w, a in aucs.items()))
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert all(aucs[w] - aucs["float32"] >= -0.005 for w in WIRES[1:]), info

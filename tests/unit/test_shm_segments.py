@@ -176,3 +176,13 @@ def test_a_shard_removes_its_segments_when_it_closes(shard):
     assert set(shm.ours([os.getpid()])) == {r["centre"], r["push"]}
     shard.close_segments()
     assert shm.ours([os.getpid()]) == []
+
+
+def test_a_segment_that_does_not_fit_is_refused_not_a_sigbus_later(monkeypatch):
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space"):
+        shm.CentreSegment.create(shm.centre_name(3), N)
+    assert shm.ours([os.getpid()]) == []
