@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -186,3 +187,18 @@ def test_a_segment_that_does_not_fit_is_refused_not_a_sigbus_later(monkeypatch):
     with pytest.raises(OSError, match="No space"):
         shm.CentreSegment.create(shm.centre_name(3), N)
     assert shm.ours([os.getpid()]) == []
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone():
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and b") Z" not in open(f"/proc/{zombie.pid}/stat", "rb").read():
+        time.sleep(0.01)  # exited, not waited for: a zombie
+    name = f"notpu-{zombie.pid}-s0-centre"
+    with open(os.path.join(shm.SHM_DIR, name), "wb"):
+        pass
+    try:
+        assert name in shm.remove_stale()
+    finally:
+        shm._unlink(name)
+        zombie.wait(10)
