@@ -15,6 +15,7 @@ from conftest import wait_for  # noqa: E402
 from datasets import write_fading  # noqa: E402
 
 from models.dataset import split_indices  # noqa: E402
+from pserver.client import Client  # noqa: E402
 from pserver.procs import stop_tree  # noqa: E402
 from pserver.security import create_keys  # noqa: E402
 
@@ -81,9 +82,14 @@ def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path
     assert load_model_in_subprocess(run / "model.keras") > 0
 
 
-def worker_pids(parent: int) -> list[int]:
-    procs = psutil.Process(parent).children(recursive=True)
-    return [p.pid for p in procs if "start" in p.cmdline() and any("runner.worker_cli" in a for a in p.cmdline())]
+def worker_pids(parent: int) -> dict[int, int]:
+    """Rank → pid of the `worker start` processes under `parent`."""
+    pids = {}
+    for p in psutil.Process(parent).children(recursive=True):
+        cmd = p.cmdline()
+        if "start" in cmd and any("runner.worker_cli" in a for a in cmd):
+            pids[json.loads(cmd[cmd.index("--config-json") + 1])["rank"]] = p.pid
+    return pids
 
 
 def shard_pids(parent: int) -> list[int]:
@@ -91,33 +97,44 @@ def shard_pids(parent: int) -> list[int]:
     return [p.pid for p in procs if any("pserver.shard_process" in a for a in p.cmdline())]
 
 
-def train_and_kill(run: Path, args: list[str], victims) -> tuple[dict, str]:
-    """`notpu train`; a quarter of the way in, SIGKILL what `victims(pid)` picks; the run must still finish."""
+# Long enough that the kill lands mid-run (a worker trains for seconds, its heartbeat reports its
+# samples every second); the same settings for the undisturbed run.
+KILL_EPOCHS = 48
+KILL_RUN = ["--workers", "2", "--window", "4", "--round-timeout-s", "5", *TINY[:-5], "--epochs", str(KILL_EPOCHS),
+            "--eval-interval-s", "1", "--no-progress"]
+SHARE = KILL_EPOCHS * 8 * 32  # one worker's samples: 8 batches of 32 per epoch
+
+
+def train_and_kill(run: Path, args: list[str], victim) -> tuple[dict, str]:
+    """`notpu train`; once every worker has trained but none is past half its share (by the coordinator's
+    count, from the workers' heartbeats), SIGKILL the pid `victim(train_pid)` picks; the run must finish."""
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "train", *args, "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = None
     try:
-        history = run / "history.jsonl"
-
-        def training():
+        def mid_run():
+            nonlocal client
             if proc.poll() is not None:
                 raise AssertionError(proc.communicate()[1][-3000:])
-            lines = history.read_text().splitlines() if history.exists() else []
-            return lines and json.loads(lines[-1])["samples"] >= KILL_AT_SAMPLES
+            if client is None:
+                ready = run / ".pserver.json"
+                if not ready.exists():
+                    return False
+                client = Client(json.loads(ready.read_text())["address"])
+            workers = client.stats()["coordinator"]["workers"].values()
+            if len(workers) == 2 and any(w["done"] or w["samples"] > SHARE // 2 for w in workers):
+                raise AssertionError(f"the kill came too late: {list(workers)}")
+            return len(workers) == 2 and all(w["samples"] > 0 for w in workers)
 
-        wait_for(training, 180, "a quarter of the run")
-        victim = victims(proc.pid)
-        os.kill(victim, signal.SIGKILL)
+        wait_for(mid_run, 180, "both workers training", interval_s=0.1)
+        os.kill(victim(proc.pid), signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
+        if client is not None:
+            client.close()
         stop_tree(proc)
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads((run / "summary.json").read_text()), stdout
-
-
-# Long enough that the kill lands mid-run; the same settings for the undisturbed run.
-KILL_RUN = ["--workers", "2", "--window", "4", "--round-timeout-s", "5", *TINY[:-5], "--epochs", "16",
-            "--eval-interval-s", "1", "--no-progress"]
-KILL_AT_SAMPLES = 2 * 16 * 8 * 32 // 4
 
 
 @pytest.mark.parametrize("rule", ["easgd", "adag"])
@@ -127,13 +144,8 @@ def test_run_finishes_when_a_worker_is_sigkilled(fading, tmp_path, rule):
     assert clean.returncode == 0, clean.stderr[-3000:]
     undisturbed = json.loads((tmp_path / "clean" / "summary.json").read_text())
 
-    def second_worker(pid):
-        pids = worker_pids(pid)
-        assert len(pids) == 2
-        return pids[1]
-
-    summary, stdout = train_and_kill(tmp_path / "run", args, second_worker)
-    assert len(summary["lost_workers"]) == 1, summary["lost_workers"]
+    summary, stdout = train_and_kill(tmp_path / "run", args, lambda pid: worker_pids(pid)[1])
+    assert summary["lost_workers"] == [1], summary["lost_workers"]
     assert "lost worker" in stdout
     print(f"\n{rule}: test AUC {summary['test_auc']:.4f} with a worker killed, {undisturbed['test_auc']:.4f} undisturbed")
     assert abs(summary["test_auc"] - undisturbed["test_auc"]) <= 0.02
@@ -143,7 +155,7 @@ def test_run_finishes_when_a_shard_is_sigkilled(fading, tmp_path):
     run = tmp_path / "run"
     args = [str(fading), "--rule", "downpour", "--shards", "2", "--checkpoint-every-s", "0.5", *KILL_RUN]
     summary, _ = train_and_kill(run, args, lambda pid: shard_pids(pid)[0])
-    assert summary["lost_workers"] == [] and summary["samples"] == 2 * 16 * 8 * 32
+    assert summary["lost_workers"] == [] and summary["samples"] == 2 * SHARE
     assert "restarting it from its checkpoint" in (run / "logs" / "pserver.log").read_text()
     assert summary["test_auc"] > AUC_THRESHOLD
 
