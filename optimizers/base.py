@@ -96,7 +96,7 @@ def get_rule(name: str) -> Rule:
 
 
 def rule_config(name: str, window: int | None = None, alpha: float | None = None,
-                learning_rate: float | None = None, workers: int = 1) -> dict[str, Any]:
+                learning_rate: float | None = None, workers: int = 1, overlap: bool = False) -> dict[str, Any]:
     """The rule's settings as they travel to workers: the user's overrides, None where the default applies.
 
     Defaults that depend on the data (λ) or the world size (α, the learning
@@ -113,10 +113,13 @@ def rule_config(name: str, window: int | None = None, alpha: float | None = None
             raise ConfigError(f"--alpha must be in (0, 1], got {alpha}")
     if learning_rate is not None and not float(learning_rate) > 0:
         raise ConfigError(f"--learning-rate must be positive, got {learning_rate}")
+    if overlap and rule.sync:
+        asynchronous = ", ".join(r.name for r in RULES.values() if not r.sync)
+        raise ConfigError(f"--overlap is for the asynchronous rules ({asynchronous}); {rule.name} exchanges in rounds")
     return {"rule": rule.name, "sync": rule.sync, "window": None if window is None else int(window),
             "alpha": None if alpha is None else float(alpha),
             "learning_rate": None if learning_rate is None else float(learning_rate),
-            "local_optimizer": rule.local_optimizer}
+            "local_optimizer": rule.local_optimizer, "overlap": bool(overlap)}
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ def effective_settings(run: dict[str, Any], workers: int, steps_per_epoch: int) 
 
 
 def make_rule(name: str, client: Any, window: int, alpha: float = 0.0,
-              round_timeout_s: float | None = None) -> Exchange:
-    """Rule ``name``'s worker side, talking to the server through the joined ``client``."""
-    return RULE_CLASSES[get_rule(name).name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s)
+              round_timeout_s: float | None = None, overlap: bool = False) -> Exchange:
+    """Rule ``name``'s worker side, talking to the server through the joined ``client``.
+
+    ``overlap``: exchange in the background while the next window trains (`optimizers.exchange`)."""
+    return RULE_CLASSES[get_rule(name).name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s,
+                                             overlap=overlap)

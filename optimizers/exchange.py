@@ -8,10 +8,21 @@ continues from. Local steps use the worker's own Keras optimizer.
 What the shards do with a rule's requests is the shard-side apply its entry
 names (``Rule.mode``, a mode registered in `pserver.applies`): a PUSH mode
 for an asynchronous rule, a ROUND mode for a synchronous one.
+
+Overlap (``overlap=True``, asynchronous rules only): `step` sends the
+exchange from a background thread and returns at once; the worker keeps
+training from its own W. At the next `step` it waits for that reply R (what
+the exchange would have returned) and continues from R + (W − W_sent): the
+reply, plus the local progress made while it was on the wire. DOWNPOUR's
+next Δ is then that progress; the elastic rules' E is applied one window
+late. With one worker and DOWNPOUR, R = W_sent and the run is the one
+without overlap (tested). `finish` waits for the last reply and sends what
+is left.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -55,13 +66,20 @@ class Exchange:
 
     spec: ClassVar[Rule]
 
-    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float | None = None) -> None:
+    def __init__(self, client: Any, window: int, alpha: float = 0.0, round_timeout_s: float | None = None,
+                 overlap: bool = False) -> None:
+        if overlap and self.spec.sync:
+            raise ValueError(f"overlap is for the asynchronous rules; {self.spec.name} exchanges in rounds")
         self.client = client
         self.window = window
         self.alpha = alpha
         self.round_timeout_s = round_timeout_s
         self.staleness: list[int] = []
         self.exchanges = 0
+        self.overlap = overlap
+        # overlap: the one exchange in flight, (W_sent, its reply to come); the client is used by one thread at a time
+        self._pending: tuple[np.ndarray, Future] | None = None
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="exchange") if overlap else None
 
     def start(self, w: np.ndarray) -> np.ndarray:
         """Pull the centre; the worker starts from it."""
@@ -72,6 +90,7 @@ class Exchange:
 
     def recover(self) -> np.ndarray:
         """After a local NaN: continue from the centre, keeping the rule's own state (a round's number)."""
+        self._settle()  # the exchange in flight carried weights from before the NaN: let it land, drop its reply
         centre = self.client.pull()
         self.pulled = centre.copy()
         return centre
@@ -80,8 +99,47 @@ class Exchange:
         raise NotImplementedError
 
     def step(self, w: np.ndarray) -> np.ndarray:
+        """Exchange W (the worker's weights, a fresh vector it will not change); returns what to continue from."""
+        w = as_flat(w)
         self.exchanges += 1
-        return self.exchange(as_flat(w))
+        if self._sender is None:
+            return self.exchange(w)
+        w = self._landed(w)
+        self._pending = (w, self._sender.submit(self.exchange, w))
+        return w
+
+    def finish(self, w: np.ndarray, unsent: bool) -> None:
+        """The worker's last call: wait for the exchange in flight; send W if it holds ``unsent`` local steps."""
+        if self._sender is None:
+            if unsent:
+                self.step(w)
+            return
+        w = self._landed(as_flat(w))
+        if unsent:
+            self.exchanges += 1
+            self.exchange(w)
+        self._sender.shutdown()
+
+    def _landed(self, w: np.ndarray) -> np.ndarray:
+        """W moved by the reply in flight, if any: R + (W − W_sent)."""
+        if self._pending is None:
+            return w
+        sent, reply = self._pending
+        self._pending = None
+        r = reply.result()
+        out = np.subtract(w, sent)
+        out += r
+        return out
+
+    def wait(self) -> None:
+        """Block until the exchange in flight (overlap) has its reply; it is still applied at the next `step`."""
+        if self._pending is not None:
+            self._pending[1].result()
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            self._pending[1].result()
+            self._pending = None
 
     def record(self, staleness: list[int]) -> None:
         self.staleness.append(max(staleness) if staleness else 0)

@@ -45,6 +45,7 @@ class TrainConfig:
     batch_size: int = RunConfig.batch_size
     hidden: int = RunConfig.hidden
     learning_rate: float | None = RunConfig.learning_rate  # what one plain Keras process would use
+    overlap: bool = RunConfig.overlap  # asynchronous rules: exchange beside the next window's steps
     shards: int = ServerConfig.shards
     target_auc: float | None = None
     threads: int | None = None  # per worker; None: cores // workers (at least 1)
@@ -83,7 +84,8 @@ class TrainConfig:
         return RunConfig(rule=self.rule, window=self.window, alpha=self.alpha, learning_rate=self.learning_rate,
                          epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden,
                          architecture=self.architecture, compile_config=self.compile_config,
-                         custom_modules=tuple(self.custom_modules), initial_weights=self.initial_weights)
+                         custom_modules=tuple(self.custom_modules), initial_weights=self.initial_weights,
+                         overlap=self.overlap)
 
     def callbacks(self) -> dict[str, Any]:
         """The evaluator's callback fields, checked."""

@@ -36,12 +36,15 @@ class RunConfig:
     compile_config: dict[str, Any] | None = None
     custom_modules: tuple[str, ...] = ()  # imported by workers and the evaluator before deserialising
     initial_weights: str | None = None  # an .npz of `model.get_weights()` the centre starts from (same host)
+    # Asynchronous rules: each exchange runs beside the next window's local steps (optimizers.exchange, Overlap).
+    # Off by default: the reply lands one window late, so the centre's updates are one window staler.
+    overlap: bool = False
 
     def to_wire(self, workers: int) -> dict[str, Any]:
         """The dict workers are handed; checks the rule and every value (a ConfigError names the option)."""
         if self.epochs < 1 or self.batch_size < 1 or self.hidden < 1:
             raise ConfigError("--epochs, --batch-size and --hidden must be positive")
-        cfg = rule_config(self.rule, self.window, self.alpha, self.learning_rate, workers)
+        cfg = rule_config(self.rule, self.window, self.alpha, self.learning_rate, workers, overlap=self.overlap)
         cfg.update(epochs=int(self.epochs), batch_size=int(self.batch_size), hidden=int(self.hidden))
         if self.architecture:  # the default GRU's run config stays as it was
             cfg.update(architecture=self.architecture, compile_config=self.compile_config or {},
@@ -69,11 +72,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
                    help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
                         "it: ADAG × λ, the elastic rules and averaging × workers")
+    p.add_argument("--overlap", action="store_true",
+                   help="asynchronous rules: exchange in the background while the next window trains; the reply "
+                        "is applied one window late (default off)")
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig(rule=args.rule, window=args.window, alpha=args.alpha, learning_rate=args.learning_rate,
-                     epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden)
+                     epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden, overlap=args.overlap)
 
 
 class RuleRunOptions:

@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
-        learning_rate=args.learning_rate, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
+        learning_rate=args.learning_rate, overlap=args.overlap, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
         worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,

@@ -236,7 +236,7 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
     log.info("worker %d %s the centre (%d floats)", rank, "initialised" if first else "joined", layout.total)
 
     # round_timeout_s: the client's default, the server's round timeout (learned at join) and one request's more
-    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha)
+    rule = make_rule(eff.rule, client, window=window, alpha=eff.alpha, overlap=bool(run.get("overlap")))
     w = rule.start(flatten(weights))
     model.set_weights(unflatten(w, layout))
 
@@ -275,8 +275,8 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
             if stop_reason:
                 log.info("worker %d stops early: %s", rank, stop_reason)
                 break
-        if steps % window and not stop_reason:  # the last partial window still reaches the centre
-            rule.step(flatten(model.get_weights()))
+        # the last partial window still reaches the centre; an exchange in flight lands
+        rule.finish(flatten(model.get_weights()), unsent=bool(steps % window) and not stop_reason)
     finally:
         beat.finish()
     elapsed = time.monotonic() - t0

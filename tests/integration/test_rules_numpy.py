@@ -140,18 +140,25 @@ Local = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # ---- numpy re-statements of the rule table (optimizers/base.py) ----------------------------
 
-def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local]) -> np.ndarray:
+def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local],
+                    overlap: bool = False) -> np.ndarray:
+    """The asynchronous rules; with ``overlap``, each reply R is applied at the worker's next exchange, as
+    R + (W − W_sent), before that exchange is sent (optimizers.exchange, Overlap)."""
     C = initial()
     version = 0
     W = [C.copy(), C.copy()]
     opt = [local(), local()]
     pulled = [C.copy(), C.copy()]
     pulled_version = [0, 0]
+    in_flight: list[tuple[np.ndarray, np.ndarray] | None] = [None, None]  # (W_sent, its reply R)
     data_ = [data(0), data(1)]
     for block in range(STEPS // window):
         for i in (0, 1):  # the same interleaving as the test drives
             for t in range(block * window, (block + 1) * window):
                 W[i] = opt[i](W[i], gradient(W[i], *data_[i], t))
+            if in_flight[i] is not None:
+                sent, reply = in_flight[i]
+                W[i] = (W[i] - sent) + reply
             if rule in ("downpour", "adag", "dynsgd"):
                 delta = W[i] - pulled[i]
                 if rule == "downpour":
@@ -162,12 +169,17 @@ def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Lo
                     staleness = version - pulled_version[i]
                     C = C + np.float32(1.0 / (staleness + 1)) * delta
                 version += 1
-                W[i], pulled[i], pulled_version[i] = C.copy(), C.copy(), version
+                reply = C.copy()
+                pulled[i], pulled_version[i] = C.copy(), version
             else:  # aeasgd, eamsgd
                 E = np.float32(alpha) * (W[i] - C)
-                W[i] = W[i] - E
+                reply = W[i] - E
                 C = C + E
                 version += 1
+            if overlap:
+                in_flight[i] = (W[i], reply)
+            else:
+                W[i] = reply
     return C
 
 
@@ -190,11 +202,11 @@ def reference_sync(rule: str, window: int, alpha: float, local: Callable[[], Loc
     return C
 
 
-def check(rule: str, got: np.ndarray, reference: Callable[..., np.ndarray], window: int) -> None:
+def check(rule: str, got: np.ndarray, reference: Callable[..., np.ndarray], window: int, **options) -> None:
     name = RULES[rule].local_optimizer
-    replayed = reference(rule, window, alpha_of(rule), functools.partial(KerasLocal, name))
+    replayed = reference(rule, window, alpha_of(rule), functools.partial(KerasLocal, name), **options)
     np.testing.assert_array_equal(got, replayed, err_msg=f"{rule}: the exchange equations")
-    restated = reference(rule, window, alpha_of(rule), functools.partial(NumpyLocal, name))
+    restated = reference(rule, window, alpha_of(rule), functools.partial(NumpyLocal, name), **options)
     np.testing.assert_allclose(got, restated, rtol=0, atol=ATOL, err_msg=f"{rule}: {name}'s equations")
     assert np.abs(restated - initial()).max() > 100 * ATOL  # the local steps moved the centre measurably
 
@@ -237,6 +249,63 @@ def test_async_rule_equals_numpy(pserver, rule_name):
         assert r.staleness[1:] == [1] * (len(r.staleness) - 1), r.staleness
     for c in clients:
         c.close()
+
+
+@pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
+def test_async_rule_with_overlap_equals_numpy(pserver, rule_name):
+    """Overlap: each exchange is sent from the rule's background thread and its reply applied at the next one.
+    Each worker waits for its reply before the other trains, so the shards see the same order as the reference."""
+    window = ASYNC_WINDOW
+    server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
+    clients = [Client(server.address) for _ in range(2)]
+    for c in clients:
+        c.join()
+    clients[0].init(initial(), LAYOUT)
+    clients[1].init(initial(), LAYOUT)
+    rules = [make_rule(rule_name, c, window=window, alpha=alpha_of(rule_name), overlap=True) for c in clients]
+    local = [KerasLocal(RULES[rule_name].local_optimizer) for _ in clients]
+    W = [r.start(None) for r in rules]
+    datasets = [data(0), data(1)]
+    for block in range(STEPS // window):
+        for i in (0, 1):
+            for t in range(block * window, (block + 1) * window):
+                W[i] = local[i](W[i], gradient(W[i], *datasets[i], t))
+            W[i] = rules[i].step(W[i])
+            rules[i].wait()
+    for i in (0, 1):
+        rules[i].finish(W[i], unsent=False)
+    check(rule_name, clients[0].pull(), reference_async, window, overlap=True)
+    without = reference_async(rule_name, window, alpha_of(rule_name),
+                              functools.partial(NumpyLocal, RULES[rule_name].local_optimizer))
+    assert np.abs(clients[0].pull() - without).max() > 100 * ATOL  # the late replies changed the trajectory
+    for c in clients:
+        c.close()
+
+
+def test_overlap_changes_nothing_for_one_downpour_worker(pserver):
+    """The degenerate case: alone, a DOWNPOUR worker's reply is the weights it sent (C + Δ = W_sent), so
+    continuing from R + (W − W_sent) is continuing from W: the run is the one without overlap."""
+    centres = []
+    for overlap in (False, True):
+        server = pserver("--shards", "2", "--workers", "1", "--rule", "downpour")
+        client = Client(server.address)
+        client.join()
+        client.init(initial(), LAYOUT)
+        rule = make_rule("downpour", client, window=ASYNC_WINDOW, overlap=overlap)
+        local = KerasLocal(RULES["downpour"].local_optimizer)
+        w = rule.start(None)
+        X, y = data(0)
+        for t in range(STEPS + 2):  # a last partial window: `finish` sends it
+            w = local(w, gradient(w, X, y, t % STEPS))
+            if (t + 1) % ASYNC_WINDOW == 0:
+                w = rule.step(w)
+        rule.finish(w, unsent=True)
+        centres.append(client.pull())
+        assert rule.exchanges == STEPS // ASYNC_WINDOW + 1
+        client.close()
+    # equal up to float32 rounding: C + (W_sent − C) is W_sent to within an ulp of C
+    np.testing.assert_allclose(centres[1], centres[0], rtol=0, atol=ATOL)
+    assert np.abs(centres[0] - initial()).max() > 100 * ATOL
 
 
 def test_eamsgd_local_steps_use_momentum_so_its_trajectory_is_not_aeasgds():
