@@ -77,6 +77,10 @@ def test_bad_settings_are_refused_with_the_option_named():
         rule_config("adag", window=-1)
     with pytest.raises(ConfigError, match="--learning-rate"):
         rule_config("adag", learning_rate=0)
+    for sync in ("easgd", "averaging"):
+        with pytest.raises(ConfigError, match="--overlap is for the asynchronous rules"):
+            rule_config(sync, overlap=True)
+    assert rule_config("adag", overlap=True)["overlap"] is True
 
 
 def test_runs_that_may_not_have_learned_are_warned_about():
