@@ -219,6 +219,26 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
                 lines.append(f"| {s} | {c[f'updates_per_s_{s}_shard']:.1f} | {c[f'gb_per_s_{s}_shard']:.2f} | "
                              f"{c[f'bare_updates_per_s_{s}_shard']:.1f} | **{c[f'ratio_vs_bare_zmq_{s}_shard']:.2f}** |")
         lines += ["", "Target: ratio_vs_bare_zmq ≥ 0.8.", ""]
+        acc = c.get("account")
+        if acc:
+            lines += [
+                "Where the time goes: CPU milliseconds per update (user + system, from /proc at each phase's "
+                "edges; medians over phases) of the servers (coordinator and shards, or the echo processes) and of "
+                "the 8 senders, the cores they kept busy together, and a shard's own thread time per update "
+                "(a request from receipt to the reply handed to ZeroMQ; of it, the update kernel).",
+                "",
+                "| shards | servers, PS | servers, bare | senders, PS | senders, bare | cores busy, PS | "
+                "cores busy, bare | shard thread | of it kernel |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for s in (1, 2):
+                a = acc.get(f"{s}_shard")
+                if a:
+                    lines.append(f"| {s} | {a['ps']['server_cpu_ms']:.2f} | {a['bare']['server_cpu_ms']:.2f} | "
+                                 f"{a['ps']['senders_cpu_ms']:.2f} | {a['bare']['senders_cpu_ms']:.2f} | "
+                                 f"{a['ps']['cores_busy']:.2f} | {a['bare']['cores_busy']:.2f} | "
+                                 f"{a['shard_handle_ms']:.2f} | {a['shard_apply_ms']:.2f} |")
+            lines.append("")
     ks = [v for n, v in b.items() if n.startswith("test_kernel_vs_numpy")]
     if ks:
         lines += [

@@ -263,11 +263,13 @@ class Shard:
             return  # not even an identity and a header: nothing to answer to
         if self.kernels is None:
             self.kernels = numba_kernels()
+        t0 = time.perf_counter()
         identity = frames[0].bytes
         body = frames[1:]
         size = sum(len(f) for f in body)
         self.stats.bytes_in += size
         self._respond(identity, self._dispatch, identity, body, size)
+        self.stats.handle_s += time.perf_counter() - t0
 
     @property
     def frame_limit(self) -> int | None:
@@ -518,7 +520,9 @@ class Shard:
         worker = push.worker
         staleness = max(self.version - push.pulled, 0)
         out = centre.scratch()
+        t0 = time.perf_counter()
         finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out)
+        self.stats.apply_s += time.perf_counter() - t0
         if not finite:
             centre.discard(out)
             raise ProtocolError("not_finite", f"update from worker {worker} contains NaN or Inf; the centre is unchanged")

@@ -19,6 +19,10 @@ class ShardStats:
     refused: Counter = field(default_factory=Counter)  # error code -> count
     bytes_in: int = 0
     bytes_out: int = 0
+    # Where the shard's own thread spends its time (seconds): every request from receipt to the reply handed to
+    # ZeroMQ (whose I/O thread sends it), and of that, the update kernels. Where capacity goes is read from these.
+    handle_s: float = 0.0
+    apply_s: float = 0.0
     staleness: dict[int, np.ndarray] = field(default_factory=lambda: defaultdict(lambda: np.zeros(STALENESS_BINS, np.int64)))
     last_norm: dict[int, float] = field(default_factory=dict)
 
@@ -34,6 +38,8 @@ class ShardStats:
             "refused": dict(self.refused),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "handle_s": round(self.handle_s, 6),
+            "apply_s": round(self.apply_s, 6),
             "staleness": {str(k): v.tolist() for k, v in self.staleness.items()},
         }
 
