@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from pserver import precision
 from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees, wait_for_file
@@ -61,12 +62,13 @@ class WorkerSpec:
     seed: int
     key_name: str | None = None  # its key pair in the run's keys; None: plain TCP
     rejoin_wait_s: float = 0.0  # WorkerConfig.rejoin_wait_s: a restarted worker's wait for its old rank
+    wire: str = WorkerConfig.wire  # pushes and pulls over TCP in this precision (a co-located shard: shared memory)
 
     def config(self, keys_dir: str | None, name: str) -> WorkerConfig:
         """The worker's whole configuration, with the keys where this host holds them."""
         return WorkerConfig(ps=self.ps, data_dir=self.data_dir, threads=self.threads, name=name, rank=self.rank,
                             keys_dir=keys_dir if self.key_name else None, key_name=self.key_name, seed=self.seed,
-                            rejoin_wait_s=self.rejoin_wait_s)
+                            rejoin_wait_s=self.rejoin_wait_s, wire=self.wire)
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     if config.workers < 1 or config.shards < 1:
         raise ConfigError("--workers and --shards must be at least 1")
     config.run_config().to_wire(config.workers)  # checks the rule and the options early
+    if config.wire not in precision.WIRE:
+        raise ConfigError(f"--wire {config.wire!r}: expected one of {', '.join(precision.WIRE)}")
     callbacks = config.callbacks()
     data = load_dataset(config.data_dir)  # checks the data before any process starts
     steps, features = data.X.shape[1:]
@@ -240,7 +244,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
                             **callbacks))))
         launcher.start_workers([WorkerSpec(rank=r, ps=endpoints.address, data_dir=config.data_dir, threads=threads,
                                            seed=config.seed, key_name=f"worker{r}" if keyed else None,
-                                           rejoin_wait_s=rejoin_wait_s)
+                                           rejoin_wait_s=rejoin_wait_s, wire=config.wire)
                                 for r in range(config.workers)], endpoints, children)
         dead = _supervise(config, launcher, children, evaluator, out, finish)
         summary = json.loads((out / "summary.json").read_text())
@@ -256,6 +260,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     summary["lost_workers"] = sorted(lost)
     summary["threads_per_worker"] = threads
     summary["seed"] = config.seed
+    summary["wire"] = config.wire
     summary["engine"] = launcher.engine
     summary.update(launcher.reports())
     summary["wall_s"] = round(time.time() - started_at, 3)

@@ -46,6 +46,9 @@ class TrainConfig:
     hidden: int = RunConfig.hidden
     learning_rate: float | None = RunConfig.learning_rate  # what one plain Keras process would use
     overlap: bool = RunConfig.overlap  # asynchronous rules: exchange beside the next window's steps
+    # Workers' pushes and pulls over TCP in float16 or bfloat16 (pserver.precision); a worker beside a shard
+    # (every worker in local mode) exchanges through shared memory, in float32.
+    wire: str = "float32"
     shards: int = ServerConfig.shards
     target_auc: float | None = None
     threads: int | None = None  # per worker; None: cores // workers (at least 1)

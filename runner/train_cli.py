@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from pserver import precision
 from runner.callbacks import MONITORS
 from runner.local import TrainConfig
 from runner.run_config import add_run_options
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
                    help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from its "
                         f"checkpoint and the run goes on (0: no checkpoints; default {d.checkpoint_every_s:g})")
+    t.add_argument("--wire", default=d.wire, choices=list(precision.WIRE),
+                   help="precision of pushes and pulls between hosts (--engine spark), with error feedback; workers "
+                        f"on the server's host use shared memory (default {d.wire})")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=cmd_train)
@@ -68,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data_dir=args.dir, out_dir=args.out, workers=args.workers, rule=args.rule, window=args.window,
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
-        learning_rate=args.learning_rate, overlap=args.overlap, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
+        learning_rate=args.learning_rate, overlap=args.overlap, wire=args.wire, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
         worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,

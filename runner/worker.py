@@ -210,8 +210,9 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
     eff = effective_settings(run, world, spe)
     window = eff.window
     epochs = int(run["epochs"])
-    log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g", rank, world, len(mine),
-             spe, eff.rule, window, eff.alpha, eff.local_optimizer, eff.learning_rate)
+    log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g, wire %s%s", rank, world,
+             len(mine), spe, eff.rule, window, eff.alpha, eff.local_optimizer, eff.learning_rate, cfg.wire,
+             ", overlapped" if run.get("overlap") else "")
 
     _apply_tf_threads(cfg.threads)
     import keras

@@ -163,17 +163,20 @@ def test_run_finishes_when_a_shard_is_sigkilled(fading, tmp_path):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_nan_local_loss_pulls_the_centre_and_shows_in_history(tmp_path, overlap):
     """Two training rows whose values overflow BatchNorm: every batch holding one has a NaN loss.
-    With --overlap, the exchange in flight at a NaN lands before the worker pulls the centre."""
+    With --overlap, the exchange in flight at a NaN lands before the worker pulls the centre; that run also
+    asks for a bfloat16 wire, which reaches the workers (beside the shards they exchange through shared memory)."""
     data = write_fading(tmp_path / "poisoned")
     X = np.load(data / "X.npy")
     X[split_indices(len(X)).train[[3, 300]]] = 3e38  # one in each worker's partition
     np.save(data / "X.npy", X)
     run = tmp_path / "run"
     out = notpu("train", str(data), "--out", str(run), "--workers", "2", "--rule", "downpour", *TINY,
-                *(["--overlap"] if overlap else []))
+                *(["--overlap", "--wire", "bfloat16"] if overlap else []))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["run_config"]["overlap"] is overlap
+    assert summary["run_config"]["overlap"] is overlap and summary["wire"] == ("bfloat16" if overlap else "float32")
+    if overlap:
+        assert all("wire bfloat16, overlapped" in (run / "logs" / f"worker{r}.log").read_text() for r in (0, 1))
     last = json.loads((run / "history.jsonl").read_text().splitlines()[-1])
     assert last["nan_recoveries"] > 0 and sum(summary["nan_recoveries"].values()) >= last["nan_recoveries"]
     assert last["refused"] == 0  # nothing non-finite reached the shards
