@@ -43,14 +43,17 @@ def _cached(name: str, make: Callable[[Path], None]) -> Path:
     return out
 
 
-def prepared(players: int, days: int = 90, seed: int = 1) -> Path:
-    """A prepared data directory (X.npy, y.npy, ids.npy, spec.json) of `players` generated players."""
+def prepared(players: int, days: int = 90, seed: int = 1, max_types: int | None = None) -> Path:
+    """A prepared data directory (X.npy, y.npy, ids.npy, spec.json) of `players` generated players.
+
+    max_types: prepare's --max-types (None: its default); 10 gives the talk's 50 features (10 types × 5)."""
     def make(work: Path) -> None:
         events = write_events(generate_events(GeneratorConfig(players=players, days=days, seed=seed)),
                               work / "events.parquet")
-        prepare(PrepareConfig(events=str(events), out=str(work / "data"), observation_days=days))
+        prepare(PrepareConfig(events=str(events), out=str(work / "data"), observation_days=days,
+                              **({"max_types": max_types} if max_types else {})))
 
-    return _cached(f"players{players}-days{days}-seed{seed}", make)
+    return _cached(f"players{players}-days{days}-seed{seed}" + (f"-types{max_types}" if max_types else ""), make)
 
 
 def prepared_retail(customers: int, seed: int = 0, bucket_days: int | None = None) -> Path:

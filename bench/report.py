@@ -277,6 +277,12 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         lines += ["", "Target: ratio_vs_keras ≥ 0.97 (GRU 512, the talk's model: `ratio_vs_keras_talk`). (ms per "
                       "exchange is the difference of two noisy medians; a negative value means it was lost in the "
                       "noise.)", ""]
+    tw = b.get("test_overhead_two_workers_talk")
+    if tw:
+        lines += [f"At the talk's size (GRU {tw['hidden']}, {tw['features']} features), one epoch each, in turn: "
+                  f"`notpu train --workers 2 --rule adag` {tw['notpu_samples_per_s']:.1f} samples/s against one plain "
+                  f"Keras process with {tw['threads']} threads {tw['keras_samples_per_s']:.1f}: **{tw['speedup']:.2f}×** "
+                  f"(test AUC {tw['notpu_test_auc']:.4f} and {tw['keras_test_auc']:.4f}).", ""]
     st = b.get("test_staleness_histograms")
     if st:
         lines += [
