@@ -44,6 +44,9 @@ from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
+#: A rank's k-th process numbers its pushes from (k − 1) << this: 2^40 pushes each, past every earlier one's.
+INCARNATION_SHIFT = 40
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -269,6 +272,9 @@ class Client:
         """Ask for a rank; returns the coordinator's reply (rank, world, config, shards, layout, architecture)."""
         reply = self.ask({"op": "JOIN", "name": name, "rank": rank})
         self.rank = self.worker = int(reply["rank"])
+        # Shards answer a push whose seq is not past the rank's last one as a retry, without applying it: a
+        # restarted worker (the rank's next incarnation) numbers its pushes past every earlier process's.
+        self.seq = max(self.seq, (int(reply.get("incarnation", 1)) - 1) << INCARNATION_SHIFT)
         self.world = int(reply["world"])
         self.round_timeout_s = float((reply.get("config") or {}).get("round_timeout_s", self.round_timeout_s))
         self.use_shards(reply["shards"])

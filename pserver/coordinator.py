@@ -151,6 +151,9 @@ class WorkerInfo:
     samples: int = 0
     nan_recoveries: int = 0  # local NaN losses the worker recovered from (by pulling the centre)
     report: dict[str, Any] = field(default_factory=dict)
+    # How many processes have held this rank: a restarted worker is the next incarnation, and numbers its
+    # pushes past every earlier one's (`pserver.client.Client.join`), so shards never take them for retries.
+    incarnation: int = 1
 
 
 class Coordinator:
@@ -307,7 +310,9 @@ class Coordinator:
                 raise ProtocolError("malformed", f"all {self.world} ranks are taken; start the server with a larger "
                                                  f"--workers or rejoin a lost rank with --rank")
             rank = free[0]
-        self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now)
+        before = self.workers.get(rank)
+        self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now,
+                                        incarnation=before.incarnation + 1 if before else 1)
         self._decided = True
         log.info("worker %d of %d joined (%s)", rank, self.world, name or "unnamed")
         return rank
@@ -315,7 +320,7 @@ class Coordinator:
     def _join_reply(self, rank: int) -> list[Any]:
         return protocol.encode(ok(rank=rank, world=self.world, config=self.run_config, shards=self.shard_map(),
                                   layout=self.layout.to_wire() if self.layout else None,
-                                  architecture=self.architecture))
+                                  architecture=self.architecture, incarnation=self.workers[rank].incarnation))
 
     def _init(self, msg: protocol.Message) -> list[Any]:
         return self._init_reply(self._fix_model(msg))
@@ -432,7 +437,7 @@ class Coordinator:
             "ranges": [list(r) for r in self.ranges], "total": self.layout.total if self.layout else 0,
             "fingerprint": self.layout.fingerprint() if self.layout else "",
             "workers": [{"rank": w.rank, "name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
-                         "nan_recoveries": w.nan_recoveries, "report": w.report}
+                         "nan_recoveries": w.nan_recoveries, "report": w.report, "incarnation": w.incarnation}
                         for w in sorted(self.workers.values(), key=lambda w: w.rank)],
             "stop": self.stop_requested, "observers": sorted(self.observers), "memory": self.memory.to_wire(),
             "refused": dict(self.refused), "repeats": self.memory.repeats,
@@ -484,14 +489,15 @@ class Coordinator:
             try:
                 info = WorkerInfo(rank=w["rank"], name=w["name"], joined_at=now, last_seen=now, done=w["done"],
                                   lost=w["lost"], samples=w["samples"], nan_recoveries=w["nan_recoveries"],
-                                  report=w["report"])
+                                  report=w["report"], incarnation=w.get("incarnation", 1))
             except (TypeError, KeyError) as exc:
                 raise ValueError(f"worker entry {i}: {exc!r}") from None
             if not (_is_int(info.rank) and 0 <= info.rank < self.world and info.rank not in workers
                     and isinstance(info.name, str) and isinstance(info.done, bool) and isinstance(info.lost, bool)
-                    and _is_int(info.samples) and _is_int(info.nan_recoveries) and isinstance(info.report, dict)):
+                    and _is_int(info.samples) and _is_int(info.nan_recoveries) and isinstance(info.report, dict)
+                    and _is_int(info.incarnation) and info.incarnation >= 1):
                 raise ValueError(f"worker entry {i} is not a rank of [0, {self.world}) taken once with its "
-                                 f"name, done, lost, samples, nan_recoveries and report: {w!r}")
+                                 f"name, done, lost, samples, nan_recoveries, report and incarnation: {w!r}")
             workers[info.rank] = info
         if not (isinstance(state["stop"], str) and isinstance(state["observers"], list)
                 and all(isinstance(o, str) for o in state["observers"]) and isinstance(state["refused"], dict)

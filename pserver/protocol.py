@@ -95,8 +95,9 @@ Coordinator (the ``host:port`` that workers are given):
 
     REGISTER  {shard, endpoint} → {ok}
                 from a shard process when it starts
-    JOIN      {name?, rank?} → {ok, rank, world, config, shards, layout, architecture}
-                rank: a lost worker's own rank, to take it back
+    JOIN      {name?, rank?} → {ok, rank, world, config, shards, layout, architecture, incarnation}
+                rank: a lost worker's own rank, to take it back; incarnation: how many processes
+                have held the rank (a restarted worker numbers its pushes past its predecessors')
     INIT      {layout, architecture?} → {ok, first, shards, world}
     MODEL     {observer?} → {ok, layout, architecture, world, config, shards}
                 for observers (the evaluator), which take no rank

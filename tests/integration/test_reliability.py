@@ -193,6 +193,36 @@ def test_lost_worker_is_told_to_shards_and_closes_rounds(pserver):
     a.close(), b.close()
 
 
+def test_a_restarted_worker_is_a_new_incarnation_whose_pushes_are_applied(pserver):
+    """A process that takes a lost rank back starts its pushes' numbering afresh; the shards must not take
+    them for retries of the dead process's pushes (which they answer without applying), on any shard."""
+    server = pserver("--workers", "2", "--shards", "2", "--worker-timeout-s", "2")
+    ones = np.ones(LAYOUT.total, np.float32)
+    a, other = Client(server.address), Client(server.address)
+    a.join("a"), other.join("other")
+    a.init(initial(), LAYOUT)
+    for _ in range(5):
+        a.push(ones)
+    a.close()  # a's process dies: it falls silent
+
+    def a_lost() -> bool:
+        other.heartbeat()
+        return other.stats()["coordinator"]["workers"]["0"]["lost"]
+
+    wait_for(a_lost, 30, "the coordinator to declare a lost", interval_s=0.25)
+    again = Client(server.address)
+    again.join("a, restarted", rank=0)
+    assert again.rank == 0
+    again.init(initial(), LAYOUT)
+    before = again.pull()
+    _, centre = again.push(ones, pull=True)
+    np.testing.assert_array_equal(centre, before + 1)  # applied, not answered as a retry
+    again.push(ones, pull=False)
+    shards = again.stats()["shards"]
+    assert [s["updates"]["0"] for s in shards] == [7, 7] and all(not s["duplicates"] for s in shards), shards
+    again.close(), other.close()
+
+
 def test_norm_factor_refuses_an_explosion_after_warmup(pserver):
     server = pserver("--max-delta-norm-factor", "10")
     c = Client(server.address, worker=0)
