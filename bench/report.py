@@ -56,8 +56,9 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The first run's results with each later run's benchmarks in place of those of the same name."""
     merged = dict(runs[0])
     by_name = {b["name"]: b for b in runs[0]["benchmarks"]}
-    sections = []
-    for run in runs:
+    # a file that is itself a merge keeps the runs it was made of
+    sections = [dict(s, benchmarks=list(s["benchmarks"])) for s in runs[0].get("sections", [])]
+    for run in runs[1:] if sections else runs:
         names = [b["name"] for b in run["benchmarks"]]
         by_name.update({b["name"]: b for b in run["benchmarks"]})
         sections.append({"benchmarks": names, "commit": run.get("commit_info", {}).get("id", "?"),
@@ -282,7 +283,8 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         lines += [f"At the talk's size (GRU {tw['hidden']}, {tw['features']} features), one epoch each, in turn: "
                   f"`notpu train --workers 2 --rule adag` {tw['notpu_samples_per_s']:.1f} samples/s against one plain "
                   f"Keras process with {tw['threads']} threads {tw['keras_samples_per_s']:.1f}: **{tw['speedup']:.2f}×** "
-                  f"(test AUC {tw['notpu_test_auc']:.4f} and {tw['keras_test_auc']:.4f}).", ""]
+                  f"(test AUC {tw['notpu_test_auc']:.4f} and {tw['keras_test_auc']:.4f} after one epoch of "
+                  f"2,000 players, about 20 steps: a speed figure, not a trained model).", ""]
     st = b.get("test_staleness_histograms")
     if st:
         lines += [
