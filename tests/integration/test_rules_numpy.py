@@ -225,44 +225,16 @@ def run_worker(client: Client, rule_name: str, window: int, worker: int):
     return rule
 
 
-@pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
-def test_async_rule_equals_numpy(pserver, rule_name):
+def run_two_async(server, rule_name: str, overlap: bool = False):
+    """Two workers through real shards, taking turns block by block (with overlap, each waits for its reply
+    before the other trains, so the shards see the reference's order); returns (clients, rules)."""
     window = ASYNC_WINDOW
-    server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
     clients = [Client(server.address) for _ in range(2)]
     for c in clients:
         c.join()
     assert clients[0].init(initial(), LAYOUT)
     assert not clients[1].init(initial(), LAYOUT)
-    rules = [make_rule(rule_name, c, window=window, alpha=alpha_of(rule_name)) for c in clients]
-    local = [KerasLocal(RULES[rule_name].local_optimizer) for _ in clients]
-    W = [r.start(None) for r in rules]
-    datasets = [data(0), data(1)]
-    for block in range(STEPS // window):
-        for i in (0, 1):
-            for t in range(block * window, (block + 1) * window):
-                W[i] = local[i](W[i], gradient(W[i], *datasets[i], t))
-            W[i] = rules[i].step(W[i])
-    got = clients[0].pull()
-    check(rule_name, got, reference_async, window)
-    for r in rules:  # turns alternate: each exchange sees exactly the other worker's one push since its own
-        assert r.staleness[1:] == [1] * (len(r.staleness) - 1), r.staleness
-    for c in clients:
-        c.close()
-
-
-@pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
-def test_async_rule_with_overlap_equals_numpy(pserver, rule_name):
-    """Overlap: each exchange is sent from the rule's background thread and its reply applied at the next one.
-    Each worker waits for its reply before the other trains, so the shards see the same order as the reference."""
-    window = ASYNC_WINDOW
-    server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
-    clients = [Client(server.address) for _ in range(2)]
-    for c in clients:
-        c.join()
-    clients[0].init(initial(), LAYOUT)
-    clients[1].init(initial(), LAYOUT)
-    rules = [make_rule(rule_name, c, window=window, alpha=alpha_of(rule_name), overlap=True) for c in clients]
+    rules = [make_rule(rule_name, c, window=window, alpha=alpha_of(rule_name), overlap=overlap) for c in clients]
     local = [KerasLocal(RULES[rule_name].local_optimizer) for _ in clients]
     W = [r.start(None) for r in rules]
     datasets = [data(0), data(1)]
@@ -274,8 +246,27 @@ def test_async_rule_with_overlap_equals_numpy(pserver, rule_name):
             rules[i].wait()
     for i in (0, 1):
         rules[i].finish(W[i], unsent=False)
-    check(rule_name, clients[0].pull(), reference_async, window, overlap=True)
-    without = reference_async(rule_name, window, alpha_of(rule_name),
+    return clients, rules
+
+
+@pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
+def test_async_rule_equals_numpy(pserver, rule_name):
+    server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
+    clients, rules = run_two_async(server, rule_name)
+    check(rule_name, clients[0].pull(), reference_async, ASYNC_WINDOW)
+    for r in rules:  # turns alternate: each exchange sees exactly the other worker's one push since its own
+        assert r.staleness[1:] == [1] * (len(r.staleness) - 1), r.staleness
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.parametrize("rule_name", ["downpour", "adag", "dynsgd", "aeasgd", "eamsgd"])
+def test_async_rule_with_overlap_equals_numpy(pserver, rule_name):
+    """Overlap: each exchange is sent from the rule's background thread and its reply applied at the next one."""
+    server = pserver("--shards", "2", "--workers", "2", "--rule", rule_name)
+    clients, _ = run_two_async(server, rule_name, overlap=True)
+    check(rule_name, clients[0].pull(), reference_async, ASYNC_WINDOW, overlap=True)
+    without = reference_async(rule_name, ASYNC_WINDOW, alpha_of(rule_name),
                               functools.partial(NumpyLocal, RULES[rule_name].local_optimizer))
     assert np.abs(clients[0].pull() - without).max() > 100 * ATOL  # the late replies changed the trajectory
     for c in clients:
