@@ -103,7 +103,8 @@ def _keras_run(data: Path, out: Path) -> dict[str, Any]:
 
 def _ps_run(data: Path, out: Path) -> dict[str, Any]:
     summary = train(TrainConfig(data_dir=str(data), out_dir=str(out), workers=WORKERS, rule=RULE, epochs=EPOCHS,
-                                hidden=HIDDEN, eval_interval_s=EVAL_INTERVAL_S, progress=False))
+                                hidden=HIDDEN, eval_interval_s=EVAL_INTERVAL_S, progress=False,
+                                restore_best=False))  # the last centre, like plain Keras' last weights
     final = {"wall_s": summary["wall_s"], "val_auc": summary["val_auc"]}  # not in history: at the run's end
     return {"summary": summary, "curve": _curve(_history(out / "history.jsonl")) + [final],
             "loadavg": os.getloadavg()[0], "threads": summary.get("threads_per_worker"), "workers": WORKERS}

@@ -72,7 +72,8 @@ def _keras_run(data: Path, out: Path) -> dict[str, Any]:
 def _notpu_run(data: Path, out: Path, rule: str, workers: int, epochs: int) -> dict[str, Any]:
     summary = train(TrainConfig(data_dir=str(data), out_dir=str(out), workers=workers, rule=rule, epochs=epochs,
                                 hidden=HIDDEN, threads=max(CORES // workers, 1), eval_interval_s=EVAL_INTERVAL_S,
-                                progress=False))
+                                progress=False,
+                                restore_best=False))  # the last centre, like plain Keras' last weights
     return {"summary": summary, "history": _history(out / "history.jsonl"), "loadavg": os.getloadavg()[0]}
 
 

@@ -99,7 +99,8 @@ def _keras_run(data: Path, out: Path) -> dict[str, Any]:
 def _notpu_run(data: Path, out: Path, rule: str, workers: int) -> dict[str, Any]:
     summary = train(TrainConfig(data_dir=str(data), out_dir=str(out), workers=workers, rule=rule, epochs=EPOCHS,
                                 hidden=HIDDEN, threads=WORKER_THREADS, eval_interval_s=EVAL_INTERVAL_S,
-                                progress=False))
+                                progress=False,
+                                restore_best=False))  # the last centre, like plain Keras' last weights
     final = {"samples": summary["samples"], "val_auc": summary["val_auc"]}  # the final evaluation is not in history
     return {"summary": summary, "curve": _curve(_history(out / "history.jsonl")) + [final]}
 

@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="your own Keras model: FUNCTION(steps, features) in MODULE returns it compiled "
                         "(default: the GRU of width --hidden)")
     t.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
-                   help="stop after N evaluations without improvement of --monitor; model.keras and the test scores "
-                        "are then the best centre's")
+                   help="stop after N evaluations without improvement of --monitor")
+    t.add_argument("--keep-last", dest="restore_best", action="store_false", default=d.restore_best,
+                   help="model.keras and the test scores from the last centre of the run (default: from the "
+                        "evaluation with the best --monitor)")
     t.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS), help=f"default {d.monitor}")
     t.add_argument("--min-delta", type=float, default=d.min_delta,
                    help=f"an improvement must exceed this to reset the patience (default {d.min_delta:g})")
@@ -76,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
         worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
-        restore_best=args.early_stopping_patience is not None, tensorboard=args.tensorboard, engine=args.engine,
+        restore_best=args.restore_best, tensorboard=args.tensorboard, engine=args.engine,
         master=args.master)
     if config.engine == "spark":
         from runner.spark import train_with_session

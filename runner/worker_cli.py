@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the run after N evaluations without improvement of --monitor")
     v.add_argument("--monitor", default=e.monitor, choices=sorted(MONITORS), help=f"default {e.monitor}")
     v.add_argument("--min-delta", type=float, default=e.min_delta)
-    v.add_argument("--restore-best", action="store_true", default=e.restore_best,
-                   help="model.keras and the test scores from the best centre of the run, not the last")
+    v.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=e.restore_best,
+                   help="model.keras and the test scores from the best centre of the run, not the last "
+                        f"(default {'on' if e.restore_best else 'off'})")
     v.add_argument("--tensorboard", default=e.tensorboard, metavar="DIR", help="TensorBoard scalars per evaluation")
     v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
     v.add_argument("--server-wait-s", type=float, default=e.server_wait_s,

@@ -164,16 +164,22 @@ def test_run_finishes_when_a_shard_is_sigkilled(fading, tmp_path):
 def test_nan_local_loss_pulls_the_centre_and_shows_in_history(tmp_path, overlap):
     """Two training rows whose values overflow BatchNorm: every batch holding one has a NaN loss.
     With --overlap, the exchange in flight at a NaN lands before the worker pulls the centre; that run also
-    asks for a bfloat16 wire, which reaches the workers (beside the shards they exchange through shared memory)."""
+    asks for a bfloat16 wire, which reaches the workers (beside the shards they exchange through shared memory),
+    and keeps the last centre (--keep-last), where the default keeps the best evaluation's."""
     data = write_fading(tmp_path / "poisoned")
     X = np.load(data / "X.npy")
     X[split_indices(len(X)).train[[3, 300]]] = 3e38  # one in each worker's partition
     np.save(data / "X.npy", X)
     run = tmp_path / "run"
     out = notpu("train", str(data), "--out", str(run), "--workers", "2", "--rule", "downpour", *TINY,
-                *(["--overlap", "--wire", "bfloat16"] if overlap else []))
+                *(["--overlap", "--wire", "bfloat16", "--keep-last"] if overlap else []))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
+    aucs = [json.loads(line)["val_auc"] for line in (run / "history.jsonl").read_text().splitlines()]
+    if overlap:  # --keep-last: model.keras and the test scores are the last centre's
+        assert summary.get("best", {"model": "final"})["model"] == "final"
+    else:  # by default, the centre of the evaluation with the best val AUC
+        assert summary["best"]["model"] == "best" and summary["val_auc"] == pytest.approx(max(aucs), abs=1e-4)
     assert summary["run_config"]["overlap"] is overlap and summary["wire"] == ("bfloat16" if overlap else "float32")
     if overlap:
         assert all("wire bfloat16, overlapped" in (run / "logs" / f"worker{r}.log").read_text() for r in (0, 1))
