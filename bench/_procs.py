@@ -80,6 +80,33 @@ def echo_servers(count: int = 1, timeout_s: float = 30.0) -> Iterator[list[str]]
         yield endpoints
 
 
+def read_history(path: Path) -> list[dict]:
+    """A RUN's history.jsonl as a list of evaluations ([] if the run wrote none)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def keras_reference(data: Path, out: Path, *, threads: int, epochs: int, hidden: int, interval_s: float,
+                    timeout_s: float) -> tuple[dict, list[dict]]:
+    """`python -m bench.keras_run` (one plain Keras process, the reference) as a real process, bounded.
+
+    Returns its summary.json and its history.jsonl, which ends with the final evaluation; the log is
+    OUT.log beside OUT.
+    """
+    cmd = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", str(threads),
+           "--epochs", str(epochs), "--hidden", str(hidden), "--interval-s", str(interval_s),
+           "--started-at", str(time.time())]
+    log_path = out.with_suffix(".log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout_s)
+        finally:
+            kill_tree(proc, grace_s=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain Keras run failed ({proc.returncode}): {log_path.read_text()[-2000:]}")
+    return json.loads((out / "summary.json").read_text()), read_history(out / "history.jsonl")
+
+
 def run_all(cmds: Sequence[list[str]], timeout_s: float, env: dict[str, str] | None = None) -> list[str]:
     """Run the commands concurrently to completion; returns their stdouts. Bounded: killed after timeout_s."""
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})

@@ -38,9 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,7 +45,7 @@ import numpy as np
 import pytest
 
 from bench._data import prepared_retail
-from bench._procs import QUICK, kill_tree
+from bench._procs import QUICK, keras_reference, read_history
 from bench._timing import numbers
 from optimizers import RECOMMENDED_RULE
 from runner.local import TrainConfig, train
@@ -73,10 +70,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("buckets")
 
 
-def _history(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _steps(data: Path) -> int:
     spec = json.loads((data / "spec.json").read_text())
     shape = np.load(data / "X.npy", mmap_mode="r").shape
@@ -85,19 +78,9 @@ def _steps(data: Path) -> int:
 
 
 def _keras_run(data: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", str(CORES),
-           "--epochs", str(EPOCHS), "--hidden", str(HIDDEN), "--interval-s", str(EVAL_INTERVAL_S),
-           "--started-at", str(time.time())]
-    with open(out.with_suffix(".log"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=KERAS_TIMEOUT_S)
-        finally:
-            kill_tree(proc, grace_s=5)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain Keras run failed ({proc.returncode}): {out.with_suffix('.log').read_text()[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())  # its history already ends with the final evaluation
-    return {"summary": summary, "curve": _curve(_history(out / "history.jsonl")), "loadavg": os.getloadavg()[0],
+    summary, history = keras_reference(data, out, threads=CORES, epochs=EPOCHS, hidden=HIDDEN,
+                                       interval_s=EVAL_INTERVAL_S, timeout_s=KERAS_TIMEOUT_S)
+    return {"summary": summary, "curve": _curve(history), "loadavg": os.getloadavg()[0],
             "threads": CORES, "workers": 1}
 
 
@@ -106,7 +89,7 @@ def _ps_run(data: Path, out: Path) -> dict[str, Any]:
                                 hidden=HIDDEN, eval_interval_s=EVAL_INTERVAL_S, progress=False,
                                 restore_best=False))  # the last centre, like plain Keras' last weights
     final = {"wall_s": summary["wall_s"], "val_auc": summary["val_auc"]}  # not in history: at the run's end
-    return {"summary": summary, "curve": _curve(_history(out / "history.jsonl")) + [final],
+    return {"summary": summary, "curve": _curve(read_history(out / "history.jsonl")) + [final],
             "loadavg": os.getloadavg()[0], "threads": summary.get("threads_per_worker"), "workers": WORKERS}
 
 

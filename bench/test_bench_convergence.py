@@ -14,19 +14,15 @@ per rule come from the shards' counts (summary.json), with 2 and 4 workers.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench._data import prepared
-from bench._procs import QUICK, kill_tree
+from bench._procs import QUICK, keras_reference, read_history
 from runner.local import TrainConfig, train
 
 ALL_RULES = ("downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging")
@@ -48,25 +44,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("convergence")
 
 
-def _history(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _keras_run(data: Path, out: Path) -> dict[str, Any]:
-    started = time.time()
-    cmd = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", str(CORES),
-           "--epochs", str(EPOCHS), "--hidden", str(HIDDEN), "--interval-s", str(EVAL_INTERVAL_S),
-           "--started-at", str(started)]
-    with open(out.with_suffix(".log"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=1800)
-        finally:
-            kill_tree(proc, grace_s=5)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain Keras run failed ({proc.returncode}): {out.with_suffix('.log').read_text()[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return {"summary": summary, "history": _history(out / "history.jsonl"), "loadavg": os.getloadavg()[0]}
+    summary, history = keras_reference(data, out, threads=CORES, epochs=EPOCHS, hidden=HIDDEN,
+                                       interval_s=EVAL_INTERVAL_S, timeout_s=1800)
+    return {"summary": summary, "history": history, "loadavg": os.getloadavg()[0]}
 
 
 def _notpu_run(data: Path, out: Path, rule: str, workers: int, epochs: int) -> dict[str, Any]:
@@ -74,7 +55,7 @@ def _notpu_run(data: Path, out: Path, rule: str, workers: int, epochs: int) -> d
                                 hidden=HIDDEN, threads=max(CORES // workers, 1), eval_interval_s=EVAL_INTERVAL_S,
                                 progress=False,
                                 restore_best=False))  # the last centre, like plain Keras' last weights
-    return {"summary": summary, "history": _history(out / "history.jsonl"), "loadavg": os.getloadavg()[0]}
+    return {"summary": summary, "history": read_history(out / "history.jsonl"), "loadavg": os.getloadavg()[0]}
 
 
 def runs(root: Path) -> dict[str, Any]:

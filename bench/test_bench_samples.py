@@ -40,18 +40,14 @@ exists and is finite or null, never a ratio.
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import pytest
 
 from bench._data import prepared
-from bench._procs import QUICK, kill_tree
+from bench._procs import QUICK, keras_reference, read_history
 from bench._timing import numbers
 from runner.local import TrainConfig, train
 
@@ -76,24 +72,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("samples")
 
 
-def _history(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _keras_run(data: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", str(out),
-           "--threads", str(KERAS_THREADS), "--epochs", str(EPOCHS), "--hidden", str(HIDDEN),
-           "--interval-s", str(EVAL_INTERVAL_S), "--started-at", str(time.time())]
-    with open(out.with_suffix(".log"), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=KERAS_TIMEOUT_S)
-        finally:
-            kill_tree(proc, grace_s=5)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain Keras run failed ({proc.returncode}): {out.with_suffix('.log').read_text()[-2000:]}")
-    # its history already ends with the final evaluation
-    return {"summary": json.loads((out / "summary.json").read_text()), "curve": _curve(_history(out / "history.jsonl"))}
+    summary, history = keras_reference(data, out, threads=KERAS_THREADS, epochs=EPOCHS, hidden=HIDDEN,
+                                       interval_s=EVAL_INTERVAL_S, timeout_s=KERAS_TIMEOUT_S)
+    return {"summary": summary, "curve": _curve(history)}  # its history already ends with the final evaluation
 
 
 def _notpu_run(data: Path, out: Path, rule: str, workers: int) -> dict[str, Any]:
@@ -102,7 +84,7 @@ def _notpu_run(data: Path, out: Path, rule: str, workers: int) -> dict[str, Any]
                                 progress=False,
                                 restore_best=False))  # the last centre, like plain Keras' last weights
     final = {"samples": summary["samples"], "val_auc": summary["val_auc"]}  # the final evaluation is not in history
-    return {"summary": summary, "curve": _curve(_history(out / "history.jsonl")) + [final]}
+    return {"summary": summary, "curve": _curve(read_history(out / "history.jsonl")) + [final]}
 
 
 def _curve(history: Iterable[dict[str, Any]]) -> list[dict[str, float]]:

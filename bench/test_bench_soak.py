@@ -55,6 +55,7 @@ from bench._procs import QUICK
 from bench._timing import numbers
 from pserver import checkpoint
 from pserver.client import Client, ClientConfig
+from pserver.procs import wait_until
 from runner.procs import kill_tree
 
 SOAK_S = float(os.environ.get("NOTPU_SOAK_S", 1800))
@@ -158,16 +159,6 @@ class Job:
             kill_tree(p, grace_s=5.0)
 
 
-def wait(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 def rss_slope(samples: list[tuple[float, int]]) -> tuple[float, float]:
     """(MiB per hour by least squares, MiB grown from the first sample to the last) of [(t_s, rss_bytes)]."""
     t = np.array([s[0] for s in samples], dtype=np.float64)
@@ -179,8 +170,9 @@ def rss_slope(samples: list[tuple[float, int]]) -> tuple[float, float]:
 def soak(job: Job, duration_s: float, disturb: bool) -> dict:
     """Run `job` for duration_s from its first updates, killing if `disturb`; returns the figures."""
     job.start()
-    wait(lambda: len(job.stats()["coordinator"]["workers"]) == WORKERS
-         and all(s.get("version", 0) > 0 for s in job.stats()["shards"]), 300, "8 workers to join and update")
+    wait_until(lambda: len(job.stats()["coordinator"]["workers"]) == WORKERS
+               and all(s.get("version", 0) > 0 for s in job.stats()["shards"]), 300, "8 workers to join and update",
+               interval_s=1.0)
     job.learn_ranks()
     rnd = random.Random(SEED)
     t0 = time.monotonic()

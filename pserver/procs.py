@@ -144,6 +144,20 @@ def _wait_gone(procs: list[psutil.Process], deadline: float, interval_s: float =
     return alive
 
 
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate()`` until it returns a true value, which is returned; WaitTimeout naming ``what``
+    after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(min(interval_s, left))
+
+
 def wait_for_file(path: str | Path, timeout_s: float, alive: Callable[[], bool] | None = None,
                   interval_s: float = 0.05) -> Path:
     """Wait until ``path`` exists (write it with `pserver.fileio`, so that it is complete once it does).

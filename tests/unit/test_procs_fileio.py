@@ -16,7 +16,7 @@ import pytest
 
 from pserver.errors import ProcessExited, WaitTimeout
 from pserver.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
-from pserver.procs import stop_tree, stop_trees, wait_for_file
+from pserver.procs import stop_tree, stop_trees, wait_for_file, wait_until
 
 
 def tree(script: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
@@ -99,6 +99,15 @@ def test_wait_for_file_accepts_a_file_written_just_before_its_writer_exited(tmp_
     path = tmp_path / "ready"
     path.write_text("x")
     assert wait_for_file(path, timeout_s=1, alive=lambda: False) == path
+
+
+def test_wait_until_returns_the_first_true_value_and_times_out_by_name():
+    calls = iter([0, None, "ready"])
+    assert wait_until(lambda: next(calls), timeout_s=5, what="x", interval_s=0.01) == "ready"
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout, match=r"timed out after 0\.2 s waiting for the answer"):
+        wait_until(lambda: False, timeout_s=0.2, what="the answer", interval_s=0.05)
+    assert 0.2 <= time.monotonic() - t0 < 1
 
 
 def test_wait_for_file_times_out_by_name(tmp_path):
