@@ -118,7 +118,12 @@ class Exchange:
         if unsent:
             self.exchanges += 1
             self.exchange(w)
-        self._sender.shutdown()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the overlap thread, also when the worker ends by an error (an exchange in flight is not waited for)."""
+        if self._sender is not None:
+            self._sender.shutdown(wait=False, cancel_futures=True)
 
     def _landed(self, w: np.ndarray) -> np.ndarray:
         """W moved by the reply in flight, if any: R + (W − W_sent)."""

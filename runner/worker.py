@@ -279,6 +279,7 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
         # the last partial window still reaches the centre; an exchange in flight lands
         rule.finish(flatten(model.get_weights()), unsent=bool(steps % window) and not stop_reason)
     finally:
+        rule.close()
         beat.finish()
     elapsed = time.monotonic() - t0
     if run.get("sync"):

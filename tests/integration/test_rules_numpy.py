@@ -299,6 +299,25 @@ def test_overlap_changes_nothing_for_one_downpour_worker(pserver):
     assert np.abs(centres[0] - initial()).max() > 100 * ATOL
 
 
+def test_overlap_thread_ends_with_close_when_a_worker_stops_without_finish(pserver):
+    """A worker that ends by an error never calls `finish`; its `finally` calls `close`, which ends the
+    rule's background sender even with an exchange in flight."""
+    server = pserver("--shards", "1", "--workers", "1", "--rule", "downpour")
+    client = Client(server.address)
+    client.join()
+    client.init(initial(), LAYOUT)
+    rule = make_rule("downpour", client, window=ASYNC_WINDOW, overlap=True)
+    w = rule.start(None)
+    rule.step(w + 1e-3)  # in flight
+    sender = [t for t in threading.enumerate() if t.name.startswith("exchange")]
+    assert sender, "the overlap thread did not start"
+    rule.close()
+    for t in sender:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in sender)
+    client.close()
+
+
 def test_eamsgd_local_steps_use_momentum_so_its_trajectory_is_not_aeasgds():
     eamsgd, aeasgd = RULES["eamsgd"].local_optimizer, RULES["aeasgd"].local_optimizer
     assert eamsgd in ("nadam", "nesterov"), f"EAMSGD's local steps should use Nesterov momentum, not {eamsgd!r}"
