@@ -11,8 +11,7 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from pserver.procs import stop_tree
-from pserver.procs import wait_until as wait_for  # noqa: F401  (the test modules import it from here)
+from pserver.procs import stop_tree, wait_until as wait_for  # noqa: F401  (wait_for: the test modules import it from here)
 
 # Workers and tests share 2 cores: keep TensorFlow and BLAS from oversubscribing them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
