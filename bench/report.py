@@ -166,11 +166,13 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
             f"**{t['ratio_vs_bare_zmq']:.2f}** |",
             f"| `push(delta)` then `pull()` | {t['push_then_pull_ms']:.2f} | {t['ratio_separate_vs_bare_zmq']:.2f} |",
             f"| bare pyzmq DEALER → ROUTER echo | {t['bare_zmq_ms']:.2f} | 1.00 |",
-            *([f"| co-located worker, shared memory, delta computed in the push segment | {t['shm_push_pull_ms']:.2f} | "
-               f"**{t['shm_ratio_vs_bare_tcp']:.2f}** |",
-               f"| co-located worker, shared memory, delta copied in | {t['shm_copy_push_pull_ms']:.2f} | "
+            *([f"| co-located worker, shared memory: delta computed in the push area, the new centre used in the "
+               f"reply area | {t['shm_push_pull_ms']:.2f} | **{t['shm_ratio_vs_bare_tcp']:.2f}** |",
+               *([f"| the same, the new centre copied out into the worker's buffer | {t['shm_out_push_pull_ms']:.2f} | "
+                  f"{t['shm_out_ratio_vs_bare_tcp']:.2f} |"] if "shm_out_push_pull_ms" in t else []),
+               f"| the same, delta copied in | {t['shm_copy_push_pull_ms']:.2f} | "
                f"{t['shm_copy_ratio_vs_bare_tcp']:.2f} |",
-               f"| two memcpys of the vector (the floor) | {t['two_memcpys_ms']:.2f} | "
+               f"| two memcpys of the vector | {t['two_memcpys_ms']:.2f} | "
                f"{t['two_memcpys_ms'] / t['bare_zmq_ms']:.2f} |"] if "shm_push_pull_ms" in t else []),
             "",
             f"Overhead {t['overhead_ms']:.2f} ms per round trip over TCP; alone, the shard's kernel pass takes "

@@ -38,9 +38,10 @@ class ShardKernels(Protocol):
     """
 
     def check(self, delta: np.ndarray) -> tuple[bool, float]: ...
-    def add(self, centre: np.ndarray, delta: np.ndarray, out: np.ndarray) -> tuple[bool, float]: ...
-    def add_scaled(self, centre: np.ndarray, delta: np.ndarray, scale: np.float32,
-                   out: np.ndarray) -> tuple[bool, float]: ...
+    def add(self, centre: np.ndarray, delta: np.ndarray, out: np.ndarray,
+            copy: np.ndarray | None = None) -> tuple[bool, float]: ...
+    def add_scaled(self, centre: np.ndarray, delta: np.ndarray, scale: np.float32, out: np.ndarray,
+                   copy: np.ndarray | None = None) -> tuple[bool, float]: ...
     def elastic(self, centre: np.ndarray, local: np.ndarray, alpha: np.float32, out: np.ndarray,
                 diff: np.ndarray) -> tuple[bool, float]: ...
     def sum_round(self, centre: np.ndarray, rows: np.ndarray, count: int, scale: float, replace: bool,
@@ -51,11 +52,16 @@ class PushApply(ABC):
     """How one PUSH moves the centre. Registered instances are shared by every request: keep no state."""
 
     name = ""  # set by `register`
+    #: Whether `apply` takes ``copy``: a second (n,) buffer to write the candidate centre into in the same pass.
+    #: A co-located worker's push that asks for the centre back passes its reply area (`pserver.shm`), so the
+    #: worker reads its new centre where the shard wrote it, with no copy of its own.
+    copies = False
 
     @abstractmethod
     def apply(self, kernels: ShardKernels, centre: np.ndarray, delta: np.ndarray, scale: float, staleness: int,
               out: np.ndarray) -> tuple[bool, float, list[np.ndarray]]:
-        """Write the candidate centre into ``out`` (the centre is read, never written).
+        """Write the candidate centre into ``out`` (the centre is read, never written), and into
+        ``copy=`` too if the class says it `copies`.
 
         ``centre``, ``delta`` and ``out`` are (n,) float32; ``delta`` is the
         request's array (a view on the received frame), ``scale`` the header's,
@@ -155,24 +161,30 @@ def load_plugins(modules: Sequence[str]) -> None:
 class Add(PushApply):
     """C ← C + Δ."""
 
-    def apply(self, kernels, centre, delta, scale, staleness, out):
-        return (*kernels.add(centre, delta, out), [])
+    copies = True
+
+    def apply(self, kernels, centre, delta, scale, staleness, out, copy=None):
+        return (*kernels.add(centre, delta, out, copy), [])
 
 
 @register("scaled")
 class Scaled(PushApply):
     """C ← C + scale·Δ."""
 
-    def apply(self, kernels, centre, delta, scale, staleness, out):
-        return (*kernels.add_scaled(centre, delta, np.float32(scale), out), [])
+    copies = True
+
+    def apply(self, kernels, centre, delta, scale, staleness, out, copy=None):
+        return (*kernels.add_scaled(centre, delta, np.float32(scale), out, copy), [])
 
 
 @register("staleness")
 class Staleness(PushApply):
     """C ← C + scale·Δ/(staleness + 1)."""
 
-    def apply(self, kernels, centre, delta, scale, staleness, out):
-        return (*kernels.add_scaled(centre, delta, np.float32(scale / (staleness + 1)), out), [])
+    copies = True
+
+    def apply(self, kernels, centre, delta, scale, staleness, out, copy=None):
+        return (*kernels.add_scaled(centre, delta, np.float32(scale / (staleness + 1)), out, copy), [])
 
 
 @register("elastic")

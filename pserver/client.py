@@ -402,10 +402,17 @@ class Client:
         """The shards' arrays as one (total,) vector: the centre (``centre``, each reply's last array) or the
         apply's array (its first). Copied into ``out`` if given; else, from one shard, the reply's frame itself
         (a read-only view, no copy), else a new array. A reply through shared memory is read from the
-        segments (the centre under its seqlock; the version read becomes this shard's)."""
+        segments (the centre under its seqlock; the version read becomes this shard's), or, if the shard wrote
+        the centre into this worker's reply area, from there: from one shard, a read-only view on the area,
+        valid until this client's next push."""
         index = -1 if centre else 0
         if out is None and len(self.shards) == 1 and not replies[0].header.get("shm"):
             view = self._check_slice(self.shards[0], replies[0], index)
+            view.flags.writeable = False
+            return view
+        if out is None and len(self.shards) == 1 and centre and replies[0].header.get("shm_centre") == 1 \
+                and self._links and self._links[0] is not None:
+            view = self._links[0].push.buffers[1].view()
             view.flags.writeable = False
             return view
         if out is None:
@@ -415,8 +422,8 @@ class Client:
             target = out[s.start:s.end]
             if not msg.header.get("shm") or link is None:
                 target[:] = self._check_slice(s, msg, index)
-            elif not centre:
-                if msg.header.get("shm_arrays") != 1:
+            elif not centre or msg.header.get("shm_centre") == 1:
+                if not centre and msg.header.get("shm_arrays") != 1:
                     raise ProtocolError("frames", f"shard {s.index} at {s.endpoint} wrote no array to the reply area")
                 np.copyto(target, link.push.buffers[1])
             else:
@@ -499,7 +506,8 @@ class Client:
         (C += scale·Δ), "staleness" (C += scale·Δ/(staleness+1)) and "elastic" (Δ is the worker's
         weights W; the shard applies E = scale·(W − C), C += E, and replies with E). Returns
         (staleness per shard, the new centre if pull, else the array the replies carry, if any: E); an array
-        returned without ``out`` may be a read-only view on a reply's frame, as `pull` says.
+        returned without ``out`` may be a read-only view on a reply's frame, as `pull` says, or, through shared
+        memory, on this worker's reply area, which its next push rewrites (also when that push is refused).
         """
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")

@@ -51,25 +51,36 @@ def check(delta):
     return math.isfinite(sq), math.sqrt(sq)
 
 
+# ``copy`` (add, add_scaled): a second buffer the candidate centre is written to in the same pass, a co-located
+# worker's reply area (`pserver.shm`), so that the worker reads its new centre without copying it. Numba compiles
+# the call without it separately, the branch pruned: the plain pass costs what it did.
+
 @njit(**_JIT)
-def add(centre, delta, out):
-    """out = centre + delta; returns (finite, ‖delta‖)."""
+def add(centre, delta, out, copy=None):
+    """out = centre + delta (and copy = out, if given); returns (finite, ‖delta‖)."""
     sq = 0.0
     for i in range(centre.shape[0]):
         d = delta[i]
-        out[i] = centre[i] + d
+        y = centre[i] + d
+        out[i] = y
+        if copy is not None:
+            copy[i] = y
         v = np.float64(d)
         sq += v * v
     return math.isfinite(sq), math.sqrt(sq)
 
 
 @njit(**_JIT)
-def add_scaled(centre, delta, scale, out):
-    """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)); returns (finite, ‖scale·delta‖)."""
+def add_scaled(centre, delta, scale, out, copy=None):
+    """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)), and copy = out if given;
+    returns (finite, ‖scale·delta‖)."""
     sq = 0.0
     for i in range(centre.shape[0]):
         d = scale * delta[i]
-        out[i] = centre[i] + d
+        y = centre[i] + d
+        out[i] = y
+        if copy is not None:
+            copy[i] = y
         v = np.float64(d)
         sq += v * v
     return math.isfinite(sq), math.sqrt(sq)
@@ -119,7 +130,9 @@ def warm_up() -> None:
     o = np.empty(4, np.float32)
     check(d)
     add(c, d, o)
+    add(c, d, o, np.empty(4, np.float32))
     add_scaled(c, d, np.float32(0.5), o)
+    add_scaled(c, d, np.float32(0.5), o, np.empty(4, np.float32))
     elastic(c, d, np.float32(0.5), o, np.empty(4, np.float32))
     sum_round(c, np.ones((2, 4), np.float32), 2, 1.0, False, o)
 

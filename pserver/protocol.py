@@ -87,7 +87,10 @@ segment's token, and no array frame: the PUSH's array is the segment's push
 area (n float32, written before the header is sent), and the reply carries
 ``shm`` true and no frame either: the worker reads the centre from the centre
 segment, and an apply's one array (elastic: E) from its segment's reply area,
-``shm_arrays`` saying there is one. A token the shard did not hand to that
+``shm_arrays`` saying there is one. A PUSH that asks for the centre back may
+find it in the reply area instead, written there by the apply's own pass
+(``shm_centre``: the centre at the reply's version; the area is rewritten only
+by this worker's next PUSH, refused or not). A token the shard did not hand to that
 worker (it restarted, or the worker asked again) is refused (``shm``); the
 worker asks again or goes back to frames.
 

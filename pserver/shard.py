@@ -520,8 +520,14 @@ class Shard:
         worker = push.worker
         staleness = max(self.version - push.pulled, 0)
         out = centre.scratch()
+        # A co-located worker that asks for the centre back gets it in its reply area, written in the apply's pass.
+        copy = push.link.buffers[1] if push.link is not None and push.pull and push.apply.copies else None
         t0 = time.perf_counter()
-        finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out)
+        if copy is None:
+            finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out)
+        else:
+            finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out,
+                                                   copy=copy)
         self.stats.apply_s += time.perf_counter() - t0
         if not finite:
             centre.discard(out)
@@ -546,17 +552,21 @@ class Shard:
         if self.gate is not None:
             self.gate.record(worker, self.live_workers(), self.stats.updates)
             self._release_parked()
-        return self._push_reply(push.identity, reply, extra, push.pull, push.link, push.wire)
+        return self._push_reply(push.identity, reply, extra, push.pull, push.link, push.wire,
+                                centre_copied=copy is not None)
 
     def _push_reply(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray], pull: bool,
-                    link: shm.Segment | None, wire: str = "float32") -> list[Any] | None:
+                    link: shm.Segment | None, wire: str = "float32", centre_copied: bool = False) -> list[Any] | None:
         """A PUSH's reply: its arrays as frames, or through the worker's segment (its reply area; the centre
-        in the shard's segment), the header saying so."""
+        in the shard's segment, or in the reply area if the apply wrote it there: ``centre_copied``), the
+        header saying so."""
         if link is not None:
             header = dict(header, shm=True)
             if len(extra) == 1 and extra[0].shape == link.buffers[1].shape and extra[0].dtype == np.float32:
                 np.copyto(link.buffers[1], extra[0])
                 header["shm_arrays"], extra = 1, []
+            elif centre_copied and not extra:
+                header["shm_centre"] = 1
             return protocol.encode(header, extra)
         if pull:
             self._reply_with_centre(identity, header, extra, wire)

@@ -69,6 +69,40 @@ def test_shared_memory_and_frames_move_the_same_centre(pserver):
     assert shm.wait_gone(pids) == []
 
 
+def test_one_shard_hands_back_the_centre_in_the_reply_area(pserver):
+    """One shard: the new centre is read where the shard's apply wrote it (a read-only view), and it is the
+    centre, also while another worker's pushes move it in between."""
+    server = pserver("--shards", "1", "--workers", "2")
+    local, remote = Client(server.address, FAST), Client(server.address, ClientConfig(shared_memory=False))
+    try:
+        local.join("local")
+        assert local.init(initial(), LAYOUT)
+        remote.join("remote")
+        local.pull()
+        assert local.shared_memory == [True]
+        pids = shard_pids(local)
+        rng = np.random.default_rng(5)
+        expected = initial().copy()
+        area = local.delta_buffer()
+        for i in range(12):
+            d = rng.integers(-8, 9, LAYOUT.total).astype(np.float32)
+            remote.push(d)
+            expected += d
+            area[:] = rng.integers(-8, 9, LAYOUT.total).astype(np.float32)  # computed in the push area
+            expected += area
+            _, centre = local.push(area, pull=True)
+            assert not centre.flags.writeable
+            np.testing.assert_array_equal(centre, expected)
+            assert local.versions == [2 * (i + 1)]
+        np.testing.assert_array_equal(remote.pull(), expected)
+    finally:
+        local.close()
+        remote.close()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    assert shm.wait_gone(pids) == []
+
+
 CRASHER = """
 import os, signal, sys
 import numpy as np

@@ -16,22 +16,28 @@ def norm64(x):
     return float(np.sqrt(np.sum(np.asarray(x, np.float64) ** 2)))
 
 
+@pytest.mark.parametrize("copied", [False, True])
 @pytest.mark.parametrize("n", SIZES)
-def test_add(n):
+def test_add(n, copied):
     c, d = vectors(n)
-    out = np.empty_like(c)
-    finite, norm = kernels.add(c, d, out)
+    out, copy = np.empty_like(c), np.full_like(c, np.nan)
+    finite, norm = kernels.add(c, d, out, copy) if copied else kernels.add(c, d, out)
     np.testing.assert_array_equal(out, c + d)
+    if copied:  # the second output of the same pass (a co-located worker's reply area)
+        np.testing.assert_array_equal(copy, c + d)
     assert finite and norm == pytest.approx(norm64(d), rel=1e-12)
 
 
+@pytest.mark.parametrize("copied", [False, True])
 @pytest.mark.parametrize("n", SIZES)
-def test_add_scaled(n):
+def test_add_scaled(n, copied):
     c, d = vectors(n, 1)
-    out = np.empty_like(c)
+    out, copy = np.empty_like(c), np.full_like(c, np.nan)
     s = np.float32(1 / 12)
-    finite, norm = kernels.add_scaled(c, d, s, out)
+    finite, norm = kernels.add_scaled(c, d, s, out, copy) if copied else kernels.add_scaled(c, d, s, out)
     np.testing.assert_array_equal(out, c + s * d)
+    if copied:
+        np.testing.assert_array_equal(copy, c + s * d)
     assert finite and norm == pytest.approx(norm64(s * d), rel=1e-12)
 
 

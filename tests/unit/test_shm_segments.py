@@ -139,6 +139,8 @@ def test_a_push_through_shared_memory_is_applied_and_read_back(shard):
         assert reply.header["shm"] is True and reply.arrays == [] and reply.header["version"] == 1
         out = np.empty(N, np.float32)
         assert centre.read(out) == 1 and np.array_equal(out, np.arange(N, dtype=np.float32) + 2)
+        # the apply's pass also wrote the new centre into the worker's reply area, and the header says so
+        assert reply.header["shm_centre"] == 1 and np.array_equal(push.buffers[1], out)
         push.buffers[0][:] = out + 10  # elastic: W; E = ½(W − C) lands in the reply area
         reply = ask(shard, {"op": "PUSH", "worker": 1, "seq": 2, "pulled": 1, "mode": "elastic", "scale": 0.5,
                             "shm": r["push_token"]})
@@ -146,6 +148,35 @@ def test_a_push_through_shared_memory_is_applied_and_read_back(shard):
         # a TCP worker of the same shard still gets the centre as a frame (a copy)
         pulled = ask(shard, {"op": "PULL", "worker": 0})
         assert np.array_equal(pulled.arrays[0], np.arange(N, dtype=np.float32) + 7)
+    finally:
+        centre.close()
+        push.close()
+
+
+def test_the_centre_in_the_reply_area_is_claimed_only_when_the_apply_wrote_it(shard):
+    r = ask(shard, {"op": "SHM", "worker": 1}).header
+    centre = shm.CentreSegment.open(r["centre"], N, r["centre_token"])
+    push = shm.Segment.open(r["push"], N, r["push_token"])
+    push.unlink()
+    start = np.arange(N, dtype=np.float32)
+    head = {"op": "PUSH", "worker": 1, "pulled": 0, "pull": True, "shm": r["push_token"]}
+    try:
+        push.buffers[0][:] = 4.0
+        reply = ask(shard, {**head, "seq": 1, "mode": "scaled", "scale": 0.5}).header
+        assert reply["shm_centre"] == 1 and np.array_equal(push.buffers[1], start + 2)
+        reply = ask(shard, {**head, "seq": 2, "mode": "staleness", "scale": 1.0}).header  # pulled 0: staleness 1
+        assert reply["shm_centre"] == 1 and np.array_equal(push.buffers[1], start + 4)
+        push.buffers[1][:] = -1.0
+        retry = ask(shard, {**head, "seq": 2, "mode": "staleness", "scale": 1.0}).header
+        assert retry["applied"] is False and "shm_centre" not in retry  # not rewritten: read the centre's segment
+        out = np.empty(N, np.float32)
+        assert centre.read(out) == 2 and np.array_equal(out, start + 4)
+        push.buffers[0][:] = 1.0
+        assert "shm_centre" not in ask(shard, {**head, "seq": 3, "mode": "add", "pull": False}).header
+        push.buffers[0][3] = np.nan
+        refused = ask(shard, {**head, "seq": 4, "mode": "add"}).header
+        assert refused["code"] == "not_finite" and "shm_centre" not in refused
+        assert shard.version == 3 and np.array_equal(shard.centre.current, start + 5)
     finally:
         centre.close()
         push.close()
