@@ -57,11 +57,14 @@ def _process(cmd: list[str], ready: Path, log_path: Path, what: str, timeout_s: 
 
 
 @contextlib.contextmanager
-def pserver(*args: str, workers: int = 1, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`pserver start --port 0 --ready-file F ...` as a real process; yields its address."""
+def pserver(*args: str, workers: int = 1, timeout_s: float = 60.0, env: dict[str, str] | None = None,
+            prefix: Sequence[str] = ()) -> Iterator[str]:
+    """`pserver start --port 0 --ready-file F ...` as a real process; yields its address.
+
+    ``prefix``: what runs it (`bench._netns.run_in`: in another network namespace)."""
     with tempfile.TemporaryDirectory(prefix="notpu-bench-") as tmp:
         ready = Path(tmp) / "ready.json"
-        cmd = [sys.executable, "-m", "runner.pserver_cli", "start", "--port", "0", "--ready-file", str(ready),
+        cmd = [*prefix, sys.executable, "-m", "runner.pserver_cli", "start", "--port", "0", "--ready-file", str(ready),
                "--workers", str(workers), *args]
         with _process(cmd, ready, Path(tmp) / "pserver.log", "pserver", timeout_s, env) as info:
             yield info["address"]

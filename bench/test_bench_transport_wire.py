@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,12 @@ from pathlib import Path
 
 import pytest
 
-from bench._procs import QUICK, TALK_LAYOUT
+from bench import _netns as netns
+from bench._procs import QUICK, TALK_LAYOUT, pserver
 from runner.procs import kill_tree
 
 ROUNDS = 2 if QUICK else 5
-RATES = {"1gbit": "burst 1mb latency 100ms", "100mbit": "burst 256kb latency 400ms"}
 WIRES = ("float32", "float16", "bfloat16")
-NS, NET = ("notpu-wps", "notpu-ww"), "10.201.77"
 
 CLIENT = r"""
 import json, sys, time
@@ -64,66 +62,25 @@ c.close()
 """
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-def _usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
-    if not (shutil.which("ip") and shutil.which("tc")):
-        return "needs ip and tc"
-    return ""
-
-
-@pytest.mark.skipif(bool(_usable()), reason=_usable() or "ok")
+@pytest.mark.skipif(bool(netns.unusable()), reason=netns.unusable() or "ok")
 @pytest.mark.timeout(1800)
 def test_transport_half_precision_wire(benchmark) -> None:
-    ps_ns, w_ns = NS
-    for ns in NS:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    _sh("ip", "netns", "add", ps_ns)
-    _sh("ip", "netns", "add", w_ns)
-    server = None
-    try:
-        _sh("ip", "link", "add", "nwps0", "netns", ps_ns, "type", "veth", "peer", "name", "nww0", "netns", w_ns)
-        for ns, dev, ip in ((ps_ns, "nwps0", f"{NET}.1/24"), (w_ns, "nww0", f"{NET}.2/24")):
-            _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        tmp = Path(tempfile.mkdtemp(prefix="notpu-wire-"))
-        ready = tmp / "ready.json"
-        env = {**os.environ, "PYTHONPATH": os.getcwd()}
-        with open(tmp / "pserver.log", "wb") as log:
-            server = subprocess.Popen(["ip", "netns", "exec", ps_ns, sys.executable, "-m", "runner.pserver_cli", "start",
-                                       "--host", f"{NET}.1", "--insecure", "--port", "0", "--ready-file", str(ready),
-                                       "--workers", str(len(WIRES) * len(RATES))],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp / "pserver.log").read_text()[-2000:]
-            time.sleep(0.05)
-        address = json.loads(ready.read_text())["address"]
-
-        results: dict[str, dict[str, float]] = {}
+    env = {"PYTHONPATH": os.getcwd()}
+    results: dict[str, dict[str, float]] = {}
+    with netns.pair() as (ps_ns, w_ns), pserver("--host", netns.PS_HOST, "--insecure",
+                                                workers=len(WIRES) * len(netns.RATES), prefix=netns.run_in(ps_ns),
+                                                env=env) as address:
         first = True
-        for rate, shape in RATES.items():
-            for ns, dev in ((ps_ns, "nwps0"), (w_ns, "nww0")):
-                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                    *shape.split())
+        for rate in netns.RATES:
+            netns.shape(rate)
             for wire in WIRES:
-                out = subprocess.run(["ip", "netns", "exec", w_ns, sys.executable, "-c", CLIENT, address, str(ROUNDS),
-                                      wire, "1" if first else "0"], capture_output=True, text=True, env=env,
-                                     timeout=900)
+                out = subprocess.run([*netns.run_in(w_ns), sys.executable, "-c", CLIENT, address, str(ROUNDS), wire,
+                                      "1" if first else "0"], capture_output=True, text=True,
+                                     env={**os.environ, **env}, timeout=900)
                 assert out.returncode == 0, out.stderr[-3000:]
                 first = False
                 times = json.loads(out.stdout.strip().splitlines()[-1])["times"]
                 results.setdefault(rate, {})[wire] = sorted(times)[len(times) // 2]
-    finally:
-        if server is not None:
-            kill_tree(server)
-        for ns in NS:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
     info: dict[str, object] = {"floats": TALK_LAYOUT.total, "rounds": ROUNDS}
     for rate, by_wire in results.items():
@@ -139,24 +96,10 @@ def test_transport_half_precision_wire(benchmark) -> None:
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
-def _namespaces() -> None:
-    ps_ns, w_ns = NS
-    for ns in NS:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    _sh("ip", "netns", "add", ps_ns)
-    _sh("ip", "netns", "add", w_ns)
-    _sh("ip", "link", "add", "nwps0", "netns", ps_ns, "type", "veth", "peer", "name", "nww0", "netns", w_ns)
-    for ns, dev, ip in ((ps_ns, "nwps0", f"{NET}.1/24"), (w_ns, "nww0", f"{NET}.2/24")):
-        _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
-        _sh("ip", "-n", ns, "link", "set", dev, "up")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-@pytest.mark.skipif(bool(_usable()), reason=_usable() or "ok")
+@pytest.mark.skipif(bool(netns.unusable()), reason=netns.unusable() or "ok")
 @pytest.mark.skipif(QUICK, reason="three full trainings: not a smoke test (the wire's exchange is tested in tests/)")
 @pytest.mark.timeout(7200)
 def test_transport_wire_convergence(benchmark) -> None:
-    ps_ns, w_ns = NS
     tmp = Path(tempfile.mkdtemp(prefix="notpu-wire-auc-"))
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     events, data = tmp / "events.csv", tmp / "data"
@@ -167,37 +110,28 @@ def test_transport_wire_convergence(benchmark) -> None:
     for wire in WIRES:
         run = tmp / wire
         run.mkdir()
-        ready = run / "ready.json"
         procs: list[subprocess.Popen] = []
-        _namespaces()
-        try:
-            def start(ns: str, *args: str, log: str) -> subprocess.Popen:
-                with open(run / log, "wb") as f:
-                    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", *args], stdout=f,
-                                         stderr=subprocess.STDOUT, env=env)
-                procs.append(p)
-                return p
+        with netns.pair() as (ps_ns, w_ns), pserver("--host", netns.PS_HOST, "--insecure", "--exit-when-done",
+                                                    workers=2, prefix=netns.run_in(ps_ns), env=env) as address:
+            try:
+                def start(ns: str, *args: str, log: str) -> subprocess.Popen:
+                    with open(run / log, "wb") as f:
+                        p = subprocess.Popen([*netns.run_in(ns), sys.executable, "-m", *args], stdout=f,
+                                             stderr=subprocess.STDOUT, env=env)
+                    procs.append(p)
+                    return p
 
-            start(ps_ns, "runner.pserver_cli", "start", "--host", f"{NET}.1", "--insecure", "--port", "0",
-                  "--ready-file", str(ready), "--workers", "2", "--exit-when-done", log="pserver.log")
-            deadline = time.monotonic() + 60
-            while not ready.is_file():
-                assert time.monotonic() < deadline, (run / "pserver.log").read_text()[-2000:]
-                time.sleep(0.05)
-            address = json.loads(ready.read_text())["address"]
-            evaluator = start(ps_ns, "runner.worker_cli", "evaluate", "--ps", address, "--data", str(data),
-                              "--out", str(run / "out"), log="evaluator.log")
-            workers = [start(w_ns, "runner.worker_cli", "start", "--ps", address, "--data", str(data), "--wire", wire,
-                             "--threads", "1", "--seed", str(k), log=f"worker{k}.log") for k in range(2)]
-            for p in workers:
-                assert p.wait(3600) == 0, (run / "worker0.log").read_text()[-3000:]
-            assert evaluator.wait(600) == 0, (run / "evaluator.log").read_text()[-3000:]
-            aucs[wire] = json.loads((run / "out" / "summary.json").read_text())["test_auc"]
-        finally:
-            for p in procs:
-                kill_tree(p)
-            for ns in NS:
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                evaluator = start(ps_ns, "runner.worker_cli", "evaluate", "--ps", address, "--data", str(data),
+                                  "--out", str(run / "out"), log="evaluator.log")
+                workers = [start(w_ns, "runner.worker_cli", "start", "--ps", address, "--data", str(data), "--wire",
+                                 wire, "--threads", "1", "--seed", str(k), log=f"worker{k}.log") for k in range(2)]
+                for p in workers:
+                    assert p.wait(3600) == 0, (run / "worker0.log").read_text()[-3000:]
+                assert evaluator.wait(600) == 0, (run / "evaluator.log").read_text()[-3000:]
+                aucs[wire] = json.loads((run / "out" / "summary.json").read_text())["test_auc"]
+            finally:
+                for p in procs:
+                    kill_tree(p)
     info = {f"test_auc_{w}": round(a, 4) for w, a in aucs.items()}
     info.update({f"auc_{w}_minus_float32": round(aucs[w] - aucs["float32"], 4) for w in WIRES[1:]})
     info["target"] = "auc_float16 - auc_float32 >= -0.005"
