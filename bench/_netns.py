@@ -14,8 +14,11 @@ import shutil
 import subprocess
 from typing import Iterator
 
-#: tc tbf settings per rate: bursts and queues large enough that a 9.8 MB message is not dropped.
-RATES = {"1gbit": "burst 1mb latency 100ms", "100mbit": "burst 256kb latency 400ms"}
+#: tc tbf settings per rate: queues long enough that a 9.8 MB message is not dropped, and at 100 Mbit/s a
+#: burst small enough that a small model's exchange (235 KB at GRU 64) is held to the rate, not let through
+#: at once; a burst must hold the largest packet, so `pair` caps segmentation offload at GSO_MAX.
+RATES = {"1gbit": "burst 1mb latency 100ms", "100mbit": "burst 32kb latency 400ms"}
+GSO_MAX = 16384
 NS = ("notpu-wps", "notpu-ww")
 NET = "10.201.77"
 PS_HOST, W_HOST = f"{NET}.1", f"{NET}.2"
@@ -52,6 +55,7 @@ def pair() -> Iterator[tuple[str, str]]:
            "netns", w_ns)
         for ns, ip in ((ps_ns, PS_HOST), (w_ns, W_HOST)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", _DEVS[ns])
+            sh("ip", "-n", ns, "link", "set", "dev", _DEVS[ns], "gso_max_size", str(GSO_MAX))
             sh("ip", "-n", ns, "link", "set", _DEVS[ns], "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield ps_ns, w_ns
