@@ -522,12 +522,10 @@ class Shard:
         out = centre.scratch()
         # A co-located worker that asks for the centre back gets it in its reply area, written in the apply's pass.
         copy = push.link.buffers[1] if push.link is not None and push.pull and push.apply.copies else None
+        also = {} if copy is None else {"copy": copy}  # an apply that `copies` takes it; others are not asked
         t0 = time.perf_counter()
-        if copy is None:
-            finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out)
-        else:
-            finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out,
-                                                   copy=copy)
+        finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out,
+                                               **also)
         self.stats.apply_s += time.perf_counter() - t0
         if not finite:
             centre.discard(out)
