@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +134,7 @@ def test_transport_wire_convergence(benchmark) -> None:
     info = {f"test_auc_{w}": round(a, 4) for w, a in aucs.items()}
     info.update({f"auc_{w}_minus_float32": round(aucs[w] - aucs["float32"], 4) for w in WIRES[1:]})
     info["target"] = "auc_float16 - auc_float32 >= -0.005"
-    print(f"\nwire convergence, test AUC: " + ", ".join(f"{w} {a:.4f}" for w, a in aucs.items()))
+    print("\nwire convergence, test AUC: " + ", ".join(f"{w} {a:.4f}" for w, a in aucs.items()))
     info["within_target"] = all(aucs[w] - aucs["float32"] >= -0.005 for w in WIRES[1:])
     benchmark.extra_info.update(info)  # recorded, not asserted: one run per wire, and runs differ by more than 0.005
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
