@@ -96,7 +96,7 @@ def keras_reference(data: Path, out: Path, *, threads: int, epochs: int, hidden:
     OUT.log beside OUT.
     """
     cmd = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", str(threads),
-           "--epochs", str(epochs), "--hidden", str(hidden), "--interval-s", str(interval_s),
+           "--epochs", str(epochs), "--hidden", str(hidden), "--eval-interval-s", str(interval_s),
            "--started-at", str(time.time())]
     log_path = out.with_suffix(".log")
     with open(log_path, "wb") as log:

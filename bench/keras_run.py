@@ -4,7 +4,7 @@
 
 What a data scientist would write without notpu, on the same data, split,
 model, batches and local optimizer as a notpu worker (`runner.worker`). Like
-notpu's evaluator it scores the validation split every `--interval-s` and
+notpu's evaluator it scores the validation split every `--eval-interval-s` and
 appends {wall_s, samples, val_loss, val_auc} to RUN/history.jsonl (wall time
 from `--started-at`, the moment the driver started this process, so start-up
 counts on both sides); at the end it writes RUN/summary.json with the final
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--interval-s", type=float, default=3.0)
+    p.add_argument("--eval-interval-s", type=float, default=3.0)
     p.add_argument("--started-at", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             samples += len(rows)
             now = time.monotonic()
             train_s += now - t
-            if now - last_eval >= args.interval_s:
+            if now - last_eval >= args.eval_interval_s:
                 evaluate(samples)
                 last_eval = time.monotonic()
     wall_s = time.time() - started_at

@@ -117,7 +117,7 @@ def test_overhead_two_workers_talk(benchmark) -> None:
     hidden, data = (8, prepared(300, 30)) if QUICK else (512, prepared(2_000, 90, max_types=TALK_TYPES))
     with tempfile.TemporaryDirectory(prefix="notpu-talk-") as tmp:
         keras = [sys.executable, "-m", "bench.keras_run", "--data", str(data), "--out", f"{tmp}/keras", "--threads",
-                 str(THREADS), "--epochs", "1", "--hidden", str(hidden), "--interval-s", "1e9"]
+                 str(THREADS), "--epochs", "1", "--hidden", str(hidden), "--eval-interval-s", "1e9"]
         notpu = [sys.executable, "-m", "runner.cli", "train", str(data), "--out", f"{tmp}/notpu", "--workers", "2",
                  "--rule", "adag", "--epochs", "1", "--hidden", str(hidden), "--eval-interval-s", "1e9",
                  "--no-progress"]

@@ -117,7 +117,7 @@ class Job:
         self.first = {f"w{i}": self.start_worker(f"w{i}") for i in range(WORKERS)}
         self.evaluator = self._start("evaluator", [
             sys.executable, "-m", "runner.worker_cli", "evaluate", "--ps", self.address, "--data", str(self.data),
-            "--out", str(self.run), "--interval-s", "5", "--restore-best", "--threads", "1"])
+            "--out", str(self.run), "--eval-interval-s", "5", "--restore-best", "--threads", "1"])
         self.client = Client(self.address, ClientConfig(timeout_s=5.0, retries=3))
 
     def start_worker(self, name: str, rank: int | None = None) -> subprocess.Popen:

@@ -98,7 +98,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from models.baseline import BaselineConfig, baseline
 
-    result = baseline(BaselineConfig(data_dir=args.dir, n_jobs=args.jobs))
+    result = baseline(BaselineConfig(data_dir=args.dir, n_jobs=args.threads))
     print(f"baseline test AUC {result['test_auc']:.4f} (val {result['val_auc']:.4f}, "
           f"{result['best_iteration']} rounds) -> {args.dir}/baseline.json")
     return 0
@@ -121,53 +121,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add generate, prepare, baseline and predict to the `notpu` parser."""
+    """Add generate, prepare, baseline and predict to the `notpu` parser; defaults are the configs' fields."""
+    from models.baseline import BaselineConfig
+    from models.generate import GeneratorConfig as g
+    from models.generate_retail import RetailConfig
+    from models.prepare import ENGINES, PrepareConfig as r
+
     p = sub.add_parser("generate", help="write a synthetic MMO game log or retail purchase log with churners")
     p.add_argument("--kind", choices=("mmo", "retail"), default="mmo",
-                   help="mmo: game sessions (default); retail: BG/NBD purchases, visits, returns, email opens")
+                   help="mmo: game sessions; retail: BG/NBD purchases, visits, returns, email opens")
     p.add_argument("--players", type=int, required=True, help="players (mmo) or customers (retail) in the log")
-    p.add_argument("--days", type=int, default=None,
-                   help="observation days before the cut-off: mmo 90 (21 label days follow), retail 273 (273 follow)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--churn-rate", type=float, default=None, help="mmo only: share of churners (default 0.3)")
+    p.add_argument("--observation-days", dest="days", type=int, default=None,
+                   help=f"days before the cut-off (default: mmo {g.days}, {g.label_days} label days follow; "
+                        f"retail {RetailConfig.days}, {RetailConfig.label_days} follow)")
+    p.add_argument("--seed", type=int, default=g.seed, help="the same seed writes the same log")
+    p.add_argument("--churn-rate", type=float, default=None,
+                   help=f"mmo only: share of churners (default: {g.churn_rate:g})")
     p.add_argument("--signal", type=float, default=None,
-                   help="mmo only: strength of churners' fading patterns (0 = none, default 1)")
-    p.add_argument("--out", required=True, help="events.parquet or events.csv")
+                   help=f"mmo only: strength of churners' fading patterns (0: none; default: {g.signal:g})")
+    p.add_argument("--out", required=True, metavar="EVENTS", help="the log to write: a .parquet or .csv file")
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("prepare", help="event log -> X.npy, y.npy, ids.npy, spec.json")
-    p.add_argument("events", help="CSV or Parquet event log (--engine spark: also a directory, glob or URI)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--cutoff", help="ISO date (UTC); default: --label-days before the end of the log")
-    p.add_argument("--observation-days", type=int, default=90)
-    p.add_argument("--label-days", type=int, default=21)
-    p.add_argument("--session-type", default="connect", help="event type that marks a session")
-    p.add_argument("--min-sessions", type=int, default=2, help="churn = fewer sessions than this in the label window")
-    p.add_argument("--min-active-days", type=int, default=7, help="leave out customers with fewer active days")
-    p.add_argument("--max-types", type=int, default=50, help="kept types incl. 'other'")
+    p.add_argument("events", metavar="EVENTS",
+                   help="CSV or Parquet event log (--engine spark: also a directory, glob or URI)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared DIR to write (replaced atomically)")
+    p.add_argument("--cutoff", metavar="DATE", help="ISO date (UTC); default: --label-days before the end of the log")
+    p.add_argument("--observation-days", type=int, default=r.observation_days, help="days before the cut-off")
+    p.add_argument("--label-days", type=int, default=r.label_days,
+                   help="days after the cut-off in which a customer must come back")
+    p.add_argument("--session-type", default=r.session_type, help="event type that marks a session")
+    p.add_argument("--min-sessions", type=int, default=r.min_sessions,
+                   help="churn = fewer sessions than this in the label window")
+    p.add_argument("--min-active-days", type=int, default=r.min_active_days,
+                   help="leave out customers with fewer active days")
+    p.add_argument("--max-types", type=int, default=r.max_types, help="kept types incl. 'other'")
     p.add_argument("--bucket-days", type=_bucket_days, default="auto", metavar="N|auto",
                    help=f"days per time step; auto (default): 1 up to a {LONG_WINDOW_DAYS}-day window, "
                         f"{LONG_WINDOW_BUCKET_DAYS} beyond")
-    p.add_argument("--engine", default="local", metavar="local|spark",
-                   help="local (default): numpy on this machine; spark: Spark SQL, DIR written as parts/part-K "
+    p.add_argument("--engine", default=r.engine, choices=ENGINES,
+                   help="local: numpy on this machine; spark: Spark SQL, DIR written as parts/part-K "
                         "(pip install 'notpu[spark]', Java 17+)")
-    p.add_argument("--master", metavar="URL", help="--engine spark: Spark master (default local[*])")
-    p.add_argument("--parts", type=int, metavar="N",
+    p.add_argument("--master", default=r.master, metavar="URL", help="--engine spark: Spark master (default: local[*])")
+    p.add_argument("--parts", type=int, default=r.parts, metavar="N",
                    help="--engine spark: files under DIR/parts/, one per worker (default: Spark's parallelism)")
     _add_columns(p, from_spec=False)
     p.set_defaults(handler=cmd_prepare)
 
     p = sub.add_parser("baseline", help="LightGBM on period aggregates; writes DIR/baseline.json")
-    p.add_argument("dir", help="a directory written by `notpu prepare`")
-    p.add_argument("--jobs", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("dir", metavar="DIR", help="a prepared DIR (from `notpu prepare`)")
+    p.add_argument("--threads", type=int, default=BaselineConfig.n_jobs, help="LightGBM threads (0: all cores)")
     p.set_defaults(handler=cmd_baseline)
 
     p = sub.add_parser("predict", help="score new events with RUN/model.keras")
-    p.add_argument("model", help="RUN/model.keras")
-    p.add_argument("events", help="CSV or Parquet event log")
-    p.add_argument("--out", required=True, help="scores.csv (id,churn_probability)")
-    p.add_argument("--spec", help="spec.json (default: next to the model)")
-    p.add_argument("--cutoff", help="end of the observation window, ISO date (default: end of the log)")
+    p.add_argument("model", metavar="MODEL", help="RUN/model.keras")
+    p.add_argument("events", metavar="EVENTS", help="CSV or Parquet event log")
+    p.add_argument("--out", required=True, metavar="CSV", help="scores to write (id,churn_probability)")
+    p.add_argument("--spec", metavar="SPEC", help="DIR/spec.json (default: the one next to MODEL)")
+    p.add_argument("--cutoff", metavar="DATE", help="end of the observation window, ISO date (default: end of the log)")
     p.add_argument("--custom-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE (its registered custom layers) before loading the model; repeatable. "
                         "The modules the run recorded in RUN/summary.json are tried too")

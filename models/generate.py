@@ -66,7 +66,7 @@ class GeneratorConfig:
 def generate_events(cfg: GeneratorConfig) -> pa.Table:
     """Columns id (dictionary string), timestamp (int64 s), event_type (dictionary string), event_value (float64, null)."""
     if cfg.players < 1 or cfg.days < 1 or cfg.label_days < 1:
-        raise DataError("--players, --days and label days must be positive")
+        raise DataError("--players, --observation-days and label days must be positive")
     if not 0.0 <= cfg.churn_rate <= 1.0 or cfg.signal < 0:
         raise DataError("--churn-rate must be in [0, 1] and --signal >= 0")
     rng = np.random.default_rng(cfg.seed)

@@ -104,7 +104,7 @@ class RetailConfig:
 
 
 def check_config(cfg: RetailConfig) -> None:
-    for option, value in (("--players", cfg.customers), ("--days", cfg.days), ("label days", cfg.label_days)):
+    for option, value in (("--players", cfg.customers), ("--observation-days", cfg.days), ("label days", cfg.label_days)):
         if value < 1:
             raise DataError(f"{option} {value}: must be at least 1")
     if cfg.history_days < 0:

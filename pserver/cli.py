@@ -48,42 +48,107 @@ class RunOptions(Protocol):
         ...
 
 
+def package_version() -> str:
+    """The installed notpu's version, which `--version` prints on every notpu program."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("notpu")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _shown(value: Any, switch: bool) -> str | None:
+    """How help shows a default; None: nothing to show (no value, or an empty list)."""
+    if value is None or value is argparse.SUPPRESS or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if switch:
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help: the value the option was given, which is its config field's,
+    so no help text repeats a default by hand. Help that already speaks of its default ("default: the rule's")
+    is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # BooleanOptionalAction appends "(default: True)" itself; on/off reads better and is appended below
+        text = (action.help or "").replace(" (default: %(default)s)", "")
+        if not action.option_strings or action.required or "default" in text.lower():
+            return text
+        shown = _shown(action.default, switch=action.nargs == 0)
+        if shown is None:
+            return text
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class _SubParsers(argparse._SubParsersAction):
+    """Subcommands that take the program's common options (-v anywhere) and show their defaults."""
+
+    def __init__(self, *args: Any, common: argparse.ArgumentParser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", ()), self._common]
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
+def program_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser of a notpu program (notpu, pserver, worker) and its subcommands: -v/--verbose before or after
+    the subcommand, --version, and every default in --help."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    # A subcommand's -v sets verbose only when given (SUPPRESS), so it never resets a -v given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, action=_SubParsers, common=common)
+    return parser, sub
+
+
 def add_server_options(s: argparse.ArgumentParser) -> None:
     """`pserver start`'s options other than the run's; defaults are `ServerConfig`'s."""
     d = ServerConfig
-    s.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"the coordinator's port; 0 picks a free one (default {DEFAULT_PORT})")
-    s.add_argument("--shards", type=int, default=d.shards, help=f"shard processes (default {d.shards})")
+    s.add_argument("--host", default=d.host, help="address to bind")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="the coordinator's port; 0 picks a free one")
+    s.add_argument("--shards", type=int, default=d.shards, help="shard processes")
     s.add_argument("--workers", type=int, default=d.workers, help="world size: how many workers will join")
     s.add_argument("--max-message-mb", type=float, default=d.max_message_bytes / MIB,
                    help="ZeroMQ drops peers sending larger frames")
     s.add_argument("--max-delta-norm", type=float, default=d.max_delta_norm,
-                   help="refuse updates with a larger L2 norm (0: off)")
+                   help="refuse updates with a larger L2 norm; 0: off")
     s.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
-                   help="a synchronous round closes without missing workers after this long "
-                        f"(default {d.round_timeout_s:g})")
+                   help="a synchronous round closes without missing workers after this long")
     s.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
-                   help="declare a silent worker lost (0: never)")
-    s.add_argument("--ready-file", default=d.ready_file, help="write {address, pid} here as JSON once ready")
+                   help="declare a worker silent this long lost; 0: never")
+    s.add_argument("--ready-file", default=d.ready_file, metavar="FILE",
+                   help="write {address, pid} here as JSON once ready")
     s.add_argument("--exit-when-done", action="store_true", default=d.exit_when_done,
                    help="stop once every worker is done or lost")
     s.add_argument("--insecure", action="store_true", default=d.insecure,
                    help="allow binding a non-loopback address without keys")
-    s.add_argument("--keys", default=d.keys_dir, metavar="DIR",
-                   help="CurveZMQ: encrypt, and admit only the public keys in DIR/allowed (see `pserver keys`)")
-    s.add_argument("--checkpoint-dir", default=d.checkpoint_dir, metavar="DIR",
+    s.add_argument("--keys", default=d.keys_dir, metavar="KEYS",
+                   help="CurveZMQ keys directory: encrypt, and admit only the public keys in KEYS/allowed "
+                        "(see `pserver keys`)")
+    s.add_argument("--checkpoint-dir", default=d.checkpoint_dir, metavar="CHECKPOINTS",
                    help="shards save their slice here, the coordinator its state; a shard that dies is "
-                        "restarted from it, a whole server with --restore DIR")
+                        "restarted from it, a whole server with --restore CHECKPOINTS")
     s.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
-                   help=f"seconds between checkpoints (default {d.checkpoint_every_s:g})")
-    s.add_argument("--restore", default=d.restore, metavar="DIR",
-                   help="resume a lost server's run from its --checkpoint-dir DIR: the coordinator (ranks, model, "
+                   help="seconds between checkpoints; 0: no checkpoints")
+    s.add_argument("--restore", default=d.restore, metavar="CHECKPOINTS",
+                   help="resume a lost server's run from its --checkpoint-dir: the coordinator (ranks, model, "
                         "workers done and lost) and every shard, on the same --port, with the same options")
     s.add_argument("--max-delta-norm-factor", type=float, default=d.max_delta_norm_factor,
-                   help="refuse updates whose norm exceeds F × the running median of recent ones (0: off)")
+                   help="refuse updates whose norm exceeds F × the running median of recent ones; 0: off")
     s.add_argument("--max-staleness", type=int, default=d.max_staleness,
-                   help="SSP: a worker more than K updates ahead of the slowest live one waits (-1: off)")
+                   help="SSP: a worker more than K updates ahead of the slowest live one waits; -1: off")
     s.add_argument("--plugins", nargs="+", default=d.plugins, metavar="MODULE",
                    help="modules every shard imports that register shard-side applies (pserver.applies), "
                         "besides those of the run's rules")
@@ -125,9 +190,7 @@ class _RunJson:
 
 def build_parser(run_options: RunOptions | None = None, prog: str = "pserver") -> argparse.ArgumentParser:
     """`pserver`'s parser; `start` takes `run_options` (default: the run config as --run-json)."""
-    parser = argparse.ArgumentParser(prog=prog, description="notpu's ZeroMQ parameter server")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = program_parser(prog, "notpu's ZeroMQ parameter server")
 
     run_options = run_options or _RunJson()
     s = sub.add_parser("start", help="run a coordinator and its shards in the foreground")
@@ -136,14 +199,15 @@ def build_parser(run_options: RunOptions | None = None, prog: str = "pserver") -
     s.set_defaults(handler=cmd_start, run_options=run_options, start_parser=s)
 
     k = sub.add_parser("keys", help="create a server key pair and worker key pairs for --keys")
-    k.add_argument("dir", help="directory to create (server.key*, workers/, allowed/)")
-    k.add_argument("--workers", type=int, default=1, help="worker key pairs to create (default 1)")
+    k.add_argument("dir", metavar="KEYS", help="directory to create (server.key*, workers/, allowed/)")
+    k.add_argument("--workers", type=int, default=1, help="worker key pairs to create")
     k.set_defaults(handler=cmd_keys)
 
     t = sub.add_parser("stats", help="print per-shard versions, updates, bytes, refusals and staleness")
-    t.add_argument("address", help="the coordinator's host:port")
+    t.add_argument("address", metavar="HOST:PORT", help="the coordinator's address")
     t.add_argument("--json", action="store_true", help="print JSON")
-    t.add_argument("--timeout-s", type=float, default=5.0)
+    # a person waits at the prompt: shorter than a worker's ClientConfig.timeout_s, and tried twice
+    t.add_argument("--timeout-s", type=float, default=5.0, help="how long to wait for a reply, tried twice")
     t.set_defaults(handler=cmd_stats)
     return parser
 

@@ -22,7 +22,7 @@ epoch:
   refused as scalars per evaluation, at step = samples trained so far. Only
   scalars: no graph, histograms, images or profiles.
 
-Without callbacks, `notpu train` keeps the best centre (`--keep-last` keeps
+Without callbacks, `notpu train` keeps the best centre (`--no-restore-best` keeps
 the last); `fit()`, like Keras, keeps the last unless a callback asks.
 
 "Best" is the strictly best value of the one monitor; `min_delta` only
@@ -50,7 +50,7 @@ class CallbackSettings:
     early_stopping_patience: int | None = None  # evaluations without improvement; None: never stop early
     min_delta: float = 0.0  # an improvement must exceed this to reset the patience
     # RUN/model.keras and the test scores from the best centre of the run, not the last. On by default for
-    # `notpu train` (--keep-last turns it off): a centre is scored every few seconds, and the last one of an
+    # `notpu train` (--no-restore-best turns it off): a centre is scored every few seconds, and the last one of an
     # asynchronous run is one noisy step of many (ADAG, 10 epochs, 3 seeds on 20,000 retail customers and one on
     # 20,000 game players: the best evaluation's val AUC was 0.002-0.0035 above the last's). `fit()` follows Keras:
     # the last weights unless EarlyStopping(restore_best_weights=True) or ModelCheckpoint(save_best_only=True).

@@ -12,14 +12,12 @@ import sys
 from typing import Sequence
 
 from models.errors import DataError
-from pserver.cli import run_command
+from pserver.cli import program_parser, run_command
 from pserver.errors import NotpuError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="notpu", description="Churn prediction from event logs, trained on CPUs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = program_parser("notpu", "Churn prediction from event logs, trained on CPUs.")
     from models import cli as data_cli
     from runner import train_cli
 

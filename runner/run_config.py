@@ -62,24 +62,28 @@ class RunConfig:
         return {**{f.name: f.default for f in fields(cls)}, **run}
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options that describe the run; `pserver start` and `notpu train` share them. Defaults: `RunConfig`'s."""
+def add_run_options(p: argparse._ActionsContainer, *, data: argparse._ActionsContainer | None = None,
+                    model: argparse._ActionsContainer | None = None) -> None:
+    """Options that describe the run; `pserver start` and `notpu train` share them. Defaults: `RunConfig`'s.
+
+    The rule's options go to `p`; epochs and batch size to `data`, the GRU's width to `model` (argument groups
+    of `notpu train`'s help), each `p` if not given."""
     d = RunConfig
-    p.add_argument("--rule", default=d.rule, help=f"{', '.join(RULES)} (default {d.rule})")
+    data, model = data or p, model or p
+    p.add_argument("--rule", default=d.rule, help=f"the update rule: {', '.join(RULES)}")
     p.add_argument("--window", type=int, default=d.window,
                    help="λ, local steps between exchanges (default: the rule's)")
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="elastic coefficient of the EASGD family (default: the rule's)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--hidden", type=int, default=d.hidden,
-                   help=f"GRU width (default {d.hidden}; the talk's model: 512)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
                    help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
                         "it: ADAG × λ, the elastic rules and averaging × workers")
-    p.add_argument("--overlap", action="store_true",
+    p.add_argument("--overlap", action="store_true", default=d.overlap,
                    help="asynchronous rules: exchange in the background while the next window trains; the reply "
-                        "is applied one window late (default off)")
+                        "is applied one window late")
+    data.add_argument("--epochs", type=int, default=d.epochs, help="passes over each worker's part of the data")
+    data.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per local step")
+    model.add_argument("--hidden", type=int, default=d.hidden, help="GRU width; the talk's model: 512")
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:

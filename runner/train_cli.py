@@ -12,57 +12,73 @@ from runner.run_config import add_run_options
 def register(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig  # every default is the field's (runner.local imports no TensorFlow)
     t = sub.add_parser("train", help="train the GRU on one machine with N workers and a sharded parameter server")
-    t.add_argument("dir", help="a prepared DIR (from `notpu prepare`)")
-    t.add_argument("--out", required=True, help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
-    t.add_argument("--workers", type=int, default=d.workers, help=f"default {d.workers}")
-    t.add_argument("--shards", type=int, default=d.shards, help=f"default {d.shards}")
-    t.add_argument("--engine", choices=("local", "spark"), default=d.engine,
-                   help="where the workers run: child processes of this one (local), or Spark tasks (spark: the "
-                        f"server and the evaluator stay on this host, the driver; default {d.engine})")
-    t.add_argument("--master", default=d.master, metavar="URL",
-                   help="--engine spark: the Spark master (default: spark-submit's, else local[WORKERS,4])")
-    add_run_options(t)
-    t.add_argument("--model", default=d.model, metavar="MODULE:FUNCTION",
-                   help="your own Keras model: FUNCTION(steps, features) in MODULE returns it compiled "
-                        "(default: the GRU of width --hidden)")
-    t.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
-                   help="stop after N evaluations without improvement of --monitor")
-    t.add_argument("--keep-last", dest="restore_best", action="store_false", default=d.restore_best,
-                   help="model.keras and the test scores from the last centre of the run (default: from the "
-                        "evaluation with the best --monitor)")
-    t.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS), help=f"default {d.monitor}")
-    t.add_argument("--min-delta", type=float, default=d.min_delta,
-                   help=f"an improvement must exceed this to reset the patience (default {d.min_delta:g})")
-    t.add_argument("--tensorboard", default=d.tensorboard, metavar="DIR",
-                   help="write val AUC, val loss, samples/s, mean staleness and refused updates per evaluation as "
-                        "TensorBoard scalars to DIR")
-    t.add_argument("--threads", type=int, default=d.threads,
-                   help="TensorFlow threads per worker (default cores/workers)")
-    t.add_argument("--target-auc", type=float, default=d.target_auc, help="stop when val AUC reaches this")
-    t.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s, help=f"default {d.eval_interval_s:g}")
-    t.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
-                   help=f"a synchronous round closes without a dead worker after this (default {d.round_timeout_s:g})")
-    t.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
-                   help="a worker silent this long is declared lost; on Spark, a retried task then takes its rank "
-                        f"back (default {d.worker_timeout_s:g})")
-    t.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
-                   help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from its "
-                        f"checkpoint and the run goes on (0: no checkpoints; default {d.checkpoint_every_s:g})")
-    t.add_argument("--wire", default=d.wire, choices=list(precision.WIRE),
-                   help="precision of pushes and pulls between hosts (--engine spark), with error feedback; workers "
-                        f"on the server's host use shared memory (default {d.wire})")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--no-progress", action="store_true")
+    data = t.add_argument_group("data", "what the workers read, how often and in what order")
+    model = t.add_argument_group("model")
+    rule = t.add_argument_group("rule", "how the workers' updates reach the centre")
+    engine = t.add_argument_group("engine", "where the workers, shards and threads run")
+    fault = t.add_argument_group("fault tolerance", "when a worker or shard is declared lost, and what survives it")
+    output = t.add_argument_group("output", "what RUN receives, and when the run stops")
+
+    data.add_argument("dir", metavar="DIR", help="a prepared DIR (from `notpu prepare`)")
+    add_run_options(rule, data=data, model=model)
+    data.add_argument("--seed", type=int, default=d.seed, help="the workers' shuffling and the model's first weights")
+
+    model.add_argument("--model", default=d.model, metavar="MODULE:FUNCTION",
+                       help="your own Keras model: FUNCTION(steps, features) in MODULE returns it compiled "
+                            "(default: the GRU of width --hidden)")
+
+    engine.add_argument("--engine", choices=("local", "spark"), default=d.engine,
+                        help="where the workers run: child processes of this one (local), or Spark tasks (spark: "
+                             "the server and the evaluator stay on this host, the driver)")
+    engine.add_argument("--master", default=d.master, metavar="URL",
+                        help="--engine spark: the Spark master (default: spark-submit's, else local[WORKERS,4])")
+    engine.add_argument("--workers", type=int, default=d.workers, help="training processes (or Spark tasks)")
+    engine.add_argument("--shards", type=int, default=d.shards, help="parameter server shard processes")
+    engine.add_argument("--threads", type=int, default=d.threads,
+                        help="TensorFlow threads per worker (default: cores / workers)")
+    engine.add_argument("--wire", default=d.wire, choices=list(precision.WIRE),
+                        help="precision of pushes and pulls between hosts (--engine spark), with error feedback; "
+                             "workers on the server's host use shared memory")
+
+    fault.add_argument("--round-timeout-s", type=float, default=d.round_timeout_s,
+                       help="a synchronous round closes without a dead worker after this")
+    fault.add_argument("--worker-timeout-s", type=float, default=d.worker_timeout_s,
+                       help="a worker silent this long is declared lost; on Spark, a retried task then takes its "
+                            "rank back")
+    fault.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
+                       help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from "
+                            "its checkpoint and the run goes on; 0: no checkpoints")
+
+    output.add_argument("--out", required=True, metavar="RUN",
+                        help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
+    output.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s,
+                        help="seconds between evaluations of the centre on the validation split")
+    output.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS),
+                        help="what an evaluation is judged by: the best one is kept, and early stopping watches it")
+    output.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=d.restore_best,
+                        help="model.keras and the test scores from the evaluation with the best --monitor "
+                             "(--no-restore-best: from the last centre of the run)")
+    output.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
+                        help="stop after N evaluations without improvement of --monitor")
+    output.add_argument("--min-delta", type=float, default=d.min_delta,
+                        help="an improvement must exceed this to reset the patience")
+    output.add_argument("--target-auc", type=float, default=d.target_auc, help="stop when val AUC reaches this")
+    output.add_argument("--tensorboard", default=d.tensorboard, metavar="LOGDIR",
+                        help="write val AUC, val loss, samples/s, mean staleness and refused updates per "
+                             "evaluation as TensorBoard scalars to LOGDIR")
+    output.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
+                        help="a progress bar on the terminal")
     t.set_defaults(handler=cmd_train)
 
     from runner.demo import DemoConfig as m  # its defaults
 
     d = sub.add_parser("demo", help="generate, prepare, baseline, train and report, in a few minutes")
-    d.add_argument("--out", default=m.out, help=f"default {m.out}")
-    d.add_argument("--players", type=int, default=m.players, help=f"default {m.players}")
-    d.add_argument("--seed", type=int, default=m.seed)
-    d.add_argument("--epochs", type=int, default=m.epochs, help=f"default {m.epochs}")
-    d.add_argument("--hidden", type=int, default=m.hidden, help=f"default {m.hidden}")
+    d.add_argument("--out", default=m.out, metavar="DEMO",
+                   help="directory for the events, the prepared data, the run and the report")
+    d.add_argument("--players", type=int, default=m.players, help="players in the generated log")
+    d.add_argument("--seed", type=int, default=m.seed, help="the log's, and so the whole demo's")
+    d.add_argument("--epochs", type=int, default=m.epochs, help="passes over each worker's part of the data")
+    d.add_argument("--hidden", type=int, default=m.hidden, help="GRU width")
     d.set_defaults(handler=cmd_demo)
 
 
@@ -76,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
         learning_rate=args.learning_rate, overlap=args.overlap, wire=args.wire, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
-        worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=not args.no_progress, seed=args.seed, model=args.model,
+        worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=args.progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
         restore_best=args.restore_best, tensorboard=args.tensorboard, engine=args.engine,
         master=args.master)

@@ -1,7 +1,7 @@
 """`worker`: join a parameter server and train, or watch the centre and evaluate.
 
-    worker start --ps HOST:PORT --data DIR [--threads T] [--keys DIR [--key NAME]]
-    worker evaluate --ps HOST:PORT --data DIR --out RUN [--target-auc A] [--keys DIR [--key NAME]]
+    worker start --ps HOST:PORT --data DIR [--threads T] [--keys KEYS [--key NAME]]
+    worker evaluate --ps HOST:PORT --data DIR --out RUN [--target-auc A] [--keys KEYS [--key NAME]]
     worker start --config-json '{"ps": ..., "data_dir": ...}'   (a WorkerConfig; how notpu train starts them)
 
 Thread counts are set before TensorFlow is imported.
@@ -17,7 +17,7 @@ from typing import Sequence
 
 from models.errors import DataError
 from pserver import precision
-from pserver.cli import run_command
+from pserver.cli import program_parser, run_command
 from pserver.errors import ConfigError, NotpuError
 from pserver.server import config_from_json
 from runner.callbacks import MONITORS
@@ -27,53 +27,53 @@ from runner.worker import WorkerConfig, configure_threads
 
 def build_parser() -> argparse.ArgumentParser:
     w, e = WorkerConfig, EvaluatorConfig  # every default is the field's
-    parser = argparse.ArgumentParser(prog="worker", description="a notpu training worker")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = program_parser("worker", "a notpu training worker")
     s = sub.add_parser("start", help="join the parameter server at --ps and train on this host")
-    s.add_argument("--ps", help="the coordinator's host:port (required)")
-    s.add_argument("--data", help="a prepared DIR (X.npy, y.npy, ...) on this host (required)")
+    s.add_argument("--ps", metavar="HOST:PORT", help="the coordinator's address (required)")
+    s.add_argument("--data", metavar="DIR", help="a prepared DIR (X.npy, y.npy, ...) on this host (required)")
     # 0: all cores, for a person starting one worker per host; `WorkerConfig.threads` (1) is for programs,
     # which pass cores / workers (notpu train).
     s.add_argument("--threads", type=int, default=0, help="TensorFlow threads (default: all cores)")
-    s.add_argument("--name", default=w.name, help="shown in `pserver stats` (default host:pid)")
-    s.add_argument("--rank", type=int, default=w.rank, help="rejoin with this rank after a restart")
-    s.add_argument("--keys", default=w.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
+    s.add_argument("--name", default=w.name, help="shown in `pserver stats` (default: host:pid)")
+    s.add_argument("--rank", type=int, default=w.rank, help="rejoin with this rank after a restart (-1: the next free one)")
+    s.add_argument("--keys", default=w.keys_dir, metavar="KEYS", help="CurveZMQ keys directory (see `pserver keys`)")
     s.add_argument("--key", default=w.key_name, metavar="NAME",
                    help="use the key pair NAME (workers/NAME.key_secret) in --keys (default: the only or first one)")
-    s.add_argument("--seed", type=int, default=w.seed)
+    s.add_argument("--seed", type=int, default=w.seed, help="the worker's shuffling and the model's first weights")
     s.add_argument("--server-wait-s", type=float, default=w.server_wait_s,
-                   help="how long to wait for a lost server to come back (pserver start --restore) before giving "
-                        f"up (default {w.server_wait_s:g})")
+                   help="how long to wait for a lost server to come back (pserver start --restore) before giving up")
     s.add_argument("--wire", default=w.wire, choices=list(precision.WIRE),
-                   help="pushes and pulls to shards on other hosts in 16 bits, with error feedback "
-                        f"(default {w.wire})")
+                   help="precision of pushes and pulls to shards on other hosts, with error feedback")
     s.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole WorkerConfig as one JSON object, instead of the other options (notpu train)")
     s.set_defaults(handler=cmd_start, sub_parser=s)
 
     v = sub.add_parser("evaluate", help="pull the centre every few seconds, log val AUC, save the final model")
-    v.add_argument("--ps", help="the coordinator's host:port (required)")
-    v.add_argument("--data", help="a prepared DIR (required)")
-    v.add_argument("--out", help="RUN directory for history.jsonl, model.keras, summary.json (required)")
-    v.add_argument("--interval-s", type=float, default=e.interval_s)
+    v.add_argument("--ps", metavar="HOST:PORT", help="the coordinator's address (required)")
+    v.add_argument("--data", metavar="DIR", help="a prepared DIR (required)")
+    v.add_argument("--out", metavar="RUN", help="RUN directory for history.jsonl, model.keras, summary.json (required)")
+    v.add_argument("--eval-interval-s", type=float, default=e.interval_s,
+                   help="seconds between evaluations of the centre on the validation split")
     v.add_argument("--target-auc", type=float, default=e.target_auc, help="stop the run when val AUC reaches this")
     v.add_argument("--started-at", type=float, default=e.started_at, help=argparse.SUPPRESS)
     v.add_argument("--finish-file", default=e.finish_file, help=argparse.SUPPRESS)
     v.add_argument("--early-stopping-patience", type=int, default=e.early_stopping_patience, metavar="N",
                    help="stop the run after N evaluations without improvement of --monitor")
-    v.add_argument("--monitor", default=e.monitor, choices=sorted(MONITORS), help=f"default {e.monitor}")
-    v.add_argument("--min-delta", type=float, default=e.min_delta)
+    v.add_argument("--monitor", default=e.monitor, choices=sorted(MONITORS),
+                   help="what an evaluation is judged by: the best one is kept, and early stopping watches it")
+    v.add_argument("--min-delta", type=float, default=e.min_delta,
+                   help="an improvement must exceed this to reset the patience")
     v.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=e.restore_best,
-                   help="model.keras and the test scores from the best centre of the run, not the last "
-                        f"(default {'on' if e.restore_best else 'off'})")
-    v.add_argument("--tensorboard", default=e.tensorboard, metavar="DIR", help="TensorBoard scalars per evaluation")
-    v.add_argument("--threads", type=int, default=EVALUATOR_THREADS)
+                   help="model.keras and the test scores from the evaluation with the best --monitor "
+                        "(--no-restore-best: from the last centre of the run)")
+    v.add_argument("--tensorboard", default=e.tensorboard, metavar="LOGDIR",
+                   help="TensorBoard scalars per evaluation, to LOGDIR")
+    v.add_argument("--threads", type=int, default=EVALUATOR_THREADS, help="TensorFlow threads")
     v.add_argument("--server-wait-s", type=float, default=e.server_wait_s,
-                   help=f"how long to wait for a lost server to come back (default {e.server_wait_s:g})")
-    v.add_argument("--keys", default=e.keys_dir, help="CurveZMQ keys DIR (see `pserver keys`)")
+                   help="how long to wait for a lost server to come back (pserver start --restore) before giving up")
+    v.add_argument("--keys", default=e.keys_dir, metavar="KEYS", help="CurveZMQ keys directory (see `pserver keys`)")
     v.add_argument("--key", default=e.key_name, metavar="NAME",
-                   help="the key pair NAME in --keys (default: the first one)")
+                   help="the key pair NAME in --keys (default: the only or first one)")
     v.add_argument("--config-json", default=None, metavar="JSON",
                    help="the whole EvaluatorConfig as one JSON object, instead of the other options (notpu train)")
     v.set_defaults(handler=cmd_evaluate, sub_parser=v)
@@ -117,7 +117,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _from_options(args, EvaluatorConfig, allowed=("threads",), ps=args.ps, data_dir=args.data, out_dir=args.out,
-                        interval_s=args.interval_s, target_auc=args.target_auc, started_at=args.started_at,
+                        interval_s=args.eval_interval_s, target_auc=args.target_auc, started_at=args.started_at,
                         finish_file=args.finish_file, keys_dir=args.keys, key_name=args.key,
                         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor,
                         min_delta=args.min_delta, restore_best=args.restore_best, tensorboard=args.tensorboard,

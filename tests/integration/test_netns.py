@@ -251,7 +251,7 @@ def test_workers_in_other_namespaces_train_over_a_lossy_link(namespaces, tmp_pat
             procs.append(in_ns(ns, "-m", "runner.worker_cli", "start", "--ps", address, "--data", str(data),
                                "--threads", "1", "--keys", keys, "--key", key, "--name", name, **quiet(name)))
         procs.append(in_ns(names["ps"], "-m", "runner.worker_cli", "evaluate", "--ps", address, "--data", str(data),
-                           "--out", str(run), "--interval-s", "2", "--keys", keys, **quiet("evaluator")))
+                           "--out", str(run), "--eval-interval-s", "2", "--keys", keys, **quiet("evaluator")))
         assert [p.wait(240) for p in procs[1:]] == [0, 0, 0], (tmp_path / "w2.log").read_text()[-2000:]
         assert procs[0].wait(60) == 0  # --exit-when-done: both workers said DONE
     finally:

@@ -407,7 +407,7 @@ def test_whole_server_killed_mid_run_and_restored_finishes_the_run(fading_data, 
         workers = [start(name, [*cli, "start", "--ps", address, "--data", str(fading_data), "--threads", "1",
                                 "--name", name], stdout=subprocess.PIPE, text=True) for name in ("hostA", "hostB")]
         evaluator = start("evaluator", [*cli, "evaluate", "--ps", address, "--data", str(fading_data), "--out",
-                                        str(run), "--interval-s", "1"], stdout=subprocess.DEVNULL)
+                                        str(run), "--eval-interval-s", "1"], stdout=subprocess.DEVNULL)
 
         # mid-run: both workers joined, and a checkpoint after some updates on every shard
         wait_for(lambda: len(coordinator_state().get("workers", [])) == 2 and min(checkpointed()) >= 6, 180,

@@ -88,7 +88,7 @@ def keras_reference(prepared: dict[str, Path], tmp_path_factory: pytest.TempPath
         for seed in KERAS_SEEDS:
             out = root / f"{kind}-{seed}"
             _cli("-m", "bench.keras_run", "--data", str(data), "--out", str(out), "--threads", "2",
-                 "--interval-s", "1000", "--seed", str(seed), *COMMON)
+                 "--eval-interval-s", "1000", "--seed", str(seed), *COMMON)
             runs.append(json.loads((out / "summary.json").read_text()))
         refs[kind] = min(runs, key=_score)
     return refs

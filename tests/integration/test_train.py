@@ -62,7 +62,7 @@ def test_pserver_and_two_worker_processes_finish_a_run(pserver, fading, tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     workers = [worker("hostA", "worker0"), worker("hostB", "worker1")]
     evaluator = subprocess.Popen([sys.executable, "-m", "runner.worker_cli", "evaluate", "--ps", server.address,
-                                  "--data", str(fading), "--out", str(run), "--interval-s", "1", "--keys", str(keys)],
+                                  "--data", str(fading), "--out", str(run), "--eval-interval-s", "1", "--keys", str(keys)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         reports = []
@@ -165,18 +165,18 @@ def test_nan_local_loss_pulls_the_centre_and_shows_in_history(tmp_path, overlap)
     """Two training rows whose values overflow BatchNorm: every batch holding one has a NaN loss.
     With --overlap, the exchange in flight at a NaN lands before the worker pulls the centre; that run also
     asks for a bfloat16 wire, which reaches the workers (beside the shards they exchange through shared memory),
-    and keeps the last centre (--keep-last), where the default keeps the best evaluation's."""
+    and keeps the last centre (--no-restore-best), where the default keeps the best evaluation's."""
     data = write_fading(tmp_path / "poisoned")
     X = np.load(data / "X.npy")
     X[split_indices(len(X)).train[[3, 300]]] = 3e38  # one in each worker's partition
     np.save(data / "X.npy", X)
     run = tmp_path / "run"
     out = notpu("train", str(data), "--out", str(run), "--workers", "2", "--rule", "downpour", *TINY,
-                *(["--overlap", "--wire", "bfloat16", "--keep-last"] if overlap else []))
+                *(["--overlap", "--wire", "bfloat16", "--no-restore-best"] if overlap else []))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     aucs = [json.loads(line)["val_auc"] for line in (run / "history.jsonl").read_text().splitlines()]
-    if overlap:  # --keep-last: model.keras and the test scores are the last centre's
+    if overlap:  # --no-restore-best: model.keras and the test scores are the last centre's
         assert summary.get("best", {"model": "final"})["model"] == "final"
     else:  # by default, the centre of the evaluation with the best val AUC
         assert summary["best"]["model"] == "best" and summary["val_auc"] == pytest.approx(max(aucs), abs=1e-4)

@@ -98,7 +98,7 @@ def test_twenty_thousand_customers_in_seconds() -> None:
 def test_bad_config_is_refused() -> None:
     with pytest.raises(DataError, match="--players 0: must be at least 1"):
         generate_retail_events(RetailConfig(customers=0))
-    with pytest.raises(DataError, match="--days -3"):
+    with pytest.raises(DataError, match="--observation-days -3"):
         generate_retail_events(RetailConfig(customers=10, days=-3))
     with pytest.raises(DataError, match="Beta parameters must be positive"):
         generate_retail_events(RetailConfig(customers=10, a=0.0))
@@ -118,7 +118,7 @@ def test_cli_refuses_mmo_options_for_retail(tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_writes_retail_csv_and_maps_days(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "events.csv"
-    args = ["generate", "--kind", "retail", "--players", "200", "--days", "100", "--seed", "3", "--out", str(out)]
+    args = ["generate", "--kind", "retail", "--players", "200", "--observation-days", "100", "--seed", "3", "--out", str(out)]
     assert main(args) == 0
     assert "of 200 customers over 100+273 days" in capsys.readouterr().out
     df = pd.read_csv(out)

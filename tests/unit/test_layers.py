@@ -130,7 +130,7 @@ def test_notpu_train_defaults_are_train_config_defaults():
 
     train = _field_defaults(TrainConfig)
     got = _defaults(_subparser(build_parser(), "train"))
-    for option in ("dir", "out", "no_progress"):
+    for option in ("dir", "out"):
         got.pop(option)
     assert got, "no options read"
     for option, value in got.items():
@@ -201,7 +201,7 @@ def test_worker_defaults_are_the_config_defaults():
     from runner.worker_cli import EVALUATOR_THREADS, build_parser
 
     parser = build_parser()
-    names = {"data": "data_dir", "out": "out_dir", "keys": "keys_dir", "key": "key_name"}
+    names = {"data": "data_dir", "out": "out_dir", "keys": "keys_dir", "key": "key_name", "eval_interval_s": "interval_s"}
     for command, cls in (("start", WorkerConfig), ("evaluate", EvaluatorConfig)):
         got = _defaults(_subparser(parser, command))
         assert got.pop("config_json") is None
