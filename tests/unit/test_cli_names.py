@@ -151,12 +151,22 @@ def test_one_flag_per_concept_across_the_programs():
 
 
 def test_one_metavar_per_kind_of_value():
+    """Each listed place shows its kind's metavar, and a metavar of the table appears elsewhere only on a flag
+    that carries that kind in a listed place (another command's --keys is KEYS too); an --out elsewhere is not
+    enough: each command's --out names what it writes."""
     seen: dict[str, set[tuple[str, str, str]]] = {}
+    flag_at: dict[tuple[str, str, str], str] = {}
     for program, command, _, action in _walk():
+        place = (program, command, action.dest)
+        flag_at[place] = action.option_strings[0] if action.option_strings else ""
         if isinstance(action.metavar, str):
-            seen.setdefault(action.metavar, set()).add((program, command, action.dest))
+            seen.setdefault(action.metavar, set()).add(place)
     for metavar, places in CANONICAL_METAVARS.items():
-        assert seen.get(metavar, set()) == set(places), metavar
+        got = seen.get(metavar, set())
+        assert set(places) <= got, f"{metavar}: missing at {sorted(set(places) - got)}"
+        flags = {flag_at[p] for p in places} - {"", "--out"}
+        stray = sorted(p for p in got - set(places) if flag_at[p] not in flags)
+        assert not stray, f"{metavar} used for something else at {stray}"
 
 
 def test_a_flag_takes_the_same_values_wherever_it_appears():
