@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("mmo", "retail"), default="mmo",
                    help="mmo: game sessions; retail: BG/NBD purchases, visits, returns, email opens")
     p.add_argument("--players", type=int, required=True, help="players (mmo) or customers (retail) in the log")
-    p.add_argument("--observation-days", dest="days", type=int, default=None,
+    p.add_argument("--observation-days", dest="days", type=int, default=None, metavar="DAYS",
                    help=f"days before the cut-off (default: mmo {g.days}, {g.label_days} label days follow; "
                         f"retail {RetailConfig.days}, {RetailConfig.label_days} follow)")
     p.add_argument("--seed", type=int, default=g.seed, help="the same seed writes the same log")
@@ -147,8 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CSV or Parquet event log (--engine spark: also a directory, glob or URI)")
     p.add_argument("--out", required=True, metavar="DIR", help="the prepared DIR to write (replaced atomically)")
     p.add_argument("--cutoff", metavar="DATE", help="ISO date (UTC); default: --label-days before the end of the log")
-    p.add_argument("--observation-days", type=int, default=r.observation_days, help="days before the cut-off")
-    p.add_argument("--label-days", type=int, default=r.label_days,
+    p.add_argument("--observation-days", type=int, default=r.observation_days, metavar="DAYS",
+                   help="days before the cut-off")
+    p.add_argument("--label-days", type=int, default=r.label_days, metavar="DAYS",
                    help="days after the cut-off in which a customer must come back")
     p.add_argument("--session-type", default=r.session_type, help="event type that marks a session")
     p.add_argument("--min-sessions", type=int, default=r.min_sessions,

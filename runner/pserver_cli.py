@@ -1,7 +1,7 @@
 """`pserver`: start a parameter server, or read its statistics (the `pserver` console script).
 
     pserver start --port 5555 --shards 2 --workers 4 --rule adag
-    pserver keys DIR --workers 4
+    pserver keys KEYS --workers 4
     pserver stats 127.0.0.1:5555 [--json]
 
 The parser is `pserver.cli`'s, with the run options (--rule, --window,

@@ -177,7 +177,8 @@ def test_a_flag_takes_the_same_values_wherever_it_appears():
         for flag in action.option_strings:
             if flag == "--out":
                 continue
-            shape = (action.metavar, action.type, tuple(action.choices or ()), action.nargs)
+            shown = action.metavar or action.dest.upper()  # as --help prints it
+            shape = (shown, action.type, tuple(action.choices or ()), action.nargs)
             by_flag.setdefault(flag, {}).setdefault(shape, []).append(f"{program} {command}")
     differ = {flag: shapes for flag, shapes in by_flag.items() if len(shapes) > 1}
     assert not differ, differ
