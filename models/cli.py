@@ -161,8 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"days per time step; auto (default): 1 up to a {LONG_WINDOW_DAYS}-day window, "
                         f"{LONG_WINDOW_BUCKET_DAYS} beyond")
     p.add_argument("--engine", default=r.engine, choices=ENGINES,
-                   help="local: numpy on this machine; spark: Spark SQL, DIR written as parts/part-K "
-                        "(pip install 'notpu[spark]', Java 17+)")
+                   help="local: numpy on this machine; spark: Spark SQL, DIR written as parts/part-K, which needs "
+                        "pip install 'notpu[spark]' and Java 17+")
     p.add_argument("--master", default=r.master, metavar="URL", help="--engine spark: Spark master (default: local[*])")
     p.add_argument("--parts", type=int, default=r.parts, metavar="N",
                    help="--engine spark: files under DIR/parts/, one per worker (default: Spark's parallelism)")
@@ -171,7 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("baseline", help="LightGBM on period aggregates; writes DIR/baseline.json")
     p.add_argument("dir", metavar="DIR", help="a prepared DIR (from `notpu prepare`)")
-    p.add_argument("--threads", type=int, default=BaselineConfig.n_jobs, help="LightGBM threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=BaselineConfig.n_jobs, help="LightGBM threads; 0: all cores")
     p.set_defaults(handler=cmd_baseline)
 
     p = sub.add_parser("predict", help="score new events with RUN/model.keras")

@@ -28,11 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "(default: the GRU of width --hidden)")
 
     engine.add_argument("--engine", choices=("local", "spark"), default=d.engine,
-                        help="where the workers run: child processes of this one (local), or Spark tasks (spark: "
-                             "the server and the evaluator stay on this host, the driver)")
+                        help="where the workers run; local: child processes of this one; spark: Spark tasks, with the "
+                             "server and the evaluator on this host, the driver")
     engine.add_argument("--master", default=d.master, metavar="URL",
                         help="--engine spark: the Spark master (default: spark-submit's, else local[WORKERS,4])")
-    engine.add_argument("--workers", type=int, default=d.workers, help="training processes (or Spark tasks)")
+    engine.add_argument("--workers", type=int, default=d.workers, help="training processes, or Spark tasks")
     engine.add_argument("--shards", type=int, default=d.shards, help="parameter server shard processes")
     engine.add_argument("--threads", type=int, default=d.threads,
                         help="TensorFlow threads per worker (default: cores / workers)")
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="what an evaluation is judged by: the best one is kept, and early stopping watches it")
     output.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=d.restore_best,
                         help="model.keras and the test scores from the evaluation with the best --monitor "
-                             "(--no-restore-best: from the last centre of the run)")
+                             "; --no-restore-best: from the last centre of the run")
     output.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
                         help="stop after N evaluations without improvement of --monitor")
     output.add_argument("--min-delta", type=float, default=d.min_delta,

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     # which pass cores / workers (notpu train).
     s.add_argument("--threads", type=int, default=0, help="TensorFlow threads (default: all cores)")
     s.add_argument("--name", default=w.name, help="shown in `pserver stats` (default: host:pid)")
-    s.add_argument("--rank", type=int, default=w.rank, help="rejoin with this rank after a restart (-1: the next free one)")
+    s.add_argument("--rank", type=int, default=w.rank, help="rejoin with this rank after a restart; -1: the next free one")
     s.add_argument("--keys", default=w.keys_dir, metavar="KEYS", help="CurveZMQ keys directory (see `pserver keys`)")
     s.add_argument("--key", default=w.key_name, metavar="NAME",
                    help="use the key pair NAME (workers/NAME.key_secret) in --keys (default: the only or first one)")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an improvement must exceed this to reset the patience")
     v.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=e.restore_best,
                    help="model.keras and the test scores from the evaluation with the best --monitor "
-                        "(--no-restore-best: from the last centre of the run)")
+                        "; --no-restore-best: from the last centre of the run")
     v.add_argument("--tensorboard", default=e.tensorboard, metavar="LOGDIR",
                    help="TensorBoard scalars per evaluation, to LOGDIR")
     v.add_argument("--threads", type=int, default=EVALUATOR_THREADS, help="TensorFlow threads")
