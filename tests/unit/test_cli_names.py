@@ -262,3 +262,20 @@ def test_train_options_are_in_six_groups():
     assert {a.dest for a in groups["rule"]._group_actions} >= {"rule", "window", "alpha", "learning_rate"}
     assert {a.dest for a in groups["fault tolerance"]._group_actions} >= {"worker_timeout_s", "checkpoint_every_s"}
     assert {a.dest for a in groups["output"]._group_actions} >= {"out", "restore_best", "tensorboard", "progress"}
+
+
+def test_verbose_after_the_subcommand_is_no_option_beside_config_json(tmp_path):
+    """`-v` after the subcommand is the program's, not a setting --config-json would have to carry."""
+    from pserver.cli import start_config
+    from pserver.server import ServerConfig
+    from runner.local import _json
+    from runner.worker import WorkerConfig
+    from runner.worker_cli import _from_options
+
+    programs = _programs()
+    cfg = WorkerConfig(ps="127.0.0.1:1", data_dir=str(tmp_path), threads=2, seed=3)
+    args = programs["worker"].parse_args(["start", "--config-json", _json(cfg), "-v"])
+    assert args.verbose and _from_options(args, WorkerConfig) == cfg
+    doc = ServerConfig(workers=2, run={"rule": "downpour"}).to_json()
+    args = programs["pserver"].parse_args(["start", "--config-json", doc, "-v"])
+    assert args.verbose and start_config(args) == ServerConfig.from_json(doc)
