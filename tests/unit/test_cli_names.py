@@ -268,13 +268,13 @@ def test_verbose_after_the_subcommand_is_no_option_beside_config_json(tmp_path):
     """`-v` after the subcommand is the program's, not a setting --config-json would have to carry."""
     from pserver.cli import start_config
     from pserver.server import ServerConfig
-    from runner.local import _json
+    from runner.launcher import child_json
     from runner.worker import WorkerConfig
     from runner.worker_cli import _from_options
 
     programs = _programs()
     cfg = WorkerConfig(ps="127.0.0.1:1", data_dir=str(tmp_path), threads=2, seed=3)
-    args = programs["worker"].parse_args(["start", "--config-json", _json(cfg), "-v"])
+    args = programs["worker"].parse_args(["start", "--config-json", child_json(cfg), "-v"])
     assert args.verbose and _from_options(args, WorkerConfig) == cfg
     doc = ServerConfig(workers=2, run={"rule": "downpour"}).to_json()
     args = programs["pserver"].parse_args(["start", "--config-json", doc, "-v"])
