@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from optimizers import RECOMMENDED_RULE, RULES, SHARD_PLUGINS, rule_config
+from optimizers.base import BASE_LEARNING_RATE
 from pserver.errors import ConfigError
 
 
@@ -68,7 +69,7 @@ def add_run_options(p: argparse._ActionsContainer, *, data: argparse._ActionsCon
 
     The rule's options go to `p`; epochs and batch size to `data`, the GRU's width to `model` (argument groups
     of `notpu train`'s help), each `p` if not given."""
-    d = RunConfig
+    d, rate = RunConfig, BASE_LEARNING_RATE
     data, model = data or p, model or p
     p.add_argument("--rule", default=d.rule, help=f"the update rule: {', '.join(RULES)}")
     p.add_argument("--window", type=int, default=d.window,
@@ -76,8 +77,8 @@ def add_run_options(p: argparse._ActionsContainer, *, data: argparse._ActionsCon
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="elastic coefficient of the EASGD family (default: the rule's)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help="the rate one plain Keras process would use (default: Adam 0.001, SGD 0.01); the rule scales "
-                        "it: ADAG × λ, the elastic rules and averaging × workers")
+                   help=f"the rate one plain Keras process would use (default: Adam {rate['adam']:g}, SGD "
+                        f"{rate['sgd']:g}); the rule scales it: ADAG × λ, the elastic rules and averaging × workers")
     p.add_argument("--overlap", action="store_true", default=d.overlap,
                    help="asynchronous rules: exchange in the background while the next window trains; the reply "
                         "is applied one window late")
