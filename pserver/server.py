@@ -21,7 +21,7 @@ by itself (writing its checkpoint, if it keeps them), so a killed server
 leaves nothing behind.
 
 Losing the whole server (SIGKILL, a lost host): with ``--checkpoint-dir``,
-`pserver start --restore DIR` on the same address resumes it: the
+`pserver start --restore CHECKPOINTS` on the same address resumes it: the
 coordinator's state (`pserver.coordinator`, Restarts) and every shard's
 slice and seq table come back, the shards bind their old ports, and running
 workers and the evaluator, which wait for a silent server
@@ -128,10 +128,10 @@ def _check(config: ServerConfig) -> None:
         raise ConfigError(f"--workers must be at least 1, got {config.workers}")
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.keys_dir:
         if not config.insecure:
-            raise ConfigError(f"binding {config.host} exposes the server beyond this machine; pass --keys DIR "
+            raise ConfigError(f"binding {config.host} exposes the server beyond this machine; pass --keys KEYS "
                               f"to encrypt and authenticate, or --insecure to accept the risk")
         log.warning("--insecure: %s is bound without encryption or authentication; anyone who can reach it "
-                    "can read and overwrite the model. Use --keys DIR (see `pserver keys`)", config.host)
+                    "can read and overwrite the model. Use --keys KEYS (see `pserver keys`)", config.host)
     if config.keys_dir:
         security.server_keys(config.keys_dir)  # fails early, naming the missing file
     applies.load_plugins(config.plugins)  # fails early, naming the module, not in every shard process
