@@ -1,6 +1,7 @@
 """`notpu demo`: the whole job on a small generated log, in a few minutes on 2 cores.
 
-generate -> prepare -> baseline -> train (local mode, 2 workers, the recommended rule with its defaults) -> report.
+generate -> prepare -> baseline -> train (local mode, 2 workers, the recommended rule with its defaults) -> report:
+the run's own report.png (models.report), copied beside the demo's files, and report.txt.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def demo(cfg: DemoConfig) -> int:
     run_dir = out / "run"
     summary = train(TrainConfig(data_dir=str(data_dir), out_dir=str(run_dir), workers=2, rule=RECOMMENDED_RULE,
                                 epochs=cfg.epochs, hidden=cfg.hidden, batch_size=cfg.batch_size))
-    text = write_report(out, spec, base, run_dir, dict(summary))
+    text = write_report(out, spec, base, run_dir, data_dir, dict(summary))
     atomic_write_text(out / "summary.json",
                       json.dumps({"baseline": base, "gru": summary}, indent=2, default=str) + "\n")
     print(text, end="")

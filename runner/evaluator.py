@@ -36,6 +36,7 @@ from pserver.fileio import atomic_write_json, atomic_write_text
 from pserver.layout import Layout, unflatten
 from pserver.stats import mean_staleness
 from runner.callbacks import CallbackSettings, Scalars, Tracker, checkpoint_path
+from runner.progress import samples_per_s
 from runner.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class Evaluator:
             "base_learning_rate": effective["base_learning_rate"], "seed": self.run.get("seed"),
             "run_config": self.run, "effective": effective, "warnings": warnings,
             "wall_s": round(wall_s, 3), "train_s": round(train_s, 3), "samples": samples,
-            "samples_per_s": round(samples / train_s, 2) if train_s else 0.0,
+            "samples_per_s": samples_per_s(samples, train_s),
             "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
             "test_loss": round(test_loss, 6), "test_auc": round(test_auc, 6),
             "target_auc": target, "time_to_target_s": reached, "stopped_early": coord.get("stop") or "",

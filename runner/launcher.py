@@ -35,6 +35,7 @@ from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees, wait_for_file
 from pserver.server import ServerConfig
 from runner.evaluator import EvaluatorConfig
+from runner.progress import Progress, bar_total
 from runner.worker import WorkerConfig
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     callbacks = config.callbacks()
     data = load_dataset(config.data_dir)  # checks the data before any process starts
     steps, features = data.X.shape[1:]
+    customers = len(data.y)
     del data
     if config.model:  # only here does the driver import Keras: to call your build and check what it returns
         from runner.keras_model import from_builder
@@ -222,6 +224,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
     threads = launcher.threads(config)
     started_at = time.time()
+    progress = _progress(config, launcher.engine, out, started_at, customers)
     children = Children(out / "logs", _child_env(config.custom_modules))
     ready = out / ".pserver.json"
     finish = out / ".finish"
@@ -231,11 +234,13 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
         **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
            if config.checkpoint_every_s > 0 else {}))
     try:
+        progress.phase(0, f"{config.shards} shard(s)")
         endpoints = launcher.start_server(server_config, children, config.startup_timeout_s)
         log.info("pserver at %s; starting %d worker(s) with %d thread(s) each, rule %s, engine %s", endpoints.address,
                  config.workers, threads, run_cfg["rule"], launcher.engine)
         keyed = endpoints.keys_dir is not None
         rejoin_wait_s = launcher.rejoin_wait_s(config)
+        progress.phase(1, f"{config.workers} {launcher.engine} worker(s) and the evaluator")
         evaluator = children.start("evaluator", python("runner.worker_cli", "evaluate", "--config-json", child_json(
             EvaluatorConfig(ps=endpoints.address, data_dir=config.data_dir, out_dir=str(out),
                             interval_s=config.eval_interval_s, target_auc=config.target_auc or None,
@@ -246,7 +251,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
                                            seed=config.seed, key_name=f"worker{r}" if keyed else None,
                                            rejoin_wait_s=rejoin_wait_s, wire=config.wire)
                                 for r in range(config.workers)], endpoints, children)
-        dead = _supervise(config, launcher, children, evaluator, out, finish)
+        dead = _supervise(config, launcher, children, evaluator, out, finish, progress)
         summary = json.loads((out / "summary.json").read_text())
     finally:
         try:
@@ -265,6 +270,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     summary.update(launcher.reports())
     summary["wall_s"] = round(time.time() - started_at, 3)
     atomic_write_json(out / "summary.json", summary, indent=2)
+    _report(out, config.data_dir, progress)
     if lost:
         log.warning("the run finished without worker(s) %s", sorted(lost))
     return summary
@@ -282,25 +288,14 @@ def _child_env(custom_modules) -> dict[str, str]:
 
 
 def _supervise(config: "TrainConfig", launcher: Launcher, children: Children, evaluator: subprocess.Popen,
-               out: Path, finish: Path) -> set[int]:
+               out: Path, finish: Path, progress: Progress) -> set[int]:
     """Wait for the evaluator to finish the run; returns the ranks of workers that died for good."""
-    bar = _progress(config, launcher.engine)
     dead: set[int] = set()
     all_exited_at = None
-    history = out / "history.jsonl"
-    seen = 0
     try:
         while True:
             time.sleep(0.25)
-            if history.exists():
-                lines = history.read_text().splitlines()
-                for line in lines[seen:]:
-                    h = json.loads(line)
-                    if bar is not None:
-                        bar.set_postfix_str(f"val_auc={h['val_auc']:.4f} updates={h['updates']}")
-                        bar.n = h["samples"]
-                        bar.refresh()
-                seen = len(lines)
+            progress.poll()
             for ended in launcher.poll():
                 if ended.code != 0 and ended.rank not in dead:
                     dead.add(ended.rank)
@@ -312,20 +307,32 @@ def _supervise(config: "TrainConfig", launcher: Launcher, children: Children, ev
             if evaluator.poll() is not None:
                 if evaluator.returncode != 0:
                     raise NotpuError(f"the evaluator exited with code {evaluator.returncode}:\n{children.tail('evaluator')}")
+                progress.poll()  # the last evaluation
+                progress.close(json.loads((out / "summary.json").read_text()))
                 return dead
             launcher.check_server()
             if all_exited_at is not None and time.monotonic() - all_exited_at > config.finish_timeout_s:
                 raise NotpuError(f"the evaluator did not finish within {config.finish_timeout_s:g} s of the last worker; "
                                  f"see {children.log_dir / 'evaluator.log'}")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close(None)  # on an error: the bar stops where it was
 
 
-def _progress(config: "TrainConfig", engine: str):
-    if not config.progress:
-        return None
-    from tqdm import tqdm
+def _progress(config: "TrainConfig", engine: str, out: Path, started_at: float, customers: int) -> Progress:
+    """The phases and the bar (silent with progress=False / --no-progress)."""
+    from models.dataset import split_indices
 
     label = f"{config.rule} × {config.workers}" + (f" on {engine}" if engine != "local" else "")
-    return tqdm(desc=label, unit=" samples", dynamic_ncols=True, file=sys.stderr)
+    total = bar_total(config.epochs, len(split_indices(customers).train))
+    return Progress(config.progress, label, total, out, started_at)
+
+
+def _report(out: Path, data_dir: str, progress: Progress) -> None:
+    """RUN/report.png. The model is trained and saved by now: a figure that cannot be drawn costs a warning."""
+    from models.report import write_run_report
+
+    progress.done("drawing report.png")
+    try:
+        write_run_report(out, Path(data_dir))
+    except Exception as exc:  # noqa: BLE001 (matplotlib's errors have no common base)
+        log.warning("%s was not drawn: %s", out / "report.png", exc)

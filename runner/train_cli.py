@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pserver import precision
 from runner.callbacks import MONITORS
@@ -107,8 +108,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     lost = f", lost worker(s) {summary['lost_workers']}" if summary["lost_workers"] else ""
     print(f"{summary['rule']} × {summary['workers']}: test AUC {summary['test_auc']:.4f} (val {summary['val_auc']:.4f}), "
           f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s, mean staleness "
-          f"{summary['staleness']['mean']:.2f}{lost} -> {args.out}")
+          f"{summary['staleness']['mean']:.2f}{lost}")
+    print(f"wrote {args.out}: {', '.join(written(Path(args.out)))}")
     return 0
+
+
+#: What a finished run writes in --out, in the order a person reads them.
+RUN_FILES = ("model.keras", "test_scores.csv", "history.jsonl", "summary.json", "report.png", "logs/")
+
+
+def written(out: Path) -> list[str]:
+    """RUN_FILES that exist in `out` (report.png is missing if it could not be drawn)."""
+    return [name for name in RUN_FILES if (out / name.rstrip("/")).exists()]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
