@@ -130,6 +130,19 @@ def run_title(summary: dict, run_dir: Path, data_dir: Path | None) -> str:
 def plot_report(history: list[dict], summary: dict, baseline: dict | None, test: tuple[np.ndarray, np.ndarray] | None,
                 title: str, out_png: Path) -> None:
     """The three charts in one PNG, written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_report(history, summary, baseline, test, title)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def draw_report(history: list[dict], summary: dict, baseline: dict | None, test: tuple[np.ndarray, np.ndarray] | None,
+                title: str):
+    """The figure: val AUC over time on top, gains and calibration on the test split below."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -147,11 +160,7 @@ def plot_report(history: list[dict], summary: dict, baseline: dict | None, test:
             ax.text(0.5, 0.5, "the test split holds one class only", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
     fig.suptitle(title, fontsize=12)
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def _below(ax, ncol: int) -> None:
