@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -156,8 +155,9 @@ def draw_report(history: list[dict], summary: dict, baseline: dict | None, test:
         _plot_gains(gains, *test)
         _plot_calibration(calib, *test)
     else:
+        why = "no test_scores.csv in the run" if test is None else "the test split holds one class only"
         for ax in (gains, calib):
-            ax.text(0.5, 0.5, "the test split holds one class only", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
     fig.suptitle(title, fontsize=12)
     return fig

@@ -191,3 +191,16 @@ def test_progress_disabled_writes_nothing(tmp_path):
     p.close({"samples": 5, "train_s": 1.0, "val_auc": 0.5, "test_auc": 0.5})
     p.done("drawing report.png")
     assert stream.getvalue() == ""
+
+
+def test_title_of_a_fit_on_arrays(tmp_path):
+    summary = {"rule": "downpour", "workers": 3, "epochs": 2, "test_auc": 0.91234, "run_config": {"architecture": "{}"}}
+    assert run_title(summary, tmp_path, tmp_path / "data") == \
+        "your model, downpour × 3 workers, 2 epochs · (X, y) arrays · test AUC 0.912"
+
+
+def test_report_without_test_scores_says_so(tmp_path):
+    run, data = fake_run(tmp_path)
+    (run / "test_scores.csv").unlink()
+    write_run_report(run, data)
+    assert (run / "report.png").read_bytes()[:8] == PNG_MAGIC
