@@ -5,8 +5,9 @@ it admits (`Endpoints`), starts N workers, each with its rank, the
 endpoints, its part of the data and its keys (`WorkerSpec`), tells the
 driver which workers have ended (`WorkerExit`) and adds its own figures to
 the summary. `run` is the driver: it checks the configuration, prepares RUN,
-starts the evaluator on this host, shows progress from RUN/history.jsonl,
-decides when the run is over and writes RUN/summary.json; it stops every
+starts the evaluator on this host, shows progress (runner.progress),
+decides when the run is over and writes RUN/summary.json and RUN/report.png
+(models.report); it stops every
 process it or the launcher started, on success, on error and on Ctrl-C.
 
 The base class runs `pserver start` as a child of this process, which is
