@@ -117,13 +117,24 @@ def read_test_scores(run_dir: Path, data_dir: Path | None) -> tuple[np.ndarray, 
 
 def run_title(summary: dict, run_dir: Path, data_dir: Path | None) -> str:
     """'adag × 2 workers, 10 epochs · data name · test AUC 0.912'."""
-    data = "(X, y) arrays" if data_dir is not None and Path(data_dir).resolve() == (run_dir / "data").resolve() \
-        else (Path(data_dir).resolve().name if data_dir is not None else "?")
+    data = "?" if data_dir is None else _data_name(Path(data_dir), run_dir)
     model = "your model" if (summary.get("run_config") or {}).get("architecture") else f"GRU {summary.get('hidden')}"
     test_auc = summary.get("test_auc")
     auc = f"test AUC {test_auc:.3f}" if isinstance(test_auc, (int, float)) else "not scored"
     return (f"{model}, {summary.get('rule')} × {summary.get('workers')} workers, {summary.get('epochs')} epochs"
             f" · {data} · {auc}")
+
+
+def _data_name(data_dir: Path, run_dir: Path) -> str:
+    """A DIR as a title names it: its name, with its parent's when the name alone says nothing ("demo/data")."""
+    path = data_dir.resolve()
+    if path == (run_dir / "data").resolve():
+        return "(X, y) arrays"  # fit() wrote them there
+    return f"{path.parent.name}/{path.name}" if path.name in GENERIC_NAMES else path.name
+
+
+#: DIR names that say nothing of the data: the title adds the parent's name.
+GENERIC_NAMES = ("data", "prepared", "dir", "out")
 
 
 def plot_report(history: list[dict], summary: dict, baseline: dict | None, test: tuple[np.ndarray, np.ndarray] | None,
@@ -186,6 +197,8 @@ def _plot_auc(ax, history: list[dict], summary: dict, baseline: dict | None) -> 
     if baseline is not None:
         ax.axhline(baseline["val_auc"], color="tab:red", linestyle="--",
                    label=f"LightGBM baseline: val AUC {baseline['val_auc']:.3f} (test {baseline['test_auc']:.3f})")
+        low, high = ax.get_ylim()  # autoscaling ignores the line: keep it off the frame
+        ax.set_ylim(min(low, baseline["val_auc"] - 0.01), max(high, baseline["val_auc"] + 0.01))
     ax.set_xlabel("seconds since the launch")
     ax.set_ylabel("val ROC AUC")
     ax.grid(alpha=0.3)
@@ -214,19 +227,14 @@ def _plot_calibration(ax, labels: np.ndarray, scores: np.ndarray) -> None:
     mean_p, rate, counts = calibration_bins(labels, scores)
     ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfectly calibrated")
     ax.plot(mean_p, rate, marker="o", color="tab:blue", label=f"model (Brier {brier(labels, scores):.3f})")
-    hist = ax.twinx()  # how many customers each bin holds: a point on a handful of customers is noise
-    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
-    hist.hist(scores, bins=edges, color="tab:blue", alpha=0.15)
-    hist.set_ylim(0, np.bincount(np.minimum((scores * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)).max() * 3)
-    hist.set_ylabel("customers per bin (bars)", fontsize=8, color="0.4")
-    hist.tick_params(labelsize=7, colors="0.4")
-    ax.set_zorder(hist.get_zorder() + 1)
-    ax.patch.set_visible(False)
+    for x, y, n in zip(mean_p, rate, counts):  # a point on a handful of customers is noise: say how many
+        ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(0, 7 if y < 0.9 else -13), ha="center",
+                    fontsize=7.5, color="0.3")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)  # a bin at exactly 0 or 1 stays visible
     ax.set_xlabel("predicted churn probability (bin mean)")
     ax.set_ylabel("observed churn rate")
-    ax.set_title(f"calibration ({CALIBRATION_BINS} equal-width bins)", fontsize=10)
+    ax.set_title(f"calibration ({CALIBRATION_BINS} equal-width bins; customers beside each point)", fontsize=10)
     ax.grid(alpha=0.3)
     _below(ax, 2)
 

@@ -204,3 +204,8 @@ def test_report_without_test_scores_says_so(tmp_path):
     (run / "test_scores.csv").unlink()
     write_run_report(run, data)
     assert (run / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_title_names_a_dir_called_data_with_its_parent(tmp_path):
+    summary = {"rule": "adag", "workers": 2, "epochs": 10, "hidden": 64, "test_auc": 0.9}
+    assert " · demo/data · " in run_title(summary, tmp_path / "run", tmp_path / "demo" / "data")
