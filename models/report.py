@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +288,12 @@ def _f(x: object, digits: int = 4) -> str:
 
 def write_report(out_dir: Path, spec: dict, baseline: dict | None, run_dir: Path, data_dir: Path,
                  summary: dict | None) -> str:
-    """The demo's OUT/report.png (the run's own report, drawn again beside the demo's files) and OUT/report.txt;
-    returns the text."""
-    write_run_report(run_dir, data_dir, out_dir / "report.png")
+    """The demo's OUT/report.png (the run's own, beside the demo's files) and OUT/report.txt; returns the text."""
+    if (run_dir / "report.png").is_file():
+        with atomic_path(out_dir / "report.png") as tmp:
+            shutil.copyfile(run_dir / "report.png", tmp)
+    else:  # the run could not draw it (its warning says why): try once more, and fail loudly this time
+        write_run_report(run_dir, data_dir, out_dir / "report.png")
     text = summary_text(spec, baseline, summary)
     write_text_atomic(out_dir / "report.txt", text)
     return text
