@@ -127,9 +127,11 @@ class Progress:
         """End the bar at the summary's own figures (samples, samples/s), so it never disagrees with them."""
         if self.bar is None:
             return
-        if summary is not None:
-            self._move(int(summary["samples"]), samples_per_s(int(summary["samples"]), float(summary["train_s"])),
-                       f"val_auc={summary['val_auc']:.4f} test_auc={summary['test_auc']:.4f}")
+        samples, train_s = (summary or {}).get("samples"), (summary or {}).get("train_s")
+        if isinstance(samples, int) and isinstance(train_s, (int, float)):
+            scores = " ".join(f"{k}={summary[k]:.4f}" for k in ("val_auc", "test_auc")
+                              if isinstance(summary.get(k), (int, float)))
+            self._move(samples, samples_per_s(samples, train_s), scores)
         self.bar.close()
         self.bar = None
 
