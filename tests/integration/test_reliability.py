@@ -510,7 +510,7 @@ def test_a_shard_restart_is_as_quick_under_a_stats_flood_and_heartbeats_are_answ
         victim = shard_procs(server)[0]
         t0 = time.monotonic()
         victim.send_signal(signal.SIGKILL)
-        victim.wait(5)
+        wait_for(lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE, 5, "shard 0 to die")
         c.push(one)  # retried until the restarted shard answers
         wait_for(lambda: shard_procs(server) and shard_procs(server)[0].pid != victim.pid, 10, "the new shard 0")
         return time.monotonic() - t0
