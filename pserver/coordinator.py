@@ -51,6 +51,7 @@ import zmq
 from pserver import protocol
 from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
+from pserver.memory import HeapTrimmer
 from pserver.protocol import error, field as hfield, ok
 from pserver.stats import ShardStatsGather
 
@@ -194,6 +195,7 @@ class Coordinator:
         self._decided = False  # this request made a decision on_change must see before its reply leaves
         self._gather: ShardStatsGather | None = None  # made at the first STATS that has shards to ask
         self._requester = b""  # the identity of the request being handled
+        self.trimmer = HeapTrimmer(name="the coordinator")  # what closed connections' buffers held goes back
         self._stopping = False
 
     @property
@@ -230,6 +232,7 @@ class Coordinator:
                     self.handle(frames)
             self.answer_stats(time.monotonic())
             self.check_liveness(time.monotonic())
+            self.trimmer.tick()
 
     def handle(self, frames: list[Any]) -> None:
         """One request: decode, dispatch, reply. Never raises."""
