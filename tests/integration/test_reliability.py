@@ -2,7 +2,10 @@
 the running-median norm guard, and bounded staleness (SSP) — all against `pserver start`."""
 import json
 import os
+import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,7 +17,7 @@ import psutil
 import pytest
 
 from pserver import checkpoint
-from pserver.client import Client, ClientConfig
+from pserver.client import Client, ClientConfig, request
 from pserver.errors import ProcessExited, RemoteError, ServerUnreachable, WaitTimeout
 from pserver.layout import Layout
 from pserver.procs import stop_trees, wait_for_file
@@ -589,3 +592,58 @@ def test_stats_with_a_stopped_shard_answers_in_its_timeout_and_holds_nothing_up(
     assert s1["shard"] == 1 and "no reply to STATS" in s1["error"]
     assert c.stats()["shards"][1]["version"] == 1  # back: the next gather asks it on a fresh socket
     c.close()
+
+
+# ---- idle connections --------------------------------------------------------------------------------
+
+def zmtp_connect(endpoint: str) -> socket.socket:
+    """A raw TCP connection that completes the ZMTP 3.0 NULL handshake as a DEALER, then sends nothing."""
+    host, port = endpoint.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST: no TIME_WAIT
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(greeting + bytes([0x04, len(body)]) + body)
+    got = b""
+    while len(got) < 64 + 2 or len(got) < 66 + got[65]:  # the shard's greeting, then its READY command
+        chunk = s.recv(4096)
+        assert chunk, f"{endpoint} closed the connection during the handshake"
+        got += chunk
+    assert got[66:72] == b"\x05READY", got[:80]
+    return s
+
+
+def test_idle_connections_cost_memory_only_while_open(pserver):
+    """Rounds of 3,000 connections that complete the ZeroMQ handshake and idle: each round costs the shard tens
+    of MiB while open (ZeroMQ's per-connection buffers); once they close, its RSS is back near its start,
+    round after round, instead of growing with every round."""
+    n, rounds = 3000, 4
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 500:
+        if hard != resource.RLIM_INFINITY and hard < n + 500:
+            pytest.skip(f"needs {n + 500} file descriptors, the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 500, hard))
+    server = pserver("--shards", "1")
+    c = Client(server.address)
+    endpoint = c.ask({"op": "PING"})["shards"][0]["endpoint"]
+    c.close()
+    request(endpoint, {"op": "PING"})  # answered once the shard serves: its kernels are loaded, its RSS settled
+    shard = shard_procs(server)[0]
+    mib = lambda: shard.memory_info().rss / 2**20  # noqa: E731
+    start = mib()
+    seen = []
+    try:
+        for r in range(rounds):
+            conns = [zmtp_connect(endpoint) for _ in range(n)]
+            opened = mib()
+            for s in conns:
+                s.close()
+            closed = wait_for(lambda: (m := mib()) < start + 25 and m, 30,
+                              f"round {r}: the shard's RSS back within 25 MiB of its start {start:.0f} MiB "
+                              f"(now {mib():.0f} MiB)")
+            seen.append((opened, closed))
+    finally:
+        print(f"\n{n} idle connections a round: shard RSS {start:.0f} MiB at start, then (open, closed) "
+              + ", ".join(f"({o:.0f}, {c:.0f})" for o, c in seen) + " MiB")
+    assert seen[0][0] - start > 25, "the connections cost the shard nothing while open: the probe is not telling"
+    assert server.proc.poll() is None
