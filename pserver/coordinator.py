@@ -32,6 +32,12 @@ the rest (heartbeat counts, lost workers, observers). Round numbers are the
 shards' (`pserver.shard.ShardState`). Times are not kept: a restored worker or
 observer counts as seen at the restore.
 
+Never waiting. The coordinator is one loop on one thread, and nothing in it
+waits on a shard: a STATS is answered when every shard has answered the
+coordinator's own STATS, sent and received without blocking
+(`pserver.stats.ShardStatsGather`), or its timeout has passed; until then the
+loop serves everyone else (a restarted shard's REGISTER, heartbeats).
+
 Memory. The socket's frame limit is `MAX_MESSAGE_BYTES` (set by
 `pserver.server`): every message here is a header, the largest an INIT
 carrying the model's architecture JSON.
