@@ -60,13 +60,18 @@ class HeapTrimmer:
         self.trims = 0
         self.returned_bytes = 0  # RSS the trims gave back, summed
         self._trim = _malloc_trim()
-        self._next = time.monotonic() + every_s
+        self.due = time.monotonic() + every_s  # monotonic time of the next trim
+
+    @property
+    def available(self) -> bool:
+        """False where there is no ``malloc_trim`` (not glibc): `tick` does nothing there."""
+        return self._trim is not None
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        if self._trim is None or now < self._next:
+        if self._trim is None or now < self.due:
             return
-        self._next = now + self.every_s
+        self.due = now + self.every_s
         before = rss_bytes()
         self._trim(0)
         returned = max(before - rss_bytes(), 0)
