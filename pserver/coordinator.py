@@ -35,8 +35,8 @@ observer counts as seen at the restore.
 Never waiting. The coordinator is one loop on one thread, and nothing in it
 waits on a shard: a STATS is answered when every shard has answered the
 coordinator's own STATS, sent and received without blocking
-(`pserver.stats.ShardStatsGather`), or its timeout has passed; until then the
-loop serves everyone else (a restarted shard's REGISTER, heartbeats).
+(`pserver.stats_gather.ShardStatsGather`), or its timeout has passed; until
+then the loop serves everyone else (a restarted shard's REGISTER, heartbeats).
 
 Memory. The socket's frame limit is `MAX_MESSAGE_BYTES` (set by
 `pserver.server`): every message here is a header, the largest an INIT
@@ -59,7 +59,7 @@ from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
 from pserver.memory import HeapTrimmer
 from pserver.protocol import error, field as hfield, ok
-from pserver.stats import ShardStatsGather
+from pserver.stats_gather import ShardStatsGather
 
 log = logging.getLogger(__name__)
 
