@@ -32,6 +32,12 @@ the rest (heartbeat counts, lost workers, observers). Round numbers are the
 shards' (`pserver.shard.ShardState`). Times are not kept: a restored worker or
 observer counts as seen at the restore.
 
+Never waiting. The coordinator is one loop on one thread, and nothing in it
+waits on a shard: a STATS is answered when every shard has answered the
+coordinator's own STATS, sent and received without blocking
+(`pserver.stats_gather.ShardStatsGather`), or its timeout has passed; until
+then the loop serves everyone else (a restarted shard's REGISTER, heartbeats).
+
 Memory. The socket's frame limit is `MAX_MESSAGE_BYTES` (set by
 `pserver.server`): every message here is a header, the largest an INIT
 carrying the model's architecture JSON.
@@ -49,9 +55,11 @@ from typing import Any, Callable
 import zmq
 
 from pserver import protocol
-from pserver.errors import NotpuError, ProtocolError
+from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
+from pserver.memory import HeapTrimmer
 from pserver.protocol import error, field as hfield, ok
+from pserver.stats_gather import ShardStatsGather
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +180,7 @@ class Coordinator:
         self.ranges: list[tuple[int, int]] = []
         self.workers: dict[int, WorkerInfo] = {}
         self.refused: dict[str, int] = {}
-        self.handlers: dict[str, Callable[[protocol.Message], list[Any]]] = {
+        self.handlers: dict[str, Callable[[protocol.Message], list[Any] | None]] = {
             "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
             "MODEL": self._model, "STOP": self._stop_run, "LEAVE": self._leave,
@@ -191,6 +199,9 @@ class Coordinator:
         self.address = ""  # host:port, as `pserver start` bound it; kept in checkpoints
         self.restored_endpoints: dict[int, str] = {}  # where the shards were before a restore (`restore`)
         self._decided = False  # this request made a decision on_change must see before its reply leaves
+        self._gather: ShardStatsGather | None = None  # made at the first STATS that has shards to ask
+        self._requester = b""  # the identity of the request being handled
+        self.trimmer = HeapTrimmer(name="the coordinator")  # what closed connections' buffers held goes back
         self._stopping = False
 
     @property
@@ -209,17 +220,25 @@ class Coordinator:
         self._stopping = True
 
     def serve(self, until: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
+        """Answer requests until stopped or ``until()``; never waits on a shard (STATS: `ShardStatsGather`)."""
         while not self._stopping and not (until and until()):
-            if poller.poll(int(poll_s * 1000)):
+            poller = zmq.Poller()
+            poller.register(self.socket, zmq.POLLIN)
+            for s in self.gather.sockets() if self._gather else ():
+                poller.register(s, zmq.POLLIN)
+            wait_s = poll_s
+            if self._gather and (gather_s := self._gather.wait_s(time.monotonic())) is not None:
+                wait_s = min(wait_s, gather_s)
+            if dict(poller.poll(int(wait_s * 1000))).get(self.socket):
                 for _ in range(64):
                     try:
                         frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self.handle(frames)
+            self.answer_stats(time.monotonic())
             self.check_liveness(time.monotonic())
+            self.trimmer.tick()
 
     def handle(self, frames: list[Any]) -> None:
         """One request: decode, dispatch, reply. Never raises."""
@@ -227,6 +246,7 @@ class Coordinator:
             self._count("malformed")
             return
         identity = frames[0].bytes
+        self._requester = identity  # a STATS waits for its gather under this identity
         try:
             msg = protocol.decode(frames[1:])
             handler = self.handlers.get(msg.op)
@@ -242,6 +262,8 @@ class Coordinator:
                 reply = answer(decision)
             else:
                 reply = handler(msg)
+                if reply is None:
+                    return  # answered later (STATS, `answer_stats`); nothing decided
         except ProtocolError as exc:
             self._count(exc.code)
             log.debug("coordinator refused a message: %s", exc)
@@ -528,15 +550,41 @@ class Coordinator:
         self.observers.pop(hfield(msg.header, "observer", str, ""), None)
         return protocol.encode(ok())
 
-    def _stats(self, msg: protocol.Message) -> list[Any]:
-        self._observe(msg)
-        from pserver.client import query_shard_stats  # the coordinator asks the shards itself
+    @property
+    def gather(self) -> ShardStatsGather:
+        if self._gather is None:
+            self._gather = ShardStatsGather(self.socket.context, self.shard_timeout_s, self.curve)
+        return self._gather
 
-        shards = []
-        for k, endpoint in sorted(self.endpoints.items()):
-            try:
-                shards.append(query_shard_stats(endpoint, self.socket.context, timeout_s=self.shard_timeout_s,
-                                                curve=self.curve))
-            except NotpuError as exc:
-                shards.append({"shard": k, "endpoint": endpoint, "error": str(exc)})
+    def _stats(self, msg: protocol.Message) -> list[Any] | None:
+        """Answered by `answer_stats` once every shard has answered its gather (or timed out); at once if no
+        shard has registered, or if too many requesters wait already (then from the last gather's entries)."""
+        self._observe(msg)
+        if not self.endpoints:
+            return self._stats_reply([])
+        if self.gather.ask(self._requester):
+            return None
+        return self._stats_reply(self.gather.last)
+
+    def _stats_reply(self, shards: list[dict[str, Any]]) -> list[Any]:
         return protocol.encode(ok(coordinator=self.summary(), shards=shards))
+
+    def answer_stats(self, now: float) -> None:
+        """Reply to the requesters of a STATS gather that is complete, and start the next; never blocks."""
+        if self._gather is None:
+            return
+        done = self._gather.step(self.endpoints, now)
+        if done is None:
+            return
+        requesters, shards = done
+        reply = self._stats_reply(shards)
+        for identity in requesters:
+            try:
+                self.socket.send_multipart([identity, *reply], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("coordinator: STATS reply not sent: %s", exc)
+
+    def close(self) -> None:
+        """Close the sockets the coordinator made (not the one it was given)."""
+        if self._gather is not None:
+            self._gather.close()

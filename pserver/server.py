@@ -249,6 +249,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
         stop_trees(procs, grace_s=5.0)
         shm.remove_stale()  # a shard that died without removing its shared-memory segments
         notifier.close()
+        coord.close()
         sock.close(linger=0)
         security.stop_authenticators()
         for s, h in old.items():

@@ -20,6 +20,7 @@ import zmq
 from pserver import checkpoint, security, shm
 from pserver.client import ClientConfig, request
 from pserver.errors import ConfigError, NotpuError
+from pserver.memory import HeapTrimmer
 from pserver.shard import Shard, ShardConfig
 
 log = logging.getLogger("pserver.shard")
@@ -90,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("no checkpoint %s: starting empty, waiting for an INIT", path)
         parent_gone = (lambda: os.getppid() != proc.parent) if proc.parent else (lambda: False)
 
+        trimmer = HeapTrimmer(name=f"shard {config.index}")  # what closed connections' buffers held goes back
+
         def tick() -> None:
             if parent_gone():
                 shard.stop()
             if saver is not None:
                 saver.tick()
+            trimmer.tick()
 
         shard.on_tick = tick
         curve = security.internal_curve(config.keys_dir) if config.keys_dir else None

@@ -2,7 +2,10 @@
 the running-median norm guard, and bounded staleness (SSP) — all against `pserver start`."""
 import json
 import os
+import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,7 +17,7 @@ import psutil
 import pytest
 
 from pserver import checkpoint
-from pserver.client import Client, ClientConfig
+from pserver.client import Client, ClientConfig, request
 from pserver.errors import ProcessExited, RemoteError, ServerUnreachable, WaitTimeout
 from pserver.layout import Layout
 from pserver.procs import stop_trees, wait_for_file
@@ -459,3 +462,196 @@ def test_whole_server_killed_mid_run_and_restored_finishes_the_run(fading_data, 
           f"updates lost per shard {lost} (versions {at_kill} at the kill, {on_disk} in the last checkpoint, "
           f"every 1 s); final versions {[s.version for s in final]} of {pushes} pushes: {never_applied} lost")
     assert recovery_s < 120
+
+
+# ---- the coordinator never waits on a shard ------------------------------------------------------------
+
+class StatsFlood:
+    """``n`` clients asking the coordinator STATS back to back (each one request in flight) until stopped."""
+
+    def __init__(self, address: str, n: int) -> None:
+        self.replies = [0] * n
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        # a gather waits up to 5 s for a dead shard: a client must wait longer than that for its reply
+        self._threads = [threading.Thread(target=self._ask, args=(address, i), daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _ask(self, address: str, i: int) -> None:
+        c = Client(address, ClientConfig(timeout_s=15.0, retries=1, backoff_s=0.05))
+        try:
+            while not self._stop.is_set():
+                c.stats()
+                self.replies[i] += 1
+        except BaseException as exc:  # the test reads it
+            self.errors.append(exc)
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in self._threads), "a STATS client did not stop"
+
+
+def gone(p: psutil.Process) -> bool:
+    """Dead: reaped, or a zombie its parent has yet to reap."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_shard_restart_is_as_quick_under_a_stats_flood_and_heartbeats_are_answered(pserver, tmp_path):
+    """SIGKILL of shard 0, restarted by `pserver start` from its checkpoint, timed quiet and then with 16 STATS
+    clients hammering the coordinator; a worker heartbeats all along. The coordinator asks the shards for a
+    STATS without waiting on them, so the flood neither slows the restart much nor starves the heartbeats."""
+    ckpt = tmp_path / "ckpt"
+    server = pserver("--shards", "2", "--workers", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every-s", "0.5")
+    c = Client(server.address, ClientConfig(timeout_s=1.0, retries=90, backoff_s=0.05, max_backoff_s=0.5), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    one = np.ones(LAYOUT.total, np.float32)
+    c.push(one)
+    wait_for(lambda: (ckpt / "shard-0.npz").exists(), 20, "a checkpoint of shard 0")
+
+    def restart_s() -> float:
+        victim = shard_procs(server)[0]
+        t0 = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        wait_for(lambda: gone(victim), 5, "shard 0 to die")
+        c.push(one)  # retried until the restarted shard answers
+        wait_for(lambda: shard_procs(server) and shard_procs(server)[0].pid != victim.pid, 10, "the new shard 0")
+        return time.monotonic() - t0
+
+    quiet_s = restart_s()
+    beats: list[float] = []  # each heartbeat's round trip during the flood
+    beat_errors: list[BaseException] = []
+    beating = threading.Event()
+
+    def heartbeat() -> None:
+        hb = Client(server.address, ClientConfig(timeout_s=3.0, retries=0))
+        try:
+            hb.join("w1")
+            while not beating.is_set():
+                t = time.monotonic()
+                hb.heartbeat()
+                beats.append(time.monotonic() - t)
+                beating.wait(0.2)  # a worker's heartbeat interval, not a synchronisation
+        except BaseException as exc:
+            beat_errors.append(exc)
+        finally:
+            hb.close()
+
+    hb_thread = threading.Thread(target=heartbeat, daemon=True)
+    hb_thread.start()
+    flood = StatsFlood(server.address, 16)
+    try:
+        wait_for(lambda: sum(flood.replies) >= 32 or flood.errors, 60, "the STATS flood to be answered")
+        before = sum(flood.replies)
+        flood_s = restart_s()
+        wait_for(lambda: sum(flood.replies) - before >= 16 or flood.errors, 30, "the flood to go on being answered")
+        during = sum(flood.replies) - before
+    finally:
+        flood.stop()
+        beating.set()
+        hb_thread.join(30)
+    print(f"\nshard restart: {quiet_s:.1f} s quiet, {flood_s:.1f} s under 16 STATS clients ({during} STATS answered "
+          f"from the kill on); {len(beats)} heartbeats, slowest {max(beats, default=0):.2f} s")
+    assert not flood.errors, flood.errors[0]
+    assert not beat_errors, f"a heartbeat went unanswered during the flood: {beat_errors[0]}"
+    assert len(beats) >= 5, "the worker did not heartbeat during the flood"
+    assert flood_s < 2 * quiet_s + 10, (quiet_s, flood_s)
+    stats = c.stats()  # the content of a STATS is as before: every shard's own entry
+    assert [s["version"] for s in stats["shards"]] == [s["version"] for s in stats["shards"] if "error" not in s]
+    assert stats["coordinator"]["world"] == 2 and len(stats["shards"]) == 2
+    c.close()
+
+
+def test_stats_with_a_stopped_shard_answers_in_its_timeout_and_holds_nothing_up(pserver):
+    """Shard 1 SIGSTOPped: a STATS is answered once the shard timeout has passed, with shard 1 as an error
+    entry and shard 0 as it is; meanwhile PING and HEARTBEAT are answered at once."""
+    server = pserver("--shards", "2", "--workers", "2")
+    c = Client(server.address, ClientConfig(timeout_s=20.0, retries=0), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    c.push(np.ones(LAYOUT.total, np.float32))
+    victim = shard_procs(server)[1]
+    victim.send_signal(signal.SIGSTOP)
+    try:
+        flood = StatsFlood(server.address, 4)
+        try:
+            fast = Client(server.address, ClientConfig(timeout_s=2.0, retries=0))
+            fast.join("w1")
+            for _ in range(10):  # each within 2 s while every STATS waits out the stopped shard (5 s)
+                fast.heartbeat()
+                fast.ask({"op": "PING"})
+            fast.close()
+        finally:
+            flood.stop()
+        assert not flood.errors, flood.errors[0]
+        stats = c.stats()
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    s0, s1 = stats["shards"]
+    assert s0["shard"] == 0 and s0["version"] == 1 and "error" not in s0
+    assert s1["shard"] == 1 and "no reply to STATS" in s1["error"]
+    assert c.stats()["shards"][1]["version"] == 1  # back: the next gather asks it on a fresh socket
+    c.close()
+
+
+# ---- idle connections --------------------------------------------------------------------------------
+
+def zmtp_connect(endpoint: str) -> socket.socket:
+    """A raw TCP connection that completes the ZMTP 3.0 NULL handshake as a DEALER, then sends nothing."""
+    host, port = endpoint.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST: no TIME_WAIT
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(greeting + bytes([0x04, len(body)]) + body)
+    got = b""
+    while len(got) < 64 + 2 or len(got) < 66 + got[65]:  # the shard's greeting, then its READY command
+        chunk = s.recv(4096)
+        assert chunk, f"{endpoint} closed the connection during the handshake"
+        got += chunk
+    assert got[66:72] == b"\x05READY", got[:80]
+    return s
+
+
+def test_idle_connections_cost_memory_only_while_open(pserver):
+    """Rounds of 3,000 connections that complete the ZeroMQ handshake and idle: each round costs the shard tens
+    of MiB while open (ZeroMQ's per-connection buffers); once they close, its RSS is back near its start,
+    round after round, instead of growing with every round."""
+    n, rounds = 3000, 4
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 500:
+        if hard != resource.RLIM_INFINITY and hard < n + 500:
+            pytest.skip(f"needs {n + 500} file descriptors, the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 500, hard))
+    server = pserver("--shards", "1")
+    c = Client(server.address)
+    endpoint = c.ask({"op": "PING"})["shards"][0]["endpoint"]
+    c.close()
+    request(endpoint, {"op": "PING"})  # answered once the shard serves: its kernels are loaded, its RSS settled
+    shard = shard_procs(server)[0]
+    mib = lambda: shard.memory_info().rss / 2**20  # noqa: E731
+    start = mib()
+    seen = []
+    try:
+        for r in range(rounds):
+            conns = [zmtp_connect(endpoint) for _ in range(n)]
+            opened = mib()
+            for s in conns:
+                s.close()
+            closed = wait_for(lambda: (m := mib()) < start + 25 and m, 30,
+                              f"round {r}: the shard's RSS back within 25 MiB of its start {start:.0f} MiB "
+                              f"(now {mib():.0f} MiB)")
+            seen.append((opened, closed))
+    finally:
+        print(f"\n{n} idle connections a round: shard RSS {start:.0f} MiB at start, then (open, closed) "
+              + ", ".join(f"({o:.0f}, {c:.0f})" for o, c in seen) + " MiB")
+    assert seen[0][0] - start > 25, "the connections cost the shard nothing while open: the probe is not telling"
+    assert server.proc.poll() is None
