@@ -34,7 +34,7 @@ class ShardKernels(Protocol):
     """What a shard's applies compute with; `pserver.kernels` (Numba) is the one `Shard.serve()` loads.
 
     Each apply kernel writes the candidate centre into ``out`` and returns
-    (every element finite, L2 norm of the update) from the same pass.
+    (every element of the update and of ``out`` finite, L2 norm of the update) from the same pass.
     """
 
     def check(self, delta: np.ndarray) -> tuple[bool, float]: ...
@@ -66,7 +66,7 @@ class PushApply(ABC):
         ``centre``, ``delta`` and ``out`` are (n,) float32; ``delta`` is the
         request's array (a view on the received frame), ``scale`` the header's,
         ``staleness`` the versions applied since the worker pulled. Returns
-        (every element of the update finite, its L2 norm, arrays the reply
+        (every element of the update and of ``out`` finite, its L2 norm, arrays the reply
         carries before the centre). The shard keeps those arrays with the
         worker's seq and sends them again to a retry of the same push, so
         they must be the apply's own: not views of ``out`` or ``centre``,
@@ -85,8 +85,11 @@ class RoundApply(ABC):
 
     @abstractmethod
     def close(self, kernels: ShardKernels, centre: np.ndarray, rows: np.ndarray, count: int,
-              out: np.ndarray) -> None:
-        """Write the next round's centre into ``out`` from the first ``count`` rows of ``rows`` (world, n)."""
+              out: np.ndarray) -> bool | None:
+        """Write the next round's centre into ``out`` from the first ``count`` rows of ``rows`` (world, n).
+
+        Returns whether every element of ``out`` is finite (False: the shard keeps its centre); None, for a
+        close that does not say, lets the shard commit ``out`` as it is."""
 
     def reply_arrays(self, row: np.ndarray) -> list[np.ndarray]:
         """The arrays a contributor's reply carries before the new centre, given its row; none by default."""
@@ -206,7 +209,7 @@ class ElasticRound(RoundApply):
         out *= np.float32(alpha)
 
     def close(self, kernels, centre, rows, count, out):
-        kernels.sum_round(centre, rows, count, 1.0, False, out)
+        return kernels.sum_round(centre, rows, count, 1.0, False, out)[0]
 
     def reply_arrays(self, row):
         return [row]
@@ -220,4 +223,4 @@ class AverageRound(RoundApply):
         out[:] = value
 
     def close(self, kernels, centre, rows, count, out):
-        kernels.sum_round(centre, rows, count, 1.0 / count, True, out)
+        return kernels.sum_round(centre, rows, count, 1.0 / count, True, out)[0]

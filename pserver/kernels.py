@@ -7,6 +7,14 @@ new centre into ``out``, and returns (finite, norm of the update) from the same
 pass. The shard commits ``out`` as its centre only when the check passes;
 otherwise ``out`` is scratch and the old centre was never touched.
 
+"Finite" is said of the update *and of its result*: two finite pushes of
+3e38 each make a finite delta but an Inf centre. Each kernel also sums
+``y − y`` over the values ``y`` it writes to ``out``: 0 for a finite value,
+NaN for Inf or NaN, so one more add per element in the same pass (the pass is
+memory-bound: bench/test_bench_kernels.py times it at the cost of the plain
+one) says whether the candidate centre is finite. Only ``reassoc`` is allowed
+to LLVM, which may not fold ``y − y`` to 0 (that needs ``nnan``).
+
 Norms are accumulated in float64, where the square of any finite float32
 cannot overflow (3.4e38² ≈ 1.2e77); so the sum of squares is finite exactly
 when every element is, and one branch-free reduction answers both questions. Every kernel is tested equal to its numpy
@@ -60,8 +68,9 @@ def check(delta):
 
 @njit(**_JIT)
 def add(centre, delta, out, copy=None):
-    """out = centre + delta (and copy = out, if given); returns (finite, ‖delta‖)."""
+    """out = centre + delta (and copy = out, if given); returns (delta and out finite, ‖delta‖)."""
     sq = 0.0
+    bad = 0.0  # Σ (y − y): NaN once any written value is not finite
     for i in range(centre.shape[0]):
         d = delta[i]
         y = centre[i] + d
@@ -70,14 +79,16 @@ def add(centre, delta, out, copy=None):
             copy[i] = y
         v = np.float64(d)
         sq += v * v
-    return math.isfinite(sq), math.sqrt(sq)
+        bad += np.float64(y - y)
+    return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
 @njit(**_JIT)
 def add_scaled(centre, delta, scale, out, copy=None):
     """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)), and copy = out if given;
-    returns (finite, ‖scale·delta‖)."""
+    returns (scale·delta and out finite, ‖scale·delta‖)."""
     sq = 0.0
+    bad = 0.0
     for i in range(centre.shape[0]):
         d = scale * delta[i]
         y = centre[i] + d
@@ -86,23 +97,27 @@ def add_scaled(centre, delta, scale, out, copy=None):
             copy[i] = y
         v = np.float64(d)
         sq += v * v
-    return math.isfinite(sq), math.sqrt(sq)
+        bad += np.float64(y - y)
+    return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
 @njit(**_JIT)
 def elastic(centre, local, alpha, out, diff):
     """diff = alpha·(local − centre); out = centre + diff  (AEASGD, one exchange).
 
-    Returns (finite, ‖diff‖).
+    Returns (diff and out finite, ‖diff‖).
     """
     sq = 0.0
+    bad = 0.0
     for i in range(centre.shape[0]):
         e = alpha * (local[i] - centre[i])
         diff[i] = e
-        out[i] = centre[i] + e
+        y = centre[i] + e
+        out[i] = y
         v = np.float64(e)
         sq += v * v
-    return math.isfinite(sq), math.sqrt(sq)
+        bad += np.float64(y - y)
+    return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
 @njit(**_JIT_ROUND)
@@ -111,19 +126,23 @@ def sum_round(centre, rows, count, scale, replace, out):
 
     replace=False (EASGD):   out = centre + scale·Σ_i rows[i]
     replace=True (averaging): out = scale·Σ_i rows[i]           (scale = 1/count)
-    Sums in float64, rounds once. Returns (finite, ‖out − centre‖).
+    Sums in float64, rounds once. Returns (out finite, ‖out − centre‖): a sum finite in float64 may still
+    round to Inf in float32.
     """
     sq = 0.0
+    bad = 0.0
     for j in prange(centre.shape[0]):
         s = 0.0
         for i in range(count):
             s += np.float64(rows[i, j])
         c = np.float64(centre[j])
         new = scale * s if replace else c + scale * s
-        out[j] = np.float32(new)
+        y = np.float32(new)
+        out[j] = y
         v = new - c
         sq += v * v
-    return math.isfinite(sq), math.sqrt(sq)
+        bad += np.float64(y - y)
+    return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
 def warm_up() -> None:

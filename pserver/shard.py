@@ -234,7 +234,8 @@ class Shard:
                         break
                     self.handle(frames)
             self.tick(time.monotonic())
-        log.info("shard %d stopping at version %d", self.config.index, self.version)
+        log.info("shard %d stopping at version %d (largest update norm applied %.4g)", self.config.index,
+                 self.version, self.stats.max_norm)
 
     def stop(self) -> None:
         self._stopping = True
@@ -529,6 +530,10 @@ class Shard:
         self.stats.apply_s += time.perf_counter() - t0
         if not finite:
             centre.discard(out)
+            if self.kernels.check(push.delta)[0]:  # a finite array whose result is not: the centre would overflow
+                self.stats.overflows[worker] += 1
+                raise ProtocolError("not_finite", f"update from worker {worker} is finite but the centre plus it is "
+                                                  f"not (float32 overflow); the centre is unchanged")
             raise ProtocolError("not_finite", f"update from worker {worker} contains NaN or Inf; the centre is unchanged")
         limit = self.config.max_delta_norm
         if limit and norm > limit:
@@ -543,6 +548,7 @@ class Shard:
         self.stats.updates[worker] += 1
         self.stats.record_staleness(worker, staleness)
         self.stats.last_norm[worker] = norm
+        self.stats.max_norm = max(self.stats.max_norm, norm)
         reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
         self._pushes[worker] = _PushRecord(seq=push.seq, reply=reply, extra=extra)
         if self.norm_guard is not None:
@@ -630,14 +636,28 @@ class Shard:
         assert centre is not None and rnd.rows is not None and rnd.apply is not None
         count = len(rnd.contributors)
         out = centre.scratch()
-        rnd.apply.close(self.kernels, centre.current, rnd.rows, count, out)
+        finite = rnd.apply.close(self.kernels, centre.current, rnd.rows, count, out)
+        rows, contributors = rnd.rows, rnd.contributors
+        if finite is False:  # finite rows whose sum overflows float32: the round moves on, the centre does not
+            centre.discard(out)
+            for worker in contributors:
+                self.stats.overflows[worker] += 1
+            self.stats.refused["not_finite"] += 1
+            log.warning("shard %d: round %d's result is not finite (float32 overflow); the centre is unchanged",
+                        self.config.index, rnd.number)
+            self.round = _Round(number=rnd.number + 1)
+            frames = protocol.encode(error("not_finite", f"round {rnd.number}'s result overflows float32; the "
+                                                         f"centre is unchanged, continue from round {rnd.number + 1}"))
+            self._closed = None
+            for identity, _ in contributors.values():
+                self._send(identity, frames)
+            return
         centre.commit(out, self.version + 1)
         self.version += 1
         for worker in rnd.contributors:
             self.stats.updates[worker] += 1
             self.stats.record_staleness(worker, 0)
         log.debug("shard %d closed round %d with %d worker(s)", self.config.index, rnd.number, count)
-        rows, contributors = rnd.rows, rnd.contributors
         self.round = _Round(number=rnd.number + 1)
         header = ok(version=self.version, round=self.round.number, workers=count)
         extras = {worker: rnd.apply.reply_arrays(rows[row]) for worker, (_, row) in contributors.items()}

@@ -17,6 +17,15 @@ class ShardStats:
     pulls: Counter = field(default_factory=Counter)
     duplicates: Counter = field(default_factory=Counter)  # retried pushes answered, not applied
     refused: Counter = field(default_factory=Counter)  # error code -> count
+    # worker -> its finite pushes (or rounds) refused because the centre plus them overflows float32; also
+    # counted in refused["not_finite"]
+    overflows: Counter = field(default_factory=Counter)
+    # Checkpoints not written (disk full, no permission, read-only): how many, the last error, and the time
+    # (time.time()) of the last one written. The shard goes on and tries again at the next interval.
+    checkpoint_failures: int = 0
+    checkpoint_error: str = ""
+    checkpoint_ok_at: float = 0.0
+    max_norm: float = 0.0  # the largest norm of an update applied (how large a --max-delta-norm would refuse)
     bytes_in: int = 0
     bytes_out: int = 0
     # Where the shard's own thread spends its time (seconds): every request from receipt to the reply handed to
@@ -36,6 +45,10 @@ class ShardStats:
             "pulls": {str(k): v for k, v in self.pulls.items()},
             "duplicates": {str(k): v for k, v in self.duplicates.items()},
             "refused": dict(self.refused),
+            "overflows": {str(k): v for k, v in self.overflows.items()},
+            "checkpoint": {"failures": self.checkpoint_failures, "error": self.checkpoint_error,
+                           "ok_at": self.checkpoint_ok_at},
+            "max_norm": self.max_norm,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "handle_s": round(self.handle_s, 6),

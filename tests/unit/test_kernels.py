@@ -84,3 +84,39 @@ def test_largest_finite_float32_is_still_finite():
     d = np.full(10, np.finfo(np.float32).max, np.float32)
     finite, norm = kernels.check(d)
     assert finite and np.isfinite(norm)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 2_447_562])
+def test_a_finite_update_whose_result_overflows_is_reported(n):
+    c, d = vectors(n, 5)
+    i = n // 2
+    c[i], d[i] = 3e38, 3e38  # each finite, their sum is not: float32 overflow
+    out = np.empty_like(c)
+    assert kernels.check(d)[0]
+    for finite, _ in (kernels.add(c, d, out), kernels.add(c, d, out, np.empty_like(c)),
+                      kernels.add_scaled(c, d, np.float32(1.0), out),
+                      kernels.add_scaled(c, d, np.float32(1.0), out, np.empty_like(c))):
+        assert not finite
+    c[i], w = 2e38, c.copy()
+    w[i] = 3.3e38  # the difference α(W − C) = 2.6e38 is finite (α = 2), C plus it is not
+    diff = np.empty_like(c)
+    assert not kernels.elastic(c, w, np.float32(2.0), out, diff)[0]
+    assert np.isfinite(diff).all()
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_round_whose_float32_result_overflows_is_reported(replace):
+    c, _ = vectors(100, 6)
+    rows = np.zeros((2, 100), np.float32)
+    rows[:, 7] = 3e38  # each row finite; their sum (and mean, plus the centre) is finite in float64 only
+    c[7] = 3e38
+    out = np.empty_like(c)
+    finite, _ = kernels.sum_round(c, rows, 2, 1.0 if not replace else 0.5 * 3, replace, out)
+    assert not finite
+
+
+def test_the_largest_finite_result_is_still_finite():
+    big = np.finfo(np.float32).max
+    c, d = np.full(10, big / 2, np.float32), np.full(10, big / 2, np.float32)
+    finite, _ = kernels.add(c, d, np.empty_like(c))
+    assert finite

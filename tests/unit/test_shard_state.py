@@ -813,3 +813,39 @@ def test_stats_name_the_shards_pid(make):
 
     shard, wire = make()
     assert ask(shard, wire, {"op": "STATS"}).header["stats"]["pid"] == os.getpid()
+
+
+def test_two_finite_pushes_that_overflow_the_centre_are_refused_and_counted(make):
+    shard, wire = make()
+    c = vec(0)
+    init(shard, wire, c)
+    big = np.zeros(N, np.float32)
+    big[3] = 3e38
+    assert push(shard, wire, 0, 1, big).header["applied"] is True  # finite, and so is c + big
+    after_first = shard.centre.current.copy()
+    for mode, seq in (("add", 2), ("scaled", 3), ("staleness", 4)):
+        assert refused(push(shard, wire, 0, seq, big, mode=mode), "not_finite"), mode
+        np.testing.assert_array_equal(shard.centre.current, after_first)
+    assert shard.version == 1
+    assert np.isfinite(shard.centre.current).all()
+    assert shard.stats.overflows[0] == 3 and shard.stats.refused["not_finite"] == 3
+    stats = ask(shard, wire, {"op": "STATS"}).header["stats"]
+    assert stats["overflows"] == {"0": 3}
+    assert push(shard, wire, 0, 5, -big).header["applied"] is True  # a later sane push is applied
+
+
+def test_a_round_whose_sum_overflows_keeps_the_centre_and_moves_on(make):
+    shard, wire = make()
+    c = vec(0)
+    c[2] = 2e38
+    init(shard, wire, c, world=2)
+    w = c.copy()
+    w[2] = 3.3e38  # E = α(W − C) = 2.6e38 per worker, finite; C + ΣE = 7.2e38 is not a float32
+    for worker in (0, 1):
+        shard.handle(frames(b"w%d" % worker, {"op": "ROUND", "worker": worker, "round": 0, "mode": "elastic",
+                                             "alpha": 2.0}, [w]))
+    replies = wire.take()
+    assert len(replies) == 2 and all(refused(m, "not_finite") for _, m in replies), replies
+    np.testing.assert_array_equal(shard.centre.current, c)
+    assert shard.version == 0 and shard.round.number == 1
+    assert shard.stats.overflows[0] == 1 and shard.stats.overflows[1] == 1
