@@ -9,14 +9,33 @@ Files in the checkpoint directory::
                        of `pserver.shard.ShardState` but the centre, and the slice's CRC32, the time
                        it was written and the format
 
+    shard-K.prev.npz   the shard's checkpoint before the last one, kept until the next one is verified
+    shard-K.new.npz    a new checkpoint being verified (only while it is written, or after a crash then)
+
 Every file is written by `pserver.fileio`: to a temporary file beside it,
 fsynced, renamed over ``NAME`` and the directory fsynced, so a crash leaves
-the previous complete file or the new one, never half of one. Reading checks
-everything before a shard serves a byte: the zip's own CRCs, a CRC32 of the
-slice, the slice length against the range, and the range and fingerprint
-against ``coordinator.json``, whose own CRC32, shard count, world and run
-config must match the server restoring it. A torn or foreign checkpoint
-raises CheckpointError naming the file.
+the previous complete file or the new one, never half of one. A shard's
+checkpoint is never written from a slice holding NaN or Inf, and a new one
+replaces the last good one only once it has been read back and checked
+whole: it is written as ``shard-K.new.npz``, loaded as a restore would, then
+the last good one becomes ``shard-K.prev.npz`` and the new one ``shard-K.npz``.
+A restore takes the newest of those files that reads back good, and says
+so when that is not ``shard-K.npz``.
+
+Reading checks everything before a shard serves a byte: the zip's own CRCs,
+the header's fields and their types, a CRC32 of the slice, the slice length
+against the range, and the range and fingerprint against
+``coordinator.json``, whose own CRC32, shard count, world and run config must
+match the server restoring it. A torn or foreign checkpoint raises
+CheckpointError naming the file. The CRC32s detect accidental damage (a torn
+write, a flipped bit); they are no defence against a deliberate edit, which
+can recompute them: whoever can write the checkpoint directory can change the
+model.
+
+A checkpoint that cannot be written (disk full, no permission, a read-only
+file system) is a warning, counted in the shard's stats (`checkpoint`); the
+shard goes on serving and tries again at the next interval, and the last good
+checkpoint stays as it was.
 
 What a restored shard may have lost: the updates it applied after its last
 checkpoint whose replies had already reached the workers. A push whose reply
@@ -28,6 +47,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 import zipfile
 import zlib
@@ -38,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from pserver.errors import CheckpointError
-from pserver.fileio import atomic_write, atomic_write_json
+from pserver.fileio import atomic_write, atomic_write_json, fsync_dir
 from pserver.shard import Shard, ShardState
 
 log = logging.getLogger(__name__)
@@ -49,6 +70,16 @@ COORDINATOR_FILE = "coordinator.json"
 
 def shard_file(directory: str | Path, index: int) -> Path:
     return Path(directory) / f"shard-{index}.npz"
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(path.name.replace(".npz", f".{tag}.npz"))
+
+
+def shard_files(directory: str | Path, index: int) -> list[Path]:
+    """Shard ``index``'s checkpoint files that may hold its state: the current, one being verified, the previous."""
+    path = shard_file(directory, index)
+    return [path, _sibling(path, "new"), _sibling(path, "prev")]
 
 
 #: The header's fields besides the state's: the slice's CRC32, when it was written (time.time()), the format.
@@ -72,16 +103,107 @@ def state_of(header: dict[str, Any], centre: np.ndarray) -> ShardState:
     return ShardState(**{name: value(header[name]) for name in STATE_FIELDS}, centre=centre)
 
 
+def _count(v: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, which JSON keeps apart but Python counts as an int)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _count_key(k: str) -> bool:
+    return isinstance(k, str) and k.isascii() and k.isdigit()
+
+
+#: Each header field's check, as the wire's headers are checked (`pserver.protocol.field`): (test, what it must be).
+HEADER_TYPES: dict[str, tuple[Any, str]] = {
+    **{name: (_count, "an integer >= 0") for name in ("index", "start", "end", "total", "world", "version", "round")},
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "seqs": (lambda v: isinstance(v, dict) and all(_count_key(k) and _count(x) for k, x in v.items()),
+             "an object of worker id -> integer >= 0"),
+    "updates": (lambda v: isinstance(v, dict) and all(_count_key(k) and _count(x) for k, x in v.items()),
+                "an object of worker id -> integer >= 0"),
+    "lost": (lambda v: isinstance(v, list) and all(_count(x) for x in v), "a list of worker ids (integers >= 0)"),
+    "left": (lambda v: isinstance(v, list) and all(_count(x) for x in v), "a list of worker ids (integers >= 0)"),
+    "crc32": (lambda v: _count(v) and v < 1 << 32, "an integer in [0, 2^32)"),
+    "written_at": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                   "a finite number"),
+    "format": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def header_error(meta: dict[str, Any]) -> str:
+    """What is wrong with a shard checkpoint's header fields ("" if nothing): the first field, its value's type
+    and what it must be, then whether its range is consistent."""
+    for name, (test, what) in HEADER_TYPES.items():
+        if name in meta and not test(meta[name]):
+            value = repr(meta[name])
+            return f"{name} is {value[:40]}{'...' if len(value) > 40 else ''} ({type(meta[name]).__name__}), " \
+                   f"must be {what}"
+    if not meta["start"] <= meta["end"] <= meta["total"]:
+        return f"start {meta['start']}, end {meta['end']}, total {meta['total']}: must be start <= end <= total"
+    return ""
+
+
 def save_shard(directory: str | Path, state: ShardState) -> Path:
-    """Write shard ``state.index``'s state (its slice (n,) float32 and a JSON header) atomically."""
+    """Write shard ``state.index``'s state (its slice (n,) float32 and a JSON header) as ``shard-K.npz``.
+
+    The new file replaces the last good one only after it was read back whole (`load_shard`); the last good
+    one stays beside it as ``shard-K.prev.npz``. CheckpointError, with nothing replaced, if the slice holds
+    NaN or Inf or the file does not read back as written; OSError if it cannot be written.
+    """
     centre = np.ascontiguousarray(state.centre, dtype="<f4")
     if centre.shape != (state.end - state.start,):
         raise CheckpointError(f"shard {state.index}: slice of {centre.shape} for range [{state.start}, {state.end})")
-    header = header_of(state, zlib.crc32(memoryview(centre).cast("B")), time.time())
+    if not np.isfinite(centre).all():
+        raise CheckpointError(f"shard {state.index}: not checkpointed at version {state.version}, its slice holds "
+                              f"NaN or Inf; the last good checkpoint is kept")
+    crc = zlib.crc32(memoryview(centre).cast("B"))
+    header = header_of(state, crc, time.time())
     meta = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     path = shard_file(directory, state.index)
+    new, prev = _sibling(path, "new"), _sibling(path, "prev")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: np.savez(f, centre=centre, meta=meta))
+    atomic_write(new, lambda f: np.savez(f, centre=centre, meta=meta))
+    try:
+        back, _ = load_shard(new)
+        if back.version != state.version or zlib.crc32(memoryview(back.centre).cast("B")) != crc:
+            raise CheckpointError(f"checkpoint {new} does not read back as written")
+    except BaseException:
+        new.unlink(missing_ok=True)
+        raise
+    if path.exists():
+        os.replace(path, prev)  # the last good one, until the next one is verified
+    os.replace(new, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def newest_shard_checkpoint(directory: str | Path, index: int) -> tuple[Path, ShardState, float] | None:
+    """The newest of shard ``index``'s checkpoint files that reads back good: (its path, state, written_at).
+
+    None if there is none at all; CheckpointError (that of ``shard-K.npz``, or of the first file present)
+    if every one present is bad. A bad or older file passed over is a warning naming it.
+    """
+    good: list[tuple[float, int, Path, ShardState]] = []
+    errors: list[CheckpointError] = []
+    for path in shard_files(directory, index):
+        if not path.exists():
+            continue
+        try:
+            state, written_at = load_shard(path)
+        except CheckpointError as exc:
+            errors.append(exc)
+            continue
+        good.append((written_at, state.version, path, state))
+    if not good:
+        if errors:
+            raise errors[0]
+        return None
+    written_at, _, path, state = max(good, key=lambda g: (g[0], g[1]))
+    for exc in errors:
+        log.warning("%s; shard %d restores from %s instead", exc, index, path)
+    if path != shard_file(directory, index):
+        log.warning("shard %d restores from %s (version %d): it is the newest checkpoint that reads back good",
+                    index, path, state.version)
+    return path, state, written_at
 
 
 def load_shard(path: str | Path) -> tuple[ShardState, float]:
@@ -113,10 +235,10 @@ def load_shard(path: str | Path) -> tuple[ShardState, float]:
     if missing or unknown:
         raise CheckpointError(f"checkpoint {path} has an unexpected header (missing {missing or 'nothing'}, "
                               f"unknown {unknown or 'nothing'}); {hint}")
-    try:
-        state = state_of(meta, centre)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path} has an unexpected header ({exc}); {hint}") from None
+    wrong = header_error(meta)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} has an unexpected header field: {wrong}; {hint}")
+    state = state_of(meta, centre)
     if centre.ndim != 1 or centre.shape[0] != state.end - state.start:
         raise CheckpointError(f"checkpoint {path}: slice of {centre.shape} floats for range "
                               f"[{state.start}, {state.end}); {hint}")
@@ -211,11 +333,11 @@ def check_restore(directory: str | Path, shards: int, world: int | None = None) 
         raise CheckpointError(f"{path} holds {len(ranges)} shard range(s) for {state['shards']} shard(s); "
                               f"it was edited or is torn")
     for k, (start, end) in enumerate(ranges):
-        path = shard_file(directory, k)
-        if not path.exists():
-            log.warning("no checkpoint %s: shard %d will start empty and wait for an INIT", path, k)
+        found = newest_shard_checkpoint(directory, k)
+        if found is None:
+            log.warning("no checkpoint %s: shard %d will start empty and wait for an INIT", shard_file(directory, k), k)
             continue
-        shard_state, _ = load_shard(path)
+        path, shard_state, _ = found
         check_snapshot(path, shard_state, k, (start, end), state["total"], state["fingerprint"])
     return state
 
@@ -235,6 +357,16 @@ def check_snapshot(path: Path, snap: ShardState, index: int, rng: tuple[int, int
 def restore_shard(shard: Shard, path: str | Path) -> ShardState:
     """Load a checkpoint into a fresh Shard (before it serves); returns the state restored."""
     state, written_at = load_shard(path)
+    return _restore(shard, path, state, written_at)
+
+
+def restore_newest(shard: Shard, directory: str | Path) -> ShardState | None:
+    """Load the newest good checkpoint of the shard (`newest_shard_checkpoint`) into it; None if there is none."""
+    found = newest_shard_checkpoint(directory, shard.config.index)
+    return None if found is None else _restore(shard, *found)
+
+
+def _restore(shard: Shard, path: str | Path, state: ShardState, written_at: float) -> ShardState:
     if state.index != shard.config.index:
         raise CheckpointError(f"checkpoint {path} is shard {state.index}'s, not shard {shard.config.index}'s")
     shard.restore(state)
@@ -249,7 +381,12 @@ def _changes(state: ShardState) -> tuple[int, int, tuple[tuple[int, int], ...]]:
 
 
 class Checkpointer:
-    """Saves a shard every ``every_s`` seconds (if it changed) and on demand; called from the shard's tick."""
+    """Saves a shard every ``every_s`` seconds (if it changed) and on demand; called from the shard's tick.
+
+    A save that fails (the disk is full, the directory not writable) is a warning and counted in the shard's
+    stats; the shard goes on, the last good checkpoint stays, and the save is tried again ``every_s`` later
+    (and on demand) until one succeeds.
+    """
 
     def __init__(self, shard: Shard, directory: str | Path, every_s: float) -> None:
         self.shard = shard
@@ -257,6 +394,7 @@ class Checkpointer:
         self.every_s = every_s
         self._saved: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self._last = time.monotonic()
+        self._failing = False
 
     def mark_saved(self) -> None:
         """The shard was just restored: its state is on disk already."""
@@ -266,10 +404,12 @@ class Checkpointer:
         if self.shard.centre is None:
             return
         now = time.monotonic()
-        if self._saved is None or (self.every_s > 0 and now - self._last >= self.every_s):
+        due = self.every_s > 0 and now - self._last >= self.every_s
+        if due or (self._saved is None and not self._failing):  # the first one at once, retried at the interval
             self.save()
 
     def save(self) -> Path | None:
+        """Write a checkpoint if the state changed since the last one; its path, or None (unchanged, or failed)."""
         s = self.shard
         if s.centre is None:
             return None
@@ -278,8 +418,23 @@ class Checkpointer:
         if _changes(state) == self._saved:
             return None
         t0 = time.perf_counter()
-        path = save_shard(self.directory, state)
+        stats = s.stats
+        try:
+            path = save_shard(self.directory, state)
+        except (OSError, CheckpointError) as exc:
+            stats.checkpoint_failures += 1
+            stats.checkpoint_error = f"{type(exc).__name__}: {exc}"
+            self._failing = True
+            log.warning("shard %d: checkpoint at version %d not written (%s); serving on, the last good checkpoint "
+                        "is kept, trying again in %g s", s.config.index, state.version, stats.checkpoint_error,
+                        self.every_s)
+            return None
         self._saved = _changes(state)
+        stats.checkpoint_ok_at = time.time()
+        if self._failing:
+            self._failing = False
+            log.warning("shard %d: checkpoints written again, at version %d, after %d failure(s)", s.config.index,
+                        state.version, stats.checkpoint_failures)
         log.debug("shard %d checkpoint at version %d in %.1f ms", s.config.index, s.version,
                   (time.perf_counter() - t0) * 1e3)
         return path

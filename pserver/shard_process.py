@@ -83,12 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if proc.checkpoint_dir:
             saver = checkpoint.Checkpointer(shard, proc.checkpoint_dir, proc.checkpoint_every_s)
-            path = checkpoint.shard_file(proc.checkpoint_dir, config.index)
-            if proc.restore and path.exists():
-                checkpoint.restore_shard(shard, path)
+            if proc.restore and checkpoint.restore_newest(shard, proc.checkpoint_dir) is not None:
                 saver.mark_saved()
             elif proc.restore:
-                log.warning("no checkpoint %s: starting empty, waiting for an INIT", path)
+                log.warning("no checkpoint %s: starting empty, waiting for an INIT",
+                            checkpoint.shard_file(proc.checkpoint_dir, config.index))
         parent_gone = (lambda: os.getppid() != proc.parent) if proc.parent else (lambda: False)
 
         trimmer = HeapTrimmer(name=f"shard {config.index}")  # what closed connections' buffers held goes back
