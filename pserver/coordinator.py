@@ -180,6 +180,9 @@ class Coordinator:
         self.ranges: list[tuple[int, int]] = []
         self.workers: dict[int, WorkerInfo] = {}
         self.refused: dict[str, int] = {}
+        # Writes of this state to disk that failed (pserver.supervisor.CoordinatorCheckpointer): how many, the last
+        # error, and when (time.time()) the last one succeeded.
+        self.checkpoint_status: dict[str, Any] = {"failures": 0, "error": "", "ok_at": 0.0}
         self.handlers: dict[str, Callable[[protocol.Message], list[Any] | None]] = {
             "REGISTER": self._register, "JOIN": self._join, "INIT": self._init, "DONE": self._done,
             "HEARTBEAT": self._heartbeat, "STATS": self._stats, "PING": self._ping,
@@ -440,6 +443,7 @@ class Coordinator:
             "initialised": self.layout is not None,
             "total": self.layout.total if self.layout else 0,
             "refused": dict(self.refused),
+            "checkpoint": dict(self.checkpoint_status),
             "repeats": self.memory.repeats,  # retried JOINs and INITs answered from memory
             "stop": self.stop_requested,
             "workers": {str(w.rank): {"name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,

@@ -37,6 +37,7 @@ class CoordinatorCheckpointer:
         self.every_s = every_s
         self._saved: dict[str, Any] | None = None
         self._last = time.monotonic()
+        self._failing = False
         coord.on_change = self.save
 
     def restored(self) -> None:
@@ -45,18 +46,33 @@ class CoordinatorCheckpointer:
         self._saved = self.coord.snapshot()
 
     def save(self) -> Path | None:
-        """Write the state if it changed since the last write; the path written, or None."""
+        """Write the state if it changed since the last write; the path written, or None (unchanged, or not
+        written: a warning, counted in the coordinator's summary, `checkpoint`, and tried again at the next
+        interval; the run goes on, the file on disk is the last one written)."""
         self._last = time.monotonic()
         state = self.coord.snapshot()
         if state == self._saved:
             return None
-        path = checkpoint.save_coordinator(self.directory, state)
+        status = self.coord.checkpoint_status
+        try:
+            path = checkpoint.save_coordinator(self.directory, state)
+        except OSError as exc:
+            status["failures"] += 1
+            status["error"] = f"{type(exc).__name__}: {exc}"
+            self._failing = True
+            log.warning("coordinator: checkpoint not written (%s); the run goes on, trying again in %g s",
+                        status["error"], self.every_s)
+            return None
         self._saved = state
+        status["ok_at"] = time.time()
+        if self._failing:
+            self._failing = False
+            log.warning("coordinator: checkpoints written again after %d failure(s)", status["failures"])
         return path
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        if self._saved is not None and self.every_s > 0 and now - self._last >= self.every_s:
+        if (self._saved is not None or self._failing) and self.every_s > 0 and now - self._last >= self.every_s:
             self.save()  # after the first decision only: before it there is nothing a restart would miss
 
 

@@ -83,6 +83,17 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return loss, auc
 
 
+def checkpoint_failures(coord: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"coordinator" or "shard K": its checkpoint status (failures, last error, last success)}, for those
+    whose checkpoints failed at least once: the run went on, but a restart would have had older state."""
+    out = {}
+    for who, status in [("coordinator", coord.get("checkpoint")),
+                        *((f"shard {s.get('shard')}", s.get("checkpoint")) for s in shards)]:
+        if isinstance(status, dict) and status.get("failures"):
+            out[who] = status
+    return out
+
+
 def _trim(bins: list[int]) -> list[int]:
     """A histogram without its trailing empty bins."""
     end = len(bins)
@@ -279,6 +290,9 @@ class Evaluator:
         updates = {str(s["shard"]): s["version"] for s in state["shards"]}
         effective = self._effective()
         warnings = run_warnings(self.run, self.world, updates, self.history, val_auc)
+        checkpoints = checkpoint_failures(coord, state["shards"])
+        warnings += [f"{who}: {c['failures']} checkpoint(s) not written, the last because {c['error']}"
+                     for who, c in checkpoints.items()]
         for w in warnings:
             log.warning("%s", w)
         samples = sum(int(w.get("samples", 0)) for w in workers.values())
@@ -301,6 +315,7 @@ class Evaluator:
                           "histograms": {w: _trim(bins) for w, bins in state["staleness"].items()}},
             "updates": updates,
             "refused": {str(s["shard"]): s["refused"] for s in state["shards"]},
+            "checkpoint_failures": checkpoints,
             "nan_recoveries": {r: int(w.get("nan_recoveries", 0)) for r, w in workers.items()},
             "lost_workers": sorted(int(r) for r, w in workers.items() if w["lost"]),
             "worker_names": {r: w.get("name", "") for r, w in workers.items()},

@@ -849,3 +849,101 @@ def test_a_round_whose_sum_overflows_keeps_the_centre_and_moves_on(make):
     np.testing.assert_array_equal(shard.centre.current, c)
     assert shard.version == 0 and shard.round.number == 1
     assert shard.stats.overflows[0] == 1 and shard.stats.overflows[1] == 1
+
+
+# ---- checkpoints that go bad, or cannot be written --------------------------------------------------
+
+def _rewrite(path, change):
+    """Rewrite a checkpoint's header with ``change`` applied, the CRCs still valid (np.savez computes the zip's)."""
+    with np.load(path) as z:
+        header, centre = json.loads(bytes(z["meta"]).decode()), np.array(z["centre"])
+    change(header)
+    np.savez(path, centre=centre, meta=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("version", "abc"), ("version", -1), ("version", True), ("start", 1.5), ("world", None), ("round", [1]),
+    ("seqs", {"0": "7"}), ("updates", [1, 2]), ("lost", ["2"]), ("left", 3), ("fingerprint", 7),
+    ("written_at", "now"), ("crc32", -1),
+])
+def test_a_checkpoint_header_field_of_the_wrong_type_is_refused_naming_it(make, tmp_path, field, value):
+    shard, _ = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
+    _rewrite(path, lambda h: h.update({field: value}))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path.name}.*unexpected header field: {field} is"):
+        checkpoint.load_shard(path)
+    fresh, _ = make(index=2)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.restore_shard(fresh, path)
+    assert fresh.centre is None
+
+
+def test_a_checkpoint_range_that_does_not_fit_is_refused(make, tmp_path):
+    shard, _ = busy_shard(make)
+    path = checkpoint.save_shard(tmp_path, shard.snapshot())
+    _rewrite(path, lambda h: h.update(start=30, end=40, total=35))
+    with pytest.raises(checkpoint.CheckpointError, match="start <= end <= total"):
+        checkpoint.load_shard(path)
+
+
+def test_a_non_finite_centre_is_never_checkpointed_and_the_good_one_stays(make, tmp_path):
+    shard, wire = busy_shard(make)
+    saver = checkpoint.Checkpointer(shard, tmp_path, every_s=0.0)
+    path = saver.save()
+    good = checkpoint.load_shard(path)[0]
+    push(shard, wire, 0, 5, vec(5))
+    shard.centre.current[3] = np.inf  # as a centre overflowed by an unchecked apply would be
+    with pytest.raises(checkpoint.CheckpointError, match="NaN or Inf"):
+        checkpoint.save_shard(tmp_path, shard.snapshot())
+    assert saver.save() is None  # the checkpointer's save: a warning and a count, not an exception
+    assert shard.stats.checkpoint_failures == 1 and "NaN or Inf" in shard.stats.checkpoint_error
+    state, _ = checkpoint.load_shard(path)
+    assert _same(state, good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-2.npz"]
+
+
+def test_a_new_checkpoint_keeps_the_last_good_one_and_restore_takes_the_newest_good(make, tmp_path):
+    shard, wire = busy_shard(make)
+    first = checkpoint.save_shard(tmp_path, shard.snapshot())
+    v1 = shard.version
+    push(shard, wire, 0, 5, vec(5))
+    assert checkpoint.save_shard(tmp_path, shard.snapshot()) == first
+    prev = tmp_path / "shard-2.prev.npz"
+    assert checkpoint.load_shard(first)[0].version == v1 + 1 and checkpoint.load_shard(prev)[0].version == v1
+    path, state, _ = checkpoint.newest_shard_checkpoint(tmp_path, 2)
+    assert path == first and state.version == v1 + 1
+    first.write_bytes(first.read_bytes()[:100])  # torn (a disk that lies, a copy cut short)
+    path, state, _ = checkpoint.newest_shard_checkpoint(tmp_path, 2)
+    assert path == prev and state.version == v1
+    fresh, _ = make(index=2)
+    assert checkpoint.restore_newest(fresh, tmp_path).version == v1
+    prev.write_bytes(b"not a zip")
+    with pytest.raises(checkpoint.CheckpointError, match="shard-2.npz is torn"):
+        checkpoint.newest_shard_checkpoint(tmp_path, 2)
+    assert checkpoint.newest_shard_checkpoint(tmp_path / "empty", 2) is None
+
+
+def test_a_checkpoint_that_cannot_be_written_is_counted_and_written_once_it_can(make, tmp_path):
+    shard, wire = busy_shard(make)
+    blocker = tmp_path / "ckpt"
+    blocker.write_text("a file where the checkpoint directory should be")  # mkdir fails, even for root
+    saver = checkpoint.Checkpointer(shard, blocker, every_s=0.0)
+    assert saver.save() is None and saver.save() is None  # each save is tried: the state is still unsaved
+    assert shard.stats.checkpoint_failures == 2 and "Error" in shard.stats.checkpoint_error
+    stats = ask(shard, wire, {"op": "STATS"}).header["stats"]["checkpoint"]
+    assert stats["failures"] == 2 and stats["ok_at"] == 0
+    blocker.unlink()
+    path = saver.save()
+    assert path is not None and checkpoint.load_shard(path)[0].version == shard.version
+    assert shard.stats.checkpoint_ok_at > 0
+
+
+def test_a_failing_checkpointer_retries_at_the_interval_not_every_tick(make, tmp_path):
+    shard, _ = busy_shard(make)
+    blocker = tmp_path / "ckpt"
+    blocker.write_text("")
+    saver = checkpoint.Checkpointer(shard, blocker, every_s=3600.0)
+    saver.tick()  # the first checkpoint is due at once
+    for _ in range(5):
+        saver.tick()  # then not before the interval
+    assert shard.stats.checkpoint_failures == 1
