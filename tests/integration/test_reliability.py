@@ -157,6 +157,9 @@ def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_pa
 
     path = ckpt / "shard-1.npz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # torn
+    prev = ckpt / "shard-1.prev.npz"  # the one before, kept beside it: torn too, else the restore would take it
+    if prev.exists():
+        prev.write_bytes(prev.read_bytes()[:100])
     cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--shards", "2", "--restore", str(ckpt)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
@@ -655,3 +658,171 @@ def test_idle_connections_cost_memory_only_while_open(pserver):
               + ", ".join(f"({o:.0f}, {c:.0f})" for o, c in seen) + " MiB")
     assert seen[0][0] - start > 25, "the connections cost the shard nothing while open: the probe is not telling"
     assert server.proc.poll() is None
+
+
+# ---- overflow, bad checkpoints, a full checkpoint disk ------------------------------------------------
+
+def test_finite_pushes_that_would_overflow_the_centre_are_refused_and_checkpoints_stay_good(pserver, tmp_path):
+    """Two finite pushes with one element at 3e38: the second would make that element Inf. It is refused and
+    counted, the centre and every checkpoint stay finite, and a SIGKILLed shard comes back from its checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every-s", "0.2")
+    c = Client(server.address, ClientConfig(timeout_s=1.0, retries=30, backoff_s=0.05, max_backoff_s=0.5), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    big = np.zeros(LAYOUT.total, np.float32)
+    big[[5, LAYOUT.total - 5]] = 3e38  # one element in each shard
+    c.push(big)
+    with pytest.raises(RemoteError, match="not_finite.*overflow"):
+        c.push(big)
+    centre = c.pull()
+    assert np.isfinite(centre).all()
+    np.testing.assert_array_equal(centre, initial() + big)
+    shards = c.stats()["shards"]
+    assert sum(sum(s["overflows"].values()) for s in shards) >= 1
+    assert [s["version"] for s in shards] == [1, 1]
+
+    def checkpointed() -> list[int]:
+        return [checkpoint.load_shard(checkpoint.shard_file(ckpt, k))[0].version  # refuses NaN or Inf
+                if checkpoint.shard_file(ckpt, k).exists() else -1 for k in range(2)]
+
+    wait_for(lambda: checkpointed() == [1, 1], 20, "both shards to checkpoint version 1")
+    victim = shard_procs(server)[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    c.push(-big)  # waits for the restart, then applied: the shard came back from a finite checkpoint
+    np.testing.assert_array_equal(c.pull(), (initial() + big) - big)  # 3e38 absorbed those elements' values
+    assert server.proc.poll() is None and "holds NaN or Inf" not in server.log()
+    c.close()
+
+
+def test_restore_refuses_a_checkpoint_header_field_of_the_wrong_type_naming_it(pserver, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt))
+    c = Client(server.address, worker=0)
+    c.init(initial(), LAYOUT)
+    c.push(np.ones(LAYOUT.total, np.float32))
+    c.close()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    for path in (ckpt / "shard-1.npz", ckpt / "shard-1.prev.npz"):
+        if path.exists():  # valid CRCs (np.savez writes the zip's; the slice is unchanged), one field a string
+            with np.load(path) as z:
+                header, centre = json.loads(bytes(z["meta"]).decode()), np.array(z["centre"])
+            header["version"] = "abc"
+            np.savez(path, centre=centre, meta=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    out = subprocess.run([sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--shards", "2", "--restore",
+                          str(ckpt)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "shard-1.npz has an unexpected header field: version is 'abc' (str)" in out.stderr, out.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs to checkpoint to, unmounted after the test; skipped where mounting is not permitted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until its file system is full (ENOSPC); returns it."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC
+    return filler
+
+
+def test_a_full_checkpoint_disk_is_a_warning_and_checkpoints_resume_when_space_returns(pserver, small_disk):
+    every_s = 0.3
+    server = pserver("--shards", "2", "--workers", "2", "--checkpoint-dir", str(small_disk), "--checkpoint-every-s",
+                     str(every_s))
+    c = Client(server.address, ClientConfig(timeout_s=2.0, retries=5), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    one = np.ones(LAYOUT.total, np.float32)
+    for _ in range(3):
+        c.push(one)
+
+    def on_disk() -> list[tuple[int, float]]:
+        return [checkpoint.load_shard(p)[:1][0].version if p.exists() else -1
+                for p in (checkpoint.shard_file(small_disk, k) for k in range(2))]
+
+    wait_for(lambda: on_disk() == [3, 3], 20, "both shards to checkpoint version 3")
+    filler = fill(small_disk)
+    full_at = time.time()
+    for _ in range(10):
+        c.push(one)  # the run goes on
+    other = Client(server.address, ClientConfig(timeout_s=2.0, retries=5))
+    other.join("w1")  # a decision: the coordinator writes its state at once, and cannot
+
+    def failures() -> list[int]:
+        st = c.stats()
+        return [st["coordinator"]["checkpoint"]["failures"], *(s["checkpoint"]["failures"] for s in st["shards"])]
+
+    wait_for(lambda: min(failures()) >= 1, 20, "the coordinator and both shards to report a failed checkpoint")
+    assert server.proc.poll() is None
+    assert on_disk() == [3, 3]  # the last good checkpoints, intact
+    stats = c.stats()
+    assert "No space left" in stats["shards"][0]["checkpoint"]["error"], stats["shards"][0]["checkpoint"]
+    assert "No space left" in stats["coordinator"]["checkpoint"]["error"]
+    assert "checkpoint at version 13 not written" in server.log() and "coordinator: checkpoint not written" \
+        in server.log()
+    filler.unlink()
+    wait_for(lambda: on_disk() == [13, 13], 20, "both shards to checkpoint again once there is space")
+    wait_for(lambda: c.stats()["coordinator"]["checkpoint"]["ok_at"] > full_at, 20,
+             "the coordinator to checkpoint again once there is space")
+    assert [w["name"] for w in checkpoint.load_coordinator(small_disk)["workers"]] == ["w0", "w1"]
+    assert "checkpoints written again" in server.log()
+    np.testing.assert_array_equal(c.pull(), initial() + 13)
+    c.close(), other.close()
+
+
+@pytest.mark.slow
+def test_notpu_train_finishes_when_its_checkpoint_disk_fills_and_names_it_in_the_summary(fading_data, tmp_path,
+                                                                                          small_disk):
+    """RUN/checkpoints on a 256 KiB tmpfs, filled mid-run and freed again: the run finishes, model.keras and
+    summary.json are written, summary.json names the failed checkpoints, and the last checkpoint is newer
+    than the moment space returned."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    ckpt.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(small_disk), str(ckpt)], check=True)
+    try:
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+        cmd = [sys.executable, "-m", "runner.cli", "train", str(fading_data), "--out", str(run), "--workers", "2",
+               "--shards", "2", "--epochs", "20", "--hidden", "8", "--checkpoint-every-s", "0.5", "--no-progress"]
+        with open(tmp_path / "train.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: proc.poll() is None and checkpoint.shard_file(ckpt, 1).exists(), 120,
+                     "the run's first shard checkpoints")
+            filler = fill(ckpt)
+            server_log = run / "logs" / "pserver.log"
+            wait_for(lambda: proc.poll() is None and "not written" in server_log.read_text(errors="replace"), 60,
+                     "a checkpoint failure in the server's log, mid-run")
+            filler.unlink()
+            freed_at = time.time()
+            assert proc.wait(600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+        finally:
+            stop_trees([proc], grace_s=5.0)
+        summary = json.loads((run / "summary.json").read_text())
+        assert (run / "model.keras").is_file() and np.isfinite(summary["test_auc"])
+        failed = summary["checkpoint_failures"]
+        assert failed and all(f["failures"] >= 1 and "No space left" in f["error"] for f in failed.values()), failed
+        assert any("checkpoint(s) not written" in w for w in summary["warnings"]), summary["warnings"]
+        written = [checkpoint.load_shard(checkpoint.shard_file(ckpt, k))[1] for k in range(2)]
+        assert min(written) > freed_at, (written, freed_at)
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt)], check=False)
