@@ -269,7 +269,7 @@ def save_coordinator(directory: str | Path, state: dict[str, Any]) -> Path:
 
 def load_coordinator(directory: str | Path) -> dict[str, Any]:
     """Read and check ``coordinator.json``: the state `save_coordinator` wrote. CheckpointError naming the file
-    if it is missing, torn, edited, of another format or lacks a field."""
+    if it is missing, torn, damaged (its CRC32), of another format or lacks a field."""
     path = Path(directory) / COORDINATOR_FILE
     hint = (f"restore from a complete copy of {directory}, or start without --restore (a new run: its workers "
             f"must be restarted too)")
@@ -288,7 +288,8 @@ def load_coordinator(directory: str | Path) -> dict[str, Any]:
                               f"{hint}")
     state = doc["state"]
     if doc.get("crc32") != _crc(state):
-        raise CheckpointError(f"{path}: the state's CRC32 does not match its header (edited or corrupt); {hint}")
+        raise CheckpointError(f"{path}: the state's CRC32 does not match its header (damaged on disk or in a "
+                              f"copy, or edited without it); {hint}")
     missing = [k for k in COORDINATOR_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; {hint}")
