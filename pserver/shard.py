@@ -646,8 +646,10 @@ class Shard:
             log.warning("shard %d: round %d's result is not finite (float32 overflow); the centre is unchanged",
                         self.config.index, rnd.number)
             self.round = _Round(number=rnd.number + 1)
-            frames = protocol.encode(error("not_finite", f"round {rnd.number}'s result overflows float32; the "
-                                                         f"centre is unchanged, continue from round {rnd.number + 1}"))
+            # Answered as a round the worker missed: it pulls the unchanged centre and goes on from the next one.
+            frames = protocol.encode(error("round", f"round {rnd.number}'s result is not finite (float32 overflow) "
+                                                    f"and was not applied; pull the centre and continue from round "
+                                                    f"{rnd.number + 1}"))
             self._closed = None
             for identity, _ in contributors.values():
                 self._send(identity, frames)
