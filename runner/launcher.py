@@ -232,6 +232,7 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     server_config = ServerConfig(
         port=0, shards=config.shards, workers=config.workers, run=run_cfg, round_timeout_s=config.round_timeout_s,
         worker_timeout_s=config.worker_timeout_s, ready_file=str(ready), plugins=SHARD_PLUGINS,
+        max_delta_norm=config.max_delta_norm,
         **({"checkpoint_dir": str(out / "checkpoints"), "checkpoint_every_s": config.checkpoint_every_s}
            if config.checkpoint_every_s > 0 else {}))
     try:

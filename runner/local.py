@@ -60,6 +60,10 @@ class TrainConfig:
     startup_timeout_s: float = 60.0
     finish_timeout_s: float = 300.0  # after the last worker exits, how long the evaluator may take
     checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
+    # A push whose update norm (per shard slice) exceeds this is refused (too_large): a guard against one
+    # exploding worker, on by default here (`pserver start` leaves it off). The largest norms our own runs push
+    # are below 1 (MEASURED below), so this sits three orders of magnitude above them; 0 turns it off.
+    max_delta_norm: float = 1000.0
     progress: bool = True
     seed: int = WorkerConfig.seed
     # Where the workers run: "local" (child processes, runner.local) or "spark" (tasks, runner.spark); `master` is

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     fault.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
                        help="shards checkpoint to RUN/checkpoints this often; a shard that dies is restarted from "
                             "its checkpoint and the run goes on; 0: no checkpoints")
+    fault.add_argument("--max-delta-norm", type=float, default=d.max_delta_norm,
+                       help="refuse a push whose update norm (per shard) exceeds this; our runs push norms below 1; "
+                            "0: no limit")
 
     output.add_argument("--out", required=True, metavar="RUN",
                         help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
@@ -93,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
         learning_rate=args.learning_rate, overlap=args.overlap, wire=args.wire, shards=args.shards, target_auc=args.target_auc, threads=args.threads,
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
-        worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s, progress=args.progress, seed=args.seed, model=args.model,
+        worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s,
+        max_delta_norm=args.max_delta_norm, progress=args.progress, seed=args.seed, model=args.model,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
         restore_best=args.restore_best, tensorboard=args.tensorboard, engine=args.engine,
         master=args.master)
