@@ -9,7 +9,8 @@ otherwise ``out`` is scratch and the old centre was never touched.
 
 "Finite" is said of the update *and of its result*: two finite pushes of
 3e38 each make a finite delta but an Inf centre. Each kernel also sums
-``y − y`` over the values ``y`` it writes to ``out``: 0 for a finite value,
+``y − y`` over the values ``y`` it writes to ``out``, in float32 (exact zeros
+need no wider sum, and float32 lanes are twice as many): 0 for a finite value,
 NaN for Inf or NaN, so one more add per element in the same pass (the pass is
 memory-bound: bench/test_bench_kernels.py times it at the cost of the plain
 one) says whether the candidate centre is finite. Only ``reassoc`` is allowed
@@ -70,7 +71,7 @@ def check(delta):
 def add(centre, delta, out, copy=None):
     """out = centre + delta (and copy = out, if given); returns (delta and out finite, ‖delta‖)."""
     sq = 0.0
-    bad = 0.0  # Σ (y − y): NaN once any written value is not finite
+    bad = np.float32(0.0)  # Σ (y − y): NaN once any written value is not finite
     for i in range(centre.shape[0]):
         d = delta[i]
         y = centre[i] + d
@@ -79,7 +80,7 @@ def add(centre, delta, out, copy=None):
             copy[i] = y
         v = np.float64(d)
         sq += v * v
-        bad += np.float64(y - y)
+        bad += y - y
     return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
@@ -88,7 +89,7 @@ def add_scaled(centre, delta, scale, out, copy=None):
     """out = centre + scale·delta (ADAG's Δ/λ, DynSGD's Δ/(staleness+1)), and copy = out if given;
     returns (scale·delta and out finite, ‖scale·delta‖)."""
     sq = 0.0
-    bad = 0.0
+    bad = np.float32(0.0)
     for i in range(centre.shape[0]):
         d = scale * delta[i]
         y = centre[i] + d
@@ -97,7 +98,7 @@ def add_scaled(centre, delta, scale, out, copy=None):
             copy[i] = y
         v = np.float64(d)
         sq += v * v
-        bad += np.float64(y - y)
+        bad += y - y
     return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
@@ -108,7 +109,7 @@ def elastic(centre, local, alpha, out, diff):
     Returns (diff and out finite, ‖diff‖).
     """
     sq = 0.0
-    bad = 0.0
+    bad = np.float32(0.0)
     for i in range(centre.shape[0]):
         e = alpha * (local[i] - centre[i])
         diff[i] = e
@@ -116,7 +117,7 @@ def elastic(centre, local, alpha, out, diff):
         out[i] = y
         v = np.float64(e)
         sq += v * v
-        bad += np.float64(y - y)
+        bad += y - y
     return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
 
 
@@ -126,11 +127,10 @@ def sum_round(centre, rows, count, scale, replace, out):
 
     replace=False (EASGD):   out = centre + scale·Σ_i rows[i]
     replace=True (averaging): out = scale·Σ_i rows[i]           (scale = 1/count)
-    Sums in float64, rounds once. Returns (out finite, ‖out − centre‖): a sum finite in float64 may still
-    round to Inf in float32.
+    Sums in float64, rounds once. Returns (out finite, ‖out − centre‖), the norm of what was written: a sum
+    finite in float64 may round to Inf in float32, and then so is the norm, with no second reduction.
     """
     sq = 0.0
-    bad = 0.0
     for j in prange(centre.shape[0]):
         s = 0.0
         for i in range(count):
@@ -139,10 +139,9 @@ def sum_round(centre, rows, count, scale, replace, out):
         new = scale * s if replace else c + scale * s
         y = np.float32(new)
         out[j] = y
-        v = new - c
+        v = np.float64(y) - c
         sq += v * v
-        bad += np.float64(y - y)
-    return math.isfinite(sq) and bad == 0.0, math.sqrt(sq)
+    return math.isfinite(sq), math.sqrt(sq)
 
 
 def warm_up() -> None:
