@@ -826,3 +826,31 @@ def test_notpu_train_finishes_when_its_checkpoint_disk_fills_and_names_it_in_the
         assert min(written) > freed_at, (written, freed_at)
     finally:
         subprocess.run(["umount", "-l", str(ckpt)], check=False)
+
+
+def test_a_read_only_checkpoint_disk_is_a_warning_and_checkpoints_resume_when_writable(pserver, small_disk):
+    server = pserver("--shards", "2", "--workers", "2", "--checkpoint-dir", str(small_disk), "--checkpoint-every-s",
+                     "0.3")
+    c = Client(server.address, ClientConfig(timeout_s=2.0, retries=5), worker=0)
+    c.join("w0")
+    c.init(initial(), LAYOUT)
+    one = np.ones(LAYOUT.total, np.float32)
+    c.push(one)
+
+    def on_disk() -> list[int]:
+        return [checkpoint.load_shard(p)[0].version if p.exists() else -1
+                for p in (checkpoint.shard_file(small_disk, k) for k in range(2))]
+
+    wait_for(lambda: on_disk() == [1, 1], 20, "both shards to checkpoint version 1")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # EROFS, which root cannot bypass
+    try:
+        for _ in range(4):
+            c.push(one)
+        wait_for(lambda: min(s["checkpoint"]["failures"] for s in c.stats()["shards"]) >= 1, 20,
+                 "both shards to report a failed checkpoint")
+        assert all("Read-only file system" in s["checkpoint"]["error"] for s in c.stats()["shards"])
+        assert server.proc.poll() is None and on_disk() == [1, 1]
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    wait_for(lambda: on_disk() == [5, 5], 20, "both shards to checkpoint again once the disk is writable")
+    c.close()
