@@ -61,6 +61,9 @@ class TrainConfig:
     finish_timeout_s: float = 300.0  # after the last worker exits, how long the evaluator may take
     checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
     progress: bool = True
+    # RUN may be absent, empty or a previous run; any other directory is written into only when this is set,
+    # so a typo in --out cannot mix a run's files (and its clean-up) into a directory of other files.
+    overwrite: bool = False
     seed: int = WorkerConfig.seed
     # Where the workers run: "local" (child processes, runner.local) or "spark" (tasks, runner.spark); `master` is
     # the Spark master URL `notpu train --engine spark` starts its session with (None: spark-submit's, else local[N]).
