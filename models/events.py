@@ -191,10 +191,13 @@ def _first_bad(path: Path, column: str, values: np.ndarray, ok: np.ndarray, what
                      f"as {what}; fix or drop such rows")
 
 
-def parse_timestamps(arr: pa.Array, path: Path, column: str, row0: int = 0) -> np.ndarray:
+def parse_timestamps(arr: pa.Array, path: Path, column: str, row0: int = 0,
+                     seen: dict[str, tuple[int, str]] | None = None) -> np.ndarray:
     """Unix seconds (int64, UTC) from integer/float seconds, Arrow timestamps or ISO 8601 text.
 
-    `row0` is the batch's first data row in the source (0-based), so that errors name the row.
+    `row0` is the batch's first data row in the source (0-based), so that errors name the row; `seen`
+    (kept by the caller across a source's batches) records the first row of each text format met, so that
+    a log whose batches use different formats is refused as one whose rows do.
     """
     if arr.null_count:
         raise DataError(f"{path}: column {column!r} has {arr.null_count} empty timestamps; fill or drop those rows")
@@ -212,7 +215,7 @@ def parse_timestamps(arr: pa.Array, path: Path, column: str, row0: int = 0) -> n
             raise _first_bad(path, column, f, np.isfinite(f), "unix seconds", row0)
         out = np.floor(f).astype(np.int64)
     elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        out = _parse_text_timestamps(arr, path, column, row0)
+        out = _parse_text_timestamps(arr, path, column, row0, {} if seen is None else seen)
     else:
         raise DataError(f"{path}: column {column!r} has type {arr.type}; expected unix seconds or ISO 8601 text")
     if out.size and (out.max() > MAX_PLAUSIBLE_UNIX_S or out.min() < -MAX_PLAUSIBLE_UNIX_S):
@@ -223,16 +226,30 @@ def parse_timestamps(arr: pa.Array, path: Path, column: str, row0: int = 0) -> n
     return out
 
 
-def _parse_text_timestamps(arr: pa.Array, path: Path, column: str, row0: int) -> np.ndarray:
+UNIX, ISO = "unix seconds", "ISO 8601"
+
+
+def _one_format(path: Path, column: str, seen: dict[str, tuple[int, str]], kind: str, row: int, value: str) -> None:
+    """Record that data row `row` (0-based) holds `kind`; DataError if an earlier batch held the other format."""
+    seen.setdefault(kind, (row, value))
+    other = ISO if kind == UNIX else UNIX
+    if other in seen:
+        (u_row, u_val), (i_row, i_val) = seen[UNIX], seen[ISO]
+        raise DataError(f"{path}: column {column!r} has mixed formats: {_row(path, u_row, 0)} is {u_val!r} ({UNIX}), "
+                        f"{_row(path, i_row, 0)} is {i_val!r} ({ISO}); write every timestamp one way")
+
+
+def _parse_text_timestamps(arr: pa.Array, path: Path, column: str, row0: int,
+                           seen: dict[str, tuple[int, str]]) -> np.ndarray:
     # Fast paths first: integer or decimal seconds written as text (typical CSV export).
-    try:
-        return arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    try:
-        return np.floor(arr.cast(pa.float64()).to_numpy(zero_copy_only=False)).astype(np.int64)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+    for parse in (lambda: arr.cast(pa.int64()).to_numpy(zero_copy_only=False),
+                  lambda: np.floor(arr.cast(pa.float64()).to_numpy(zero_copy_only=False)).astype(np.int64)):
+        try:
+            out = parse()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        _one_format(path, column, seen, UNIX, row0, str(arr[0].as_py()))
+        return out
     text = arr.to_numpy(zero_copy_only=False)
     # utc=True converts every offset ("+02:00", "Z", "-0500") to UTC; a value
     # without an offset is taken as UTC.
@@ -242,10 +259,10 @@ def _parse_text_timestamps(arr: pa.Array, path: Path, column: str, row0: int) ->
         numeric = pd.to_numeric(pd.Series(text), errors="coerce").notna().to_numpy()  # text that is unix seconds
         if ok.any() and numeric.any():
             i, j = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(numeric)[0])
-            raise DataError(
-                f"{path}: column {column!r} has mixed formats: {_row(path, row0, j)} is {str(text[j])!r} (unix "
-                f"seconds), {_row(path, row0, i)} is {str(text[i])!r} (ISO 8601); write every timestamp one way")
-        raise _first_bad(path, column, text, ok, "unix seconds or ISO 8601", row0)
+            _one_format(path, column, seen, UNIX, row0 + j, str(text[j]))
+            _one_format(path, column, seen, ISO, row0 + i, str(text[i]))
+        raise _first_bad(path, column, text, ok, f"{UNIX} or {ISO}", row0)
+    _one_format(path, column, seen, ISO, row0, str(text[0]))
     ns = parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     return np.floor_divide(ns, 1_000_000_000)
 
@@ -290,13 +307,14 @@ def iter_events(
         fmt = detect_format(path)
         batches = _parquet_batches(path, columns, roles) if fmt == "parquet" else _csv_batches(path, columns, roles)
     total = 0
+    formats: dict[str, tuple[int, str]] = {}  # the first row of each text timestamp format met
     for rb in batches:
         if rb.num_rows == 0:
             continue
         row0 = total
         total += rb.num_rows
         get = {role: rb.column(rb.schema.get_field_index(getattr(columns, role))) for role in roles}
-        ts = parse_timestamps(get["time"], path, columns.time, row0) if "time" in get else None
+        ts = parse_timestamps(get["time"], path, columns.time, row0, formats) if "time" in get else None
         type_codes = type_uniques = id_codes = id_uniques = value = None
         if "type" in get:
             type_codes, type_uniques = _factorize(get["type"], path, columns.type)
