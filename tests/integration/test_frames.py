@@ -132,3 +132,25 @@ def test_the_readme_notebook_example_runs(tmp_path: Path) -> None:
     assert (tmp_path / "prepared" / "spec.json").is_file() and (tmp_path / "run" / "model.keras").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert sum(summary["updates"].values()) > 0 and 0 <= summary["test_auc"] <= 1
+
+
+def test_fit_refuses_a_directory_of_other_files_before_writing(tmp_path: Path) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from models.errors import DataError
+    from runner import fit
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.GlobalAveragePooling1D(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    X, y = np.zeros((20, 5, 3), np.float32), np.arange(20) % 2
+    with pytest.raises(DataError, match=r"out='.*mine': directory holds other files \(notes.txt\) and no previous run; "
+                                        r"pass a new or empty directory, or add overwrite=True to write into it"):
+        fit(model, (X, y), out=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(DataError, match=r"is a file; pass a directory for the run"):
+        fit(model, (X, y), out=mine / "notes.txt")
