@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     output.add_argument("--out", required=True, metavar="RUN",
                         help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
     output.add_argument("--overwrite", action="store_true", default=d.overwrite,
-                        help="write into an --out directory that holds other files (without it: only an absent or "
-                             "empty directory, or a previous run)")
+                        help="write into an --out directory that holds other files; without it RUN must be absent, "
+                             "empty or a previous run")
     output.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s,
                         help="seconds between evaluations of the centre on the validation split")
     output.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS),
