@@ -61,7 +61,7 @@ def check_file_out(out: Path, example: str, option: str = "--out") -> None:
 # previous run from a directory of other files; the stale files are the ones the next run must not inherit.
 RUN_MARKERS = ("summary.json", "history.jsonl", ".pserver.json", "logs/evaluator.log", "logs/pserver.log",
                "initial_weights.npz")
-RUN_STALE_FILES = ("history.jsonl", "summary.json", ".finish", ".pserver.json")
+RUN_STALE_FILES = ("history.jsonl", "summary.json", "report.png", ".finish", ".pserver.json")
 RUN_STALE_DIRS = ("checkpoints",)  # a shard must never restart from another run's slice
 
 
