@@ -109,10 +109,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cols = None
     if any(getattr(args, f"{r}_col") for r in ("id", "time", "type", "value")):
-        from models.predict import load_spec
-        from pathlib import Path
+        from models.predict import load_spec, model_file
 
-        spec_cols = EventColumns(**load_spec(Path(args.model), args.spec)["columns"])
+        spec_cols = EventColumns(**load_spec(model_file(args.model), args.spec)["columns"])
         cols = EventColumns(**{r: getattr(args, f"{r}_col") or getattr(spec_cols, r) for r in ("id", "time", "type", "value")})
     scores = predict(PredictConfig(model=args.model, events=args.events, out=args.out, spec=args.spec,
                                    cutoff=args.cutoff, columns=cols, custom_modules=tuple(args.custom_module)))

@@ -85,6 +85,10 @@ def _check_arrays(where: Path, X: np.ndarray, y: np.ndarray, active: np.ndarray 
 
 def _load_files(d: Path, mmap: bool, top: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(X, y, ids, active) of one file set: the DIR `top` of the one-file layout, or one of its parts."""
+    if top.is_file():
+        prepared = top.parent / "prepared"
+        raise DataError(f"{top}: is a file, not a prepared DIR; run `notpu prepare {top} --out {prepared}` "
+                        f"first and pass {prepared}")
     missing = [f for f in ("X.npy", "y.npy") if not (d / f).is_file()]
     if missing:
         raise DataError(f"{d}: missing {', '.join(missing)}; run `notpu prepare EVENTS --out {top}` first")

@@ -19,7 +19,7 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,19 @@ class EventColumns:
 
 ALL_ROLES = ("id", "time", "type", "value")
 
+#: Where events come from: a CSV or Parquet file, or a pandas DataFrame with the four columns.
+EventSource = Union[str, Path, pd.DataFrame]
+FRAME = "the DataFrame"  # how messages name a DataFrame source
+
+
+def is_frame(source: EventSource) -> bool:
+    return isinstance(source, pd.DataFrame)
+
+
+def source_name(source: EventSource) -> str:
+    """The source as messages name it: its path, or 'the DataFrame'."""
+    return FRAME if is_frame(source) else str(source)
+
 
 @dataclass(frozen=True)
 class EventBatch:
@@ -67,7 +80,10 @@ class EventBatch:
     n: int
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: EventSource) -> str:
+    if is_frame(path):
+        return "dataframe"
+    path = Path(path)
     suffix = "".join(path.suffixes[-2:]).lower()
     if suffix.endswith(".parquet") or suffix.endswith(".pq"):
         return "parquet"
@@ -77,6 +93,9 @@ def detect_format(path: Path) -> str:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the path of one CSV or Parquet event log "
+                        "(a directory of part files needs --engine spark)")
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of a CSV or Parquet event log")
     if path.stat().st_size == 0:
@@ -126,6 +145,19 @@ def _csv_batches(path: Path, columns: EventColumns, roles: Sequence[str]) -> Ite
         raise DataError(f"{path}: cannot read as CSV ({str(exc).splitlines()[0]}); check the delimiter and quoting") from None
 
 
+def _frame_batches(frame: pd.DataFrame, columns: EventColumns, roles: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    check_column_names(FRAME, [str(c) for c in frame.columns], columns, roles)
+    names = columns.names(roles)
+    for start in range(0, len(frame), BATCH_ROWS):
+        part = frame.iloc[start:start + BATCH_ROWS][names]
+        try:
+            table = pa.Table.from_pandas(part, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataError(f"{FRAME}: cannot convert its columns {names} ({str(exc).splitlines()[0]}); "
+                            "give each column one type") from None
+        yield from table.combine_chunks().to_batches()
+
+
 def _parquet_batches(path: Path, columns: EventColumns, roles: Sequence[str]) -> Iterator[pa.RecordBatch]:
     try:
         pf = pq.ParquetFile(path, read_dictionary=[columns.id, columns.type])
@@ -147,13 +179,26 @@ def _factorize(arr: pa.Array, path: Path, column: str) -> tuple[np.ndarray, np.n
     return codes.astype(np.int64, copy=False), np.asarray(uniques)
 
 
-def _first_bad(path: Path, column: str, values: np.ndarray, ok: np.ndarray, what: str) -> DataError:
+def _row(path: Path | str, row0: int, i: int) -> str:
+    """How a message names the i-th value of a batch starting at data row `row0` (0-based)."""
+    n = row0 + i + 1  # 1-based, the header not counted
+    return f"row {n} (line {n + 1})" if str(path).lower().endswith((".csv", ".csv.gz")) else f"row {n}"
+
+
+def _first_bad(path: Path, column: str, values: np.ndarray, ok: np.ndarray, what: str, row0: int = 0) -> DataError:
     bad = int(np.flatnonzero(~ok)[0])
-    return DataError(f"{path}: column {column!r}: cannot parse {values[bad]!r} as {what}; fix or drop such rows")
+    return DataError(f"{path}: column {column!r}, {_row(path, row0, bad)}: cannot parse {str(values[bad])!r} "
+                     f"as {what}; fix or drop such rows")
 
 
-def parse_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
-    """Unix seconds (int64, UTC) from integer/float seconds, Arrow timestamps or ISO 8601 text."""
+def parse_timestamps(arr: pa.Array, path: Path, column: str, row0: int = 0,
+                     seen: dict[str, tuple[int, str]] | None = None) -> np.ndarray:
+    """Unix seconds (int64, UTC) from integer/float seconds, Arrow timestamps or ISO 8601 text.
+
+    `row0` is the batch's first data row in the source (0-based), so that errors name the row; `seen`
+    (kept by the caller across a source's batches) records the first row of each text format met, so that
+    a log whose batches use different formats is refused as one whose rows do.
+    """
     if arr.null_count:
         raise DataError(f"{path}: column {column!r} has {arr.null_count} empty timestamps; fill or drop those rows")
     if pa.types.is_dictionary(arr.type):
@@ -167,10 +212,10 @@ def parse_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
     elif pa.types.is_floating(arr.type):
         f = arr.to_numpy(zero_copy_only=False)
         if not np.isfinite(f).all():
-            raise _first_bad(path, column, f, np.isfinite(f), "unix seconds")
+            raise _first_bad(path, column, f, np.isfinite(f), "unix seconds", row0)
         out = np.floor(f).astype(np.int64)
     elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        out = _parse_text_timestamps(arr, path, column)
+        out = _parse_text_timestamps(arr, path, column, row0, {} if seen is None else seen)
     else:
         raise DataError(f"{path}: column {column!r} has type {arr.type}; expected unix seconds or ISO 8601 text")
     if out.size and (out.max() > MAX_PLAUSIBLE_UNIX_S or out.min() < -MAX_PLAUSIBLE_UNIX_S):
@@ -181,29 +226,54 @@ def parse_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
     return out
 
 
-def _parse_text_timestamps(arr: pa.Array, path: Path, column: str) -> np.ndarray:
+UNIX, ISO = "unix seconds", "ISO 8601"
+
+
+def _one_format(path: Path, column: str, seen: dict[str, tuple[int, str]], kind: str, row: int, value: str) -> None:
+    """Record that data row `row` (0-based) holds `kind`; DataError if an earlier batch held the other format."""
+    seen.setdefault(kind, (row, value))
+    other = ISO if kind == UNIX else UNIX
+    if other in seen:
+        (u_row, u_val), (i_row, i_val) = seen[UNIX], seen[ISO]
+        raise DataError(f"{path}: column {column!r} has mixed formats: {_row(path, u_row, 0)} is {u_val!r} ({UNIX}), "
+                        f"{_row(path, i_row, 0)} is {i_val!r} ({ISO}); write every timestamp one way")
+
+
+def _parse_text_timestamps(arr: pa.Array, path: Path, column: str, row0: int,
+                           seen: dict[str, tuple[int, str]]) -> np.ndarray:
     # Fast paths first: integer or decimal seconds written as text (typical CSV export).
-    try:
-        return arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    try:
-        return np.floor(arr.cast(pa.float64()).to_numpy(zero_copy_only=False)).astype(np.int64)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+    for parse in (lambda: arr.cast(pa.int64()).to_numpy(zero_copy_only=False),
+                  lambda: np.floor(arr.cast(pa.float64()).to_numpy(zero_copy_only=False)).astype(np.int64)):
+        try:
+            out = parse()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        _one_format(path, column, seen, UNIX, row0, str(arr[0].as_py()))
+        return out
     text = arr.to_numpy(zero_copy_only=False)
     # utc=True converts every offset ("+02:00", "Z", "-0500") to UTC; a value
     # without an offset is taken as UTC.
     parsed = pd.to_datetime(pd.Series(text), utc=True, format="ISO8601", errors="coerce")
     ok = parsed.notna().to_numpy()
     if not ok.all():
-        raise _first_bad(path, column, text, ok, "unix seconds or ISO 8601")
+        numeric = pd.to_numeric(pd.Series(text), errors="coerce").notna().to_numpy()  # text that is unix seconds
+        if ok.any() and numeric.any():
+            i, j = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(numeric)[0])
+            _one_format(path, column, seen, UNIX, row0 + j, str(text[j]))
+            _one_format(path, column, seen, ISO, row0 + i, str(text[i]))
+        raise _first_bad(path, column, text, ok, f"{UNIX} or {ISO}", row0)
+    _one_format(path, column, seen, ISO, row0, str(text[0]))
     ns = parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     return np.floor_divide(ns, 1_000_000_000)
 
 
-def check_columns(path: str | Path, columns: EventColumns = EventColumns(), roles: Sequence[str] = ALL_ROLES) -> None:
+def check_columns(path: EventSource, columns: EventColumns = EventColumns(), roles: Sequence[str] = ALL_ROLES) -> None:
     """Fail early, before any pass, if the file or one of the named columns is missing."""
+    if is_frame(path):
+        check_column_names(FRAME, [str(c) for c in path.columns], columns, roles)
+        if len(path) == 0:
+            raise DataError(f"{FRAME}: no events (no rows); pass a log with at least one event")
+        return
     path = Path(path)
     _check_file(path)
     if detect_format(path) == "parquet":
@@ -217,27 +287,34 @@ def check_columns(path: str | Path, columns: EventColumns = EventColumns(), role
 
 
 def iter_events(
-    path: str | Path,
+    path: EventSource,
     columns: EventColumns = EventColumns(),
     roles: Sequence[str] = ALL_ROLES,
 ) -> Iterator[EventBatch]:
     """Yield normalised batches of the columns named by `roles` (others are None).
 
+    `path` is a CSV or Parquet file or a pandas DataFrame with the columns.
     Reading only the roles a pass needs keeps Parquet scans cheap (column pruning).
     Raises DataError for a missing file or column, an empty log, empty ids, types
     or timestamps, and timestamps that are neither unix seconds nor ISO 8601.
     """
-    path = Path(path)
-    _check_file(path)
-    fmt = detect_format(path)
-    batches = _parquet_batches(path, columns, roles) if fmt == "parquet" else _csv_batches(path, columns, roles)
+    if is_frame(path):
+        batches = _frame_batches(path, columns, roles)
+        path = FRAME
+    else:
+        path = Path(path)
+        _check_file(path)
+        fmt = detect_format(path)
+        batches = _parquet_batches(path, columns, roles) if fmt == "parquet" else _csv_batches(path, columns, roles)
     total = 0
+    formats: dict[str, tuple[int, str]] = {}  # the first row of each text timestamp format met
     for rb in batches:
         if rb.num_rows == 0:
             continue
+        row0 = total
         total += rb.num_rows
         get = {role: rb.column(rb.schema.get_field_index(getattr(columns, role))) for role in roles}
-        ts = parse_timestamps(get["time"], path, columns.time) if "time" in get else None
+        ts = parse_timestamps(get["time"], path, columns.time, row0, formats) if "time" in get else None
         type_codes = type_uniques = id_codes = id_uniques = value = None
         if "type" in get:
             type_codes, type_uniques = _factorize(get["type"], path, columns.type)
@@ -260,7 +337,7 @@ def _to_float(arr: pa.Array, path: Path, column: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def last_timestamp(path: str | Path, columns: EventColumns = EventColumns()) -> int:
+def last_timestamp(path: EventSource, columns: EventColumns = EventColumns()) -> int:
     """The latest event's unix seconds (one timestamp-only scan)."""
     return max(int(b.ts_s.max()) for b in iter_events(path, columns, roles=("time",)))
 

@@ -39,3 +39,61 @@ def staged_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
+
+
+def _named(option: str, out: Path) -> str:
+    """How a message names the output: `--out run/` on a command line, `out='run/'` from Python."""
+    return f"{option} {out}" if option.startswith("-") else f"{option}={str(out)!r}"
+
+
+def check_file_out(out: Path, example: str, option: str = "--out") -> None:
+    """Refuse an output file path that is a directory, or whose parent is a file, before any work is done."""
+    if out.is_dir():
+        raise DataError(f"{_named(option, out)}: is a directory; pass a file path such as {out / example}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{_named(option, out)}: {parent} is a file, not a directory; pass a path such as {example}")
+            break
+
+
+# What a training run writes into its RUN directory. One of the markers (files only a run writes) tells a
+# previous run from a directory of other files; the stale files are the ones the next run must not inherit.
+RUN_MARKERS = ("summary.json", "history.jsonl", ".pserver.json", "logs/evaluator.log", "logs/pserver.log",
+               "initial_weights.npz")
+RUN_STALE_FILES = ("history.jsonl", "summary.json", "report.png", ".finish", ".pserver.json")
+RUN_STALE_DIRS = ("checkpoints",)  # a shard must never restart from another run's slice
+
+
+def is_previous_run(out: Path) -> bool:
+    return any((out / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_run_out(out: Path, overwrite: bool = False, option: str = "--out") -> None:
+    """A RUN directory must be absent, empty, or a previous run; any other directory only with `overwrite`.
+
+    Nothing is written or deleted here: it runs before any work, so that a refusal leaves `out` as it was.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{_named(option, out)}: is a file; pass a directory for the run (absent, empty, or a previous run)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{_named(option, out)}: {parent} is a file, not a directory; pass another path")
+            break
+    if out.is_dir() and not overwrite and any(out.iterdir()) and not is_previous_run(out):
+        shown = sorted(p.name for p in out.iterdir())
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        raise DataError(f"{_named(option, out)}: directory holds other files ({', '.join(shown[:3])}{more}) and no previous "
+                        "run; pass a new or empty directory, or add "
+                        f"{'--overwrite' if option.startswith('-') else 'overwrite=True'} to write into it")
+
+
+def start_run_dir(out: Path, overwrite: bool = False) -> None:
+    """Check `out` (`check_run_out`), then clear a previous run's state from it and create it."""
+    check_run_out(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in RUN_STALE_FILES:
+        (out / stale).unlink(missing_ok=True)
+    for stale in RUN_STALE_DIRS:
+        shutil.rmtree(out / stale, ignore_errors=True)

@@ -1,9 +1,10 @@
 """`notpu predict`: score new events with a trained model and the spec it was trained on.
 
 The spec (types, aggregations, scaling, window length, days per step) is applied unchanged: types
-the spec does not know go to 'other', and the observation window is the spec's
-number of days up to the end of the new log (or up to --cutoff). Every customer
-with at least one event in that window gets a score.
+the spec does not know go to 'other' (with a warning naming those the training log never had),
+and the observation window is the spec's number of days up to the end of the new log (or up to
+--cutoff). Every customer with at least one event in that window gets a score. Events come
+from a CSV or Parquet file or a pandas DataFrame; every field of the spec is checked on load.
 """
 from __future__ import annotations
 
@@ -17,22 +18,24 @@ import numpy as np
 import pandas as pd
 
 from models.errors import DataError
-from models.events import DAY_S, EventColumns, check_columns, iter_events, last_timestamp
-from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window
+from models.events import DAY_S, EventColumns, EventSource, check_columns, iter_events, last_timestamp, source_name
+from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window, feature_names
 from models.fileio import atomic_path
+from models.outdir import check_file_out
 from models.outputs import churn_probability
-from models.prepare import OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
+from models.prepare import MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
 
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_ROWS = 20_000  # below this a progress bar is noise
+UNSEEN_SHOWN = 10  # unseen event types a warning names, the most frequent first
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    model: str
-    events: str
-    out: str
+    model: str  # RUN/model.keras, or the RUN directory
+    events: EventSource  # a CSV or Parquet path, or a pandas DataFrame of events
+    out: str | None  # scores.csv; None: write nothing, return the scores
     spec: str | None = None  # default: spec.json next to the model
     cutoff: str | None = None  # default: the end of the new log's last UTC day
     batch_size: int = 1024  # customers per forward pass
@@ -40,6 +43,16 @@ class PredictConfig:
     # Modules holding the model's registered custom layers, imported before loading; those recorded in
     # RUN/summary.json (run_config.custom_modules, written by `notpu train`) are tried as well.
     custom_modules: tuple[str, ...] = ()
+
+
+def model_file(model: str | Path) -> Path:
+    """RUN/model.keras for a RUN directory, else the path itself; DataError if there is no model."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise DataError(f"{path}: no such model; pass RUN/model.keras written by `notpu train` (or the RUN directory)")
+    return path
 
 
 def load_spec(model_path: Path, spec_path: str | None) -> dict:
@@ -50,42 +63,143 @@ def load_spec(model_path: Path, spec_path: str | None) -> dict:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg}); pass the spec.json that `notpu prepare` wrote") from None
-    if spec.get("format") != SPEC_FORMAT or spec.get("scaling", {}).get("name") != SCALING \
-            or spec.get("aggregations") != list(AGGREGATIONS) or OTHER not in spec.get("types", []):
-        raise DataError(f"{path}: not a {SPEC_FORMAT} feature spec; re-run `notpu prepare` with this version")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file; pass the spec.json that `notpu prepare` wrote") from None
+    return validate_spec(spec, path)
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def validate_spec(spec: object, path: Path | str) -> dict:
+    """`spec` if every field predict reads is what `notpu prepare` writes; else DataError naming the field and file."""
+    fix = "re-run `notpu prepare`, or pass the spec.json it wrote with --spec"
+
+    def bad(name: str, value: object, want: str) -> DataError:
+        shown = repr(value) if isinstance(value, (str, int, float, bool)) and not isinstance(value, bool) else _kind(value)
+        return DataError(f"{path}: field {name} is {shown}; expected {want}; {fix}")
+
+    def whole(name: str, value: object, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad(name, value, f"a whole number from {low} to {high}")
+        return value
+
+    def obj(name: str, value: object) -> dict:
+        if not isinstance(value, dict):
+            raise bad(name, value, "an object")
+        return value
+
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: holds {_kind(spec)}, not a {SPEC_FORMAT} object; {fix}")
+    if spec.get("format") != SPEC_FORMAT:
+        raise bad("format", spec.get("format"), repr(SPEC_FORMAT))
+    if obj("scaling", spec.get("scaling")).get("name") != SCALING:
+        raise bad("scaling.name", spec["scaling"].get("name"), repr(SCALING))
+    if spec.get("aggregations") != list(AGGREGATIONS):
+        raise bad("aggregations", spec.get("aggregations"), f"the list {list(AGGREGATIONS)}")
+    types = spec.get("types")
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) and t for t in types):
+        raise bad("types", types, "a list of event type names")
+    dupes = sorted({t for t in types if types.count(t) > 1})
+    if dupes:
+        raise DataError(f"{path}: field types names {', '.join(map(repr, dupes))} more than once; each type once; {fix}")
+    if OTHER not in types:
+        raise DataError(f"{path}: field types has no {OTHER!r}, where unknown types go; {fix}")
+    others = spec.get("other_types", [])
+    if not isinstance(others, list) or not all(isinstance(t, str) for t in others):
+        raise bad("other_types", others, "a list of event type names")
+    if "features" in spec and spec["features"] != feature_names(types):
+        raise DataError(f"{path}: field features does not match field types ({len(types)} types x "
+                        f"{len(AGGREGATIONS)} aggregations); {fix}")
+    columns = obj("columns", spec.get("columns"))
+    roles = ("id", "time", "type", "value")
+    if sorted(columns) != sorted(roles):
+        raise DataError(f"{path}: field columns has keys {sorted(columns)}; expected {list(roles)}; {fix}")
+    for role in roles:
+        if not isinstance(columns[role], str) or not columns[role]:
+            raise bad(f"columns.{role}", columns[role], "a column name")
+    window = obj("window", spec.get("window"))
+    days = whole("window.observation_days", window.get("observation_days"), 1, MAX_OBSERVATION_DAYS)
+    bucket = whole("window.bucket_days", window.get("bucket_days", 1), 1, days)  # older specs: daily
+    if "steps" in window and window["steps"] != -(-days // bucket):
+        raise bad("window.steps", window["steps"], f"{-(-days // bucket)} (observation_days / bucket_days, rounded up)")
+    whole("filter.min_active_days", obj("filter", spec.get("filter", {})).get("min_active_days", 0), 0,
+          MAX_OBSERVATION_DAYS)
     return spec
 
 
-def build_features(events: str, spec: dict, columns: EventColumns, cutoff: str | None) -> tuple[DailyAggregator, np.ndarray]:
-    """Aggregate the new log with the spec; returns the aggregator and its rows sorted by id."""
+def build_features(events: EventSource, spec: dict, columns: EventColumns,
+                   cutoff: str | None) -> tuple[DailyAggregator, np.ndarray, str | None]:
+    """Aggregate the new log with the spec: the aggregator, its rows sorted by id, and a warning naming the
+    event types the training log never had (None if there are none)."""
     check_columns(events, columns)
     end = parse_cutoff(cutoff) if cutoff else (last_timestamp(events, columns) // DAY_S + 1) * DAY_S
     days = int(spec["window"]["observation_days"])
     bucket = int(spec["window"].get("bucket_days", 1))  # specs written before buckets existed are daily
     types = list(spec["types"])
+    known = pd.Index(types + list(spec.get("other_types", [])))  # the types the training log had
+    unseen: dict[str, int] = {}
+    inside_total = 0
     agg = DailyAggregator(Window(start_s=end - days * DAY_S, days=days, bucket_days=bucket), len(types))
     for b in iter_events(events, columns):
         inside = (b.ts_s >= agg.window.start_s) & (b.ts_s < agg.window.end_s)
         cust = agg.encode(b.id_codes, b.id_uniques, inside)
         agg.add(cust, b.ts_s, type_index(b.type_uniques, types)[b.type_codes], b.value)
+        inside_total += int(inside.sum())
+        new = np.flatnonzero(known.get_indexer(b.type_uniques) < 0)  # distinct types of this batch, few
+        if new.size:
+            n = np.bincount(b.type_codes[inside], minlength=len(b.type_uniques))[new]
+            for name, count in zip(b.type_uniques[new], n):
+                if count:
+                    unseen[str(name)] = unseen.get(str(name), 0) + int(count)
     if agg.n_customers == 0:
-        raise DataError(f"{events}: no events between {iso(agg.window.start_s)} and {iso(end)}; check --cutoff")
+        raise DataError(f"{source_name(events)}: no events between {iso(agg.window.start_s)} and {iso(end)}; "
+                        "check --cutoff")
     rows = np.argsort(agg.ids(), kind="stable")
     newcomers = int((agg.active_days() < spec.get("filter", {}).get("min_active_days", 0)).sum())
     if newcomers:
         log.info("%d of %d customers have fewer active days than the training filter; their scores are less reliable",
                  newcomers, agg.n_customers)
-    return agg, rows
+    complete = bool(spec.get("other_types_complete")) and "other_types" in spec
+    return agg, rows, unseen_warning(source_name(events), unseen, inside_total, complete)
+
+
+def unseen_warning(source: str, unseen: dict[str, int], total: int, complete: bool) -> str | None:
+    """One line naming the types the training log never had, with their event counts; None if none."""
+    if not unseen:
+        return None
+    ranked = sorted(unseen.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{name!r} ({n:,})" for name, n in ranked[:UNSEEN_SHOWN])
+    more = f" and {len(ranked) - UNSEEN_SHOWN} more" if len(ranked) > UNSEEN_SHOWN else ""
+    never = "the training log never had" if complete else "outside the spec's kept types"
+    return (f"{source}: {sum(unseen.values()):,} of {total:,} events in the window have event types {never}, "
+            f"scored as {OTHER!r}: {shown}{more}; if they matter, prepare and train on a log that has them")
 
 
 def predict(cfg: PredictConfig) -> pd.DataFrame:
-    """Write `id,churn_probability` to cfg.out (atomically) and return it."""
-    model_path = Path(cfg.model)
-    if not model_path.is_file():
-        raise DataError(f"{model_path}: no such model; pass RUN/model.keras written by `notpu train`")
+    """Write `id,churn_probability` to cfg.out (atomically) and return it; unseen types are a logged warning."""
+    scores, warning = score(cfg)
+    if warning:
+        log.warning("%s", warning)
+    return scores
+
+
+def score(cfg: PredictConfig) -> tuple[pd.DataFrame, str | None]:
+    """(`id,churn_probability` for every customer in the window, the unseen-types warning or None).
+
+    Everything is checked before any scoring (the model and spec files, the spec's fields, --out, the
+    cut-off); cfg.out, if given, is written atomically at the end.
+    """
+    model_path = model_file(cfg.model)
     spec = load_spec(model_path, cfg.spec)
+    if cfg.out is not None:
+        check_file_out(Path(cfg.out), example="scores.csv")
+    if cfg.cutoff is not None:
+        parse_cutoff(cfg.cutoff)
     columns = cfg.columns or EventColumns(**spec["columns"])
-    agg, rows = build_features(cfg.events, spec, columns, cfg.cutoff)
+    agg, rows, warning = build_features(cfg.events, spec, columns, cfg.cutoff)
     model = _load_keras(model_path, cfg.custom_modules)
     want = (agg.window.steps, len(spec["types"]) * len(AGGREGATIONS))
     got = tuple(model.input_shape[1:])
@@ -101,12 +215,13 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
         x = agg.block(rows[i:i + cfg.batch_size])  # (b, steps, features) float32
         probs[i:i + x.shape[0]] = churn_probability(keras.ops.convert_to_numpy(model(x, training=False)))
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        scores.to_csv(tmp, index=False, float_format="%.6f")
-    log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out, float(probs.mean()))
-    return scores
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            scores.to_csv(tmp, index=False, float_format="%.6f")
+        log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out, float(probs.mean()))
+    return scores, warning
 
 
 def recorded_custom_modules(model_path: Path) -> list[str]:

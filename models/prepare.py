@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.events import DAY_S, CodeBook, EventColumns, check_columns, detect_format, iter_events
+from models.events import (DAY_S, CodeBook, EventColumns, EventSource, check_columns, detect_format, is_frame,
+                           iter_events, source_name)
 from models.features import AGGREGATIONS, BLOCK_ROWS, SCALING, DailyAggregator, Window, auto_bucket_days, feature_names
 from models.outdir import check_replaceable, staged_dir
 from models.errors import DataError
@@ -31,11 +33,19 @@ log = logging.getLogger(__name__)
 OTHER = "other"  # the bucket for types outside the kept ones (and, at predict time, unknown types)
 SPEC_FORMAT = "notpu-churn-spec/1"
 ENGINES = ("local", "spark")
+# Longest observation window: a century of days. Beyond it the window reaches past the timestamps a log can hold
+# (MAX_PLAUSIBLE_UNIX_S), and the tensor's steps axis alone would be absurd.
+MAX_OBSERVATION_DAYS = 36_525
+# The types folded into 'other' are recorded in the spec (so that predict can tell a type it never saw from a
+# rare one), up to this many: a log whose event_type is really free text must not make spec.json huge.
+MAX_RECORDED_OTHER_TYPES = 10_000
+# What --cutoff accepts: an ISO 8601 date or date-time, with an optional offset (none means UTC).
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    events: str
+    events: EventSource  # a CSV or Parquet path, or (local engine) a pandas DataFrame of events
     out: str
     cutoff: str | None = None  # ISO date/time (UTC if no offset); default: label_days before the log's end
     observation_days: int = 90
@@ -54,8 +64,11 @@ class PrepareConfig:
 
 def parse_cutoff(text: str, option: str = "--cutoff") -> int:
     """Unix seconds of an ISO date or date-time; no offset means UTC."""
+    if not isinstance(text, str) or not ISO_DATE.fullmatch(text.strip()):
+        raise DataError(f"{option} {text!r}: not an ISO date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS, "
+                        "such as 2024-03-01 (UTC unless an offset such as +02:00 follows)")
     try:
-        ts = pd.Timestamp(text)
+        ts = pd.Timestamp(text.strip())
     except (ValueError, TypeError):
         raise DataError(f"{option} {text!r}: not a date; use ISO 8601 such as 2024-03-01 or 2024-03-01T00:00:00Z") from None
     if ts is pd.NaT:
@@ -74,12 +87,19 @@ def _check_options(cfg: PrepareConfig) -> None:
                                ("--max-types", cfg.max_types, 2), ("--bucket-days", 1 if cfg.bucket_days is None else cfg.bucket_days, 1)):
         if value < low:
             raise DataError(f"{option} {value}: must be at least {low}")
+    if cfg.observation_days > MAX_OBSERVATION_DAYS:
+        raise DataError(f"--observation-days {cfg.observation_days}: more than {MAX_OBSERVATION_DAYS} days (a century); "
+                        "pass the days of history before the cut-off")
+    if cfg.cutoff is not None:
+        parse_cutoff(cfg.cutoff)  # before a pass over the log
     if cfg.engine not in ENGINES:
         raise DataError(f"--engine {cfg.engine!r}: not one of {', '.join(ENGINES)}")
     if cfg.engine != "spark":
         given = [flag for flag, value in (("--master", cfg.master), ("--parts", cfg.parts)) if value is not None]
         if given:
             raise DataError(f"{' and '.join(given)} apply to --engine spark only; add --engine spark or leave them out")
+    if cfg.engine == "spark" and is_frame(cfg.events):
+        raise DataError("--engine spark reads files: write the DataFrame to Parquet first, or use engine='local'")
     if cfg.parts is not None and cfg.parts < 1:
         raise DataError(f"--parts {cfg.parts}: must be at least 1")
     if cfg.bucket_days is not None and cfg.bucket_days > cfg.observation_days:
@@ -97,7 +117,7 @@ class LogSurvey:
     type_day: pd.Series  # counts indexed by (type code, unix day)
 
 
-def survey(path: str | Path, columns: EventColumns) -> LogSurvey:
+def survey(path: EventSource, columns: EventColumns) -> LogSurvey:
     """Pass 1: timestamps and types only."""
     types = CodeBook()
     parts: list[pd.Series] = []
@@ -139,6 +159,7 @@ class Plan:
     label_end_s: int
     window: Window
     types: list[str]  # kept types, then OTHER
+    other_types: list[str] = field(default_factory=list)  # the log's other types, folded into OTHER (sorted)
 
 
 def plan(cfg: PrepareConfig, s: LogSurvey) -> Plan:
@@ -153,12 +174,15 @@ def plan(cfg: PrepareConfig, s: LogSurvey) -> Plan:
         )
     if cfg.session_type not in set(s.type_names):
         raise DataError(
-            f"--session-type {cfg.session_type!r}: no such {cfg.columns.type!r} in {cfg.events} "
-            f"(types include {', '.join(map(repr, sorted(s.type_names)[:8]))}); pass the type that marks a session"
+            f"--session-type {cfg.session_type!r}: no such {cfg.columns.type!r} in {source_name(cfg.events)} "
+            f"(types include {', '.join(repr(str(t)) for t in sorted(s.type_names)[:8])}); "
+            "pass the type that marks a session"
         )
     bucket = cfg.bucket_days if cfg.bucket_days is not None else auto_bucket_days(cfg.observation_days)
     window = Window(start_s=cutoff - cfg.observation_days * DAY_S, days=cfg.observation_days, bucket_days=bucket)
-    return Plan(cutoff, label_end, window, choose_types(s, window.start_s, cutoff, cfg.max_types))
+    types = choose_types(s, window.start_s, cutoff, cfg.max_types)
+    others = sorted(set(map(str, s.type_names)) - set(types))
+    return Plan(cutoff, label_end, window, types, others)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -195,7 +219,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     kept, y = kept_rows(cfg, agg)
     ids = agg.ids()
-    spec = make_spec(cfg, p, detect_format(Path(cfg.events)), events=s.events, seen=agg.n_customers,
+    spec = make_spec(cfg, p, detect_format(cfg.events), events=s.events, seen=agg.n_customers,
                      kept=kept.size, churned=int(y.sum()))
     _write(out, agg, kept, y, ids[kept], spec)
     log.info("prepared %d customers x %d steps of %d day(s) x %d features in %.1fs (%.0f events/s) -> %s",
@@ -218,7 +242,7 @@ def make_spec(cfg: PrepareConfig, p: Plan, source_format: str, events: int, seen
     window, cutoff = p.window, p.cutoff_s
     if kept == 0:
         raise DataError(
-            f"{cfg.events}: no customer has {cfg.min_active_days}+ active days in the window "
+            f"{source_name(cfg.events)}: no customer has {cfg.min_active_days}+ active days in the window "
             f"{iso(window.start_s)} .. {iso(cutoff)}; check --cutoff, --observation-days or lower --min-active-days"
         )
     churn_rate = churned / kept
@@ -231,10 +255,12 @@ def make_spec(cfg: PrepareConfig, p: Plan, source_format: str, events: int, seen
         )
     return {
         "format": SPEC_FORMAT,
-        "source": {"path": str(cfg.events), "format": source_format},
+        "source": {"path": source_name(cfg.events), "format": source_format},
         "columns": asdict(cfg.columns),
         "types": p.types,
         "other_type": OTHER,
+        "other_types": p.other_types[:MAX_RECORDED_OTHER_TYPES],  # the log's types folded into other_type
+        "other_types_complete": len(p.other_types) <= MAX_RECORDED_OTHER_TYPES,
         "max_types": cfg.max_types,
         "aggregations": list(AGGREGATIONS),
         "features": feature_names(p.types),

@@ -44,6 +44,7 @@ What travels to the workers, and what does not (see runner.keras_model):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -125,7 +126,10 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
     from runner.local import TrainConfig, train
     from runner.run_config import RunConfig
 
+    from models.outdir import check_run_out
+
     out = Path(out)
+    check_run_out(out, bool(run_options.get("overwrite", False)), option="out")  # before anything is written
     allowed = {f.name for f in fields(TrainConfig)} - {"data_dir", "out_dir", "model", "architecture", "compile_config",
                                                        "custom_modules", "initial_weights"}
     unknown = sorted(set(run_options) - allowed)
@@ -137,7 +141,7 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
         X = np.asarray(data[0])
         if X.ndim != 3:
             raise ConfigError(f"X has shape {X.shape}; expected [customers, steps, features]")
-    elif isinstance(data, (str, Path)):
+    elif isinstance(data, (str, os.PathLike)):
         from models.dataset import load_dataset
 
         X = load_dataset(data).X

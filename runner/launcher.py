@@ -197,6 +197,7 @@ class Launcher(ABC):
 def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     """Run a whole training with `launcher`; returns the summary also written to RUN/summary.json."""
     from models.dataset import load_dataset
+    from models.outdir import start_run_dir
     from optimizers import SHARD_PLUGINS
 
     if config.workers < 1 or config.shards < 1:
@@ -219,10 +220,8 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     run_cfg = config.run_config().to_wire(config.workers)
     launcher.check(config, bool(run_cfg.get("sync")))
     out = Path(config.out_dir)
+    start_run_dir(out, config.overwrite)  # absent, empty or a previous run (else --overwrite); its stale state gone
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    for stale in ("history.jsonl", "summary.json", ".finish", ".pserver.json"):
-        (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a shard must never restart from another run's slice
     threads = launcher.threads(config)
     started_at = time.time()
     progress = _progress(config, launcher.engine, out, started_at, customers)

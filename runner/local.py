@@ -68,6 +68,9 @@ class TrainConfig:
     # on the MMO log 0.38, 0.38, 0.77, 0.35, 0.37. 1000 is 1300 times the largest; 0 turns it off.
     max_delta_norm: float = 1000.0
     progress: bool = True
+    # RUN may be absent, empty or a previous run; any other directory is written into only when this is set,
+    # so a typo in --out cannot mix a run's files (and its clean-up) into a directory of other files.
+    overwrite: bool = False
     seed: int = WorkerConfig.seed
     # Where the workers run: "local" (child processes, runner.local) or "spark" (tasks, runner.spark); `master` is
     # the Spark master URL `notpu train --engine spark` starts its session with (None: spark-submit's, else local[N]).

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     output.add_argument("--out", required=True, metavar="RUN",
                         help="RUN directory: model.keras, history.jsonl, summary.json, test_scores.csv")
+    output.add_argument("--overwrite", action="store_true", default=d.overwrite,
+                        help="write into an --out directory that holds other files; without it RUN must be absent, "
+                             "empty or a previous run")
     output.add_argument("--eval-interval-s", type=float, default=d.eval_interval_s,
                         help="seconds between evaluations of the centre on the validation split")
     output.add_argument("--monitor", default=d.monitor, choices=sorted(MONITORS),
@@ -98,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_interval_s=args.eval_interval_s, round_timeout_s=args.round_timeout_s,
         worker_timeout_s=args.worker_timeout_s, checkpoint_every_s=args.checkpoint_every_s,
         max_delta_norm=args.max_delta_norm, progress=args.progress, seed=args.seed, model=args.model,
+        overwrite=args.overwrite,
         early_stopping_patience=args.early_stopping_patience, monitor=args.monitor, min_delta=args.min_delta,
         restore_best=args.restore_best, tensorboard=args.tensorboard, engine=args.engine,
         master=args.master)

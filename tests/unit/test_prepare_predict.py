@@ -63,7 +63,7 @@ def test_unknown_types_go_to_other(prepared: tuple[Path, Path, dict], tmp_path: 
                    f"z,2024-05-01T10:00:00Z,{kept},4\n"
                    "z,2024-05-01T11:00:00Z,dragon_attack,-9\n"
                    "z,2024-05-01T12:00:00Z,dragon_attack,\n")
-    agg, rows = build_features(str(log), spec, EventColumns(), cutoff=None)
+    agg, rows, _ = build_features(str(log), spec, EventColumns(), cutoff=None)
     x = agg.block(rows)  # (1, days, features); the log's last day is the window's last day
     other = spec["types"].index("other") * 5
     np.testing.assert_allclose(x[0, -1, other:other + 5], signed_log1p(np.array([2, -9, -9, -9, -9], np.float32)))
@@ -96,7 +96,7 @@ def test_predict_applies_the_specs_buckets(prepared: tuple[Path, Path, dict], tm
     spec = prepare(PrepareConfig(events=str(events), out=str(tmp_path / "weekly"), observation_days=30, max_types=8,
                                  bucket_days=7))
     assert (spec["window"]["steps"], spec["window"]["first_step_days"]) == (5, 2)
-    agg, rows = build_features(str(events), spec, EventColumns(**spec["columns"]), spec["window"]["cutoff"])
+    agg, rows, _ = build_features(str(events), spec, EventColumns(**spec["columns"]), spec["window"]["cutoff"])
     X, ids = np.load(tmp_path / "weekly" / "X.npy"), np.load(tmp_path / "weekly" / "ids.npy")
     assert X.shape[1] == 5
     got = dict(zip(agg.ids()[rows], agg.block(rows)))  # predict scores everyone active in the window

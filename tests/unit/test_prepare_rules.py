@@ -71,7 +71,7 @@ SMALL = ["--label-days", "7", "--observation-days", "20"]
     (GOOD.replace("T10:00:00Z", "T10:00:00Z000", 1), [], "cannot parse"),
     (GOOD, ["--cutoff", "2023-01-01"], "no customer has 7+ active days"),
     (GOOD, ["--cutoff", "2024-02-20"], "the 21-day label window ends after the log"),
-    (GOOD, ["--cutoff", "sometime"], "--cutoff 'sometime': not a date"),
+    (GOOD, ["--cutoff", "sometime"], "--cutoff 'sometime': not an ISO date"),
     (GOOD, ["--session-type", "login"], "--session-type 'login'"),
     (GOOD, ["--label-days", "7", "--observation-days", "20"], "label rule: all 3 customers stayed"),
     (GOOD, ["--min-sessions", "0"], "--min-sessions 0: must be at least 1"),
