@@ -58,3 +58,15 @@ class CheckpointError(NotpuError):
 
 class ConfigError(NotpuError):
     """A command-line option or configuration value is invalid."""
+
+
+class TrainingFailed(NotpuError):
+    """A run ended without training: every worker failed, or the centre received no update.
+
+    The message names the first worker's error and the log that holds it; RUN/summary.json says
+    `"status": "failed"` with the same `"reason"`.
+    """
+
+
+class RunWarning(UserWarning):
+    """A run finished but may not have learned what it should (summary.json's `warnings`), as `fit` warns it."""

@@ -8,7 +8,8 @@
     model.compile(optimizer="adam", loss="binary_crossentropy")
     result = fit(model, (X, y), out="run/", workers=2, epochs=5,
                  callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", patience=3, restore_best_weights=True)])
-    result.history["val_auc"], result.summary["test_auc"], result.load_model()
+    result.history["val_auc"], result.history_frame(), result.summary["test_auc"]
+    model.predict(X_new)  # the trained centre, as after Keras' own fit
 
 It runs local mode, the same processes as `notpu train`: a sharded
 parameter server, `workers` worker processes and an evaluator, on this
@@ -25,11 +26,14 @@ What travels to the workers, and what does not (see runner.keras_model):
   an importable module (named in `custom_modules`, or found from the layers'
   classes), the loss (binary or (sparse) categorical cross-entropy on one
   sigmoid or two softmax units), the optimizer's learning rate (as the base
-  rate the rule scales, unless `learning_rate=` is given), and the weights
-  the model has now: the centre starts from them.
+  rate the rule scales, unless `learning_rate=` is given), the weights
+  the model has now (the centre starts from them), and its compiled
+  `metrics` and `weighted_metrics`: the evaluator measures them on the
+  validation split per evaluation, beside its own val_auc and val_loss, as
+  val_<name> in history.jsonl and `result.history` (named as Keras names
+  them: `metrics=["AUC"]` is val_AUC; one named "auc" is val_auc_1).
 - Does not travel: the optimizer itself (each rule runs its own local
-  optimizer: Adam, Nadam or SGD, see the README's rule table), metrics (the
-  evaluator measures val AUC and log loss), a `train_step` override or any
+  optimizer: Adam, Nadam or SGD, see the README's rule table), a `train_step` override or any
   custom training loop (workers call `train_on_batch`, and each rule needs
   the weights before and after λ plain steps), stateful RNNs (batches are
   shuffled rows of a partition, state would leak between customers),
@@ -40,19 +44,29 @@ What travels to the workers, and what does not (see runner.keras_model):
   process runs here; `EarlyStopping`, `ModelCheckpoint` and `TensorBoard`
   objects are read and honoured per evaluation by the evaluator
   (runner.callbacks), any other callback is refused at the start.
+
+After `fit`, as after Keras' `fit`, `model` holds the trained centre: the
+one OUT/model.keras holds (the best evaluation's with
+`EarlyStopping(restore_best_weights=True)` or
+`ModelCheckpoint(save_best_only=True)`, otherwise the last). A run that did
+not train (every worker failed, or the centre received no update) raises
+`pserver.errors.TrainingFailed` naming the first worker's error and its log,
+and leaves `model` as it was; what summary.json warns of (lost workers, too
+few exchanges, no progress) is raised as a `pserver.errors.RunWarning`.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pserver.errors import ConfigError
+from pserver.errors import ConfigError, RunWarning
 
 
 @dataclass(frozen=True)
@@ -63,9 +77,19 @@ class FitResult:
 
     @property
     def history(self) -> dict[str, list]:
-        """Like Keras' `History.history`: per evaluation, val_auc, val_loss, wall_s, samples, ..."""
-        keys = self.evaluations[0].keys() if self.evaluations else ()
-        return {k: [e[k] for e in self.evaluations] for k in keys}
+        """Like Keras' `History.history`: per evaluation, val_auc, val_loss, wall_s, samples, val_<metric>, ...
+        (None where an evaluation lacks a key: a metric dropped mid-run)."""
+        keys = dict.fromkeys(k for e in self.evaluations for k in e)
+        return {k: [e.get(k) for e in self.evaluations] for k in keys}
+
+    def history_frame(self):
+        """The history as a pandas DataFrame: one row per evaluation (index: its number, as summary.json's
+        `best.evaluation` counts), one column per key of `history`."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.evaluations)
+        frame.index.name = "evaluation"
+        return frame
 
     @property
     def model_path(self) -> Path:
@@ -76,13 +100,13 @@ class FitResult:
         """Which evaluation was best, with callbacks that monitor one (summary.json's `best`)."""
         return self.summary.get("best")
 
-    def load_model(self):
+    def load_model(self, compile: bool = True):
         import keras
 
         from runner.keras_model import import_custom
 
         import_custom(self.summary.get("run_config", {}).get("custom_modules"))
-        return keras.saving.load_model(self.model_path)
+        return keras.saving.load_model(self.model_path, compile=compile)
 
 
 def write_arrays(X, y, directory: Path) -> Path:
@@ -123,7 +147,8 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
     """
     from runner.callbacks import settings_from_keras
     from runner.keras_model import describe, save_initial_weights
-    from runner.local import TrainConfig, train
+    from runner.launcher import run
+    from runner.local import LocalLauncher, TrainConfig
     from runner.run_config import RunConfig
 
     from models.outdir import check_run_out
@@ -155,7 +180,10 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
         learning_rate=learning_rate if learning_rate is not None else spec.learning_rate,
         architecture=spec.architecture, compile_config=spec.compile_config, custom_modules=spec.custom_modules,
         initial_weights=save_initial_weights(model, out / "initial_weights.npz"), **{**cb, **run_options})
-    train(config)
+    # summary.json's warnings as Python warnings, attributed to the caller's line (warn ← run ← fit ← caller)
+    run(config, LocalLauncher(), warn=lambda message: warnings.warn(message, RunWarning, stacklevel=4))
     history = out / "history.jsonl"
     evaluations = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
-    return FitResult(out=out, evaluations=evaluations, summary=json.loads((out / "summary.json").read_text()))
+    result = FitResult(out=out, evaluations=evaluations, summary=json.loads((out / "summary.json").read_text()))
+    model.set_weights(result.load_model(compile=False).get_weights())  # as Keras' fit leaves it: trained
+    return result

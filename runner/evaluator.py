@@ -3,11 +3,16 @@
 Every `interval_s` it pulls the centre, scores the validation split and
 appends one line to RUN/history.jsonl:
 
-    {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness", "refused", "nan_recoveries"}
+    {"wall_s", "samples", "updates", "val_loss", "val_auc", "mean_staleness", "refused", "nan_recoveries",
+     "val_<name>" for each metric your model was compiled with}
 
 where `refused` counts the messages the shards refused so far (a non-finite
 or too-large delta among them) and `nan_recoveries` the local NaN losses the
-workers recovered from by pulling the centre.
+workers recovered from by pulling the centre. val_auc is the ROC AUC of
+sklearn on the whole validation split; a model of yours compiled with
+`metrics=` or `weighted_metrics=` has those measured too, as Keras names them
+(runner.keras_model.CompiledMetrics: `metrics=["AUC"]` is val_AUC, a metric
+named "auc" is val_auc_1 beside ours).
 
 It can stop the run when val AUC reaches `target_auc` (the coordinator tells
 the workers through their heartbeats), or early when the monitored value
@@ -145,6 +150,7 @@ class Evaluator:
         self.tracker = Tracker(self.callbacks)
         self.best_centre: np.ndarray | None = None
         self.scalars = Scalars(self.callbacks.tensorboard) if self.callbacks.tensorboard else None
+        self.metrics = None  # the user's model's compiled metrics (runner.keras_model.CompiledMetrics), from MODEL
 
     def _model(self):
         import keras
@@ -157,8 +163,9 @@ class Evaluator:
         self.run = reply["config"]
         self.world = int(reply["world"])
         if self.run.get("architecture"):  # the user's own model: its custom modules and its loss
-            from runner.keras_model import build_for_run
+            from runner.keras_model import CompiledMetrics, build_for_run, run_kind
 
+            self.metrics = CompiledMetrics(self.run.get("compile_config"), run_kind(self.run))
             return build_for_run(self.run)
         model = keras.models.model_from_json(reply["architecture"])
         compile_model(model)
@@ -172,9 +179,13 @@ class Evaluator:
         batch = int(self.run.get("batch_size") or 64)
         return effective_settings(self.run, self.world, steps_per_epoch(len(self.split.train), self.world, batch)).as_dict()
 
-    def _score(self, model, rows: np.ndarray) -> np.ndarray:
+    def _predict(self, model, rows: np.ndarray) -> np.ndarray:
+        """The model's outputs (rows, 1 or 2) on `rows`."""
         x = np.asarray(self.data.X[rows], dtype=np.float32)  # (rows, days, features)
-        return churn_probability(model.predict(x, batch_size=1024, verbose=0))
+        return model.predict(x, batch_size=1024, verbose=0)
+
+    def _score(self, model, rows: np.ndarray) -> np.ndarray:
+        return churn_probability(self._predict(model, rows))
 
     def _state(self) -> dict[str, Any]:
         """The coordinator's and the shards' counters, with the shards' staleness histograms summed per worker."""
@@ -194,7 +205,8 @@ class Evaluator:
         coord, shards = state["coordinator"], state["shards"]
         centre = self.client.pull()
         model.set_weights(unflatten(centre, self.layout))
-        val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], self._score(model, self.val_rows))
+        pred = self._predict(model, self.val_rows)
+        val_loss, val_auc = binary_metrics(self.data.y[self.val_rows], churn_probability(pred))
         line = {"wall_s": round(time.time() - self.started_at, 3),
                 "samples": sum(int(w.get("samples", 0)) for w in coord["workers"].values()),
                 "updates": max((s["version"] for s in shards), default=0),
@@ -202,6 +214,10 @@ class Evaluator:
                 "mean_staleness": round(mean_staleness(state["staleness"]), 4),
                 "refused": sum(sum(s["refused"].values()) for s in shards),
                 "nan_recoveries": sum(int(w.get("nan_recoveries", 0)) for w in coord["workers"].values())}
+        if self.metrics:
+            from runner.keras_model import metric_keys
+
+            line.update(metric_keys(line, self.metrics.measure(self.data.y[self.val_rows], pred)))
         return line, state, centre
 
     def _finished(self, coord: dict[str, Any]) -> bool:
@@ -255,7 +271,8 @@ class Evaluator:
             self.scalars.write(line["samples"], {
                 "val_auc": line["val_auc"], "val_loss": line["val_loss"],
                 "samples_per_s": (line["samples"] - prev["samples"]) / dt if dt > 0 else 0.0,
-                "mean_staleness": line["mean_staleness"], "refused": line["refused"]})
+                "mean_staleness": line["mean_staleness"], "refused": line["refused"],
+                **{k: v for k, v in line.items() if k.startswith("val_") and k not in ("val_auc", "val_loss")}})
         return stop if self.callbacks.early_stopping_patience is not None else ""
 
     def _wait_or_finished(self, until: float) -> bool:
@@ -284,7 +301,7 @@ class Evaluator:
         import pandas as pd
 
         pd.DataFrame({"id": self.data.ids[self.split.test], "label": self.data.y[self.split.test],
-                      "score": test_scores}).to_csv(self.out / "test_scores.csv", index=False)
+                      "churn_probability": test_scores}).to_csv(self.out / "test_scores.csv", index=False)
         coord = state["coordinator"]
         workers = coord["workers"]
         updates = {str(s["shard"]): s["version"] for s in state["shards"]}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import re
 import sys
@@ -236,3 +237,79 @@ def run_kind(run: dict[str, Any]) -> str:
     if not run.get("architecture"):
         return "categorical"
     return loss_kind((run.get("compile_config") or {}).get("loss"))
+
+
+class CompiledMetrics:
+    """The metrics and weighted metrics a user's model was compiled with, measured on the evaluator's predictions.
+
+    Named as Keras names them in `History.history` (`metrics=["AUC"]` is "AUC", `AUC(name="auc_pr")` is
+    "auc_pr", `weighted_metrics=["accuracy"]` is "weighted_accuracy"), resolved as Keras' `compile` resolves
+    them ("accuracy" on a sigmoid output is binary accuracy) by Keras' own `CompileMetrics`. Rows carry no
+    sample weights, so a weighted metric equals its plain one. A metric that cannot be built or measured is
+    dropped with a warning naming it: a metric never stops a run.
+    """
+
+    def __init__(self, compile_config: dict[str, Any] | None, kind: str) -> None:
+        config = compile_config or {}
+        self.kind = kind
+        self._metrics = self._resolve(config.get("metrics"))
+        self._weighted = self._resolve(config.get("weighted_metrics"))
+        self._compiled = None
+        self.failed = False
+
+    @staticmethod
+    def _resolve(metrics) -> list:
+        import keras
+
+        if metrics is None:
+            return []
+        if isinstance(metrics, dict) and "class_name" not in metrics:  # per output name: one output here
+            metrics = [m for ms in metrics.values() for m in (ms if isinstance(ms, (list, tuple)) else [ms])]
+        if not isinstance(metrics, (list, tuple)):
+            metrics = [metrics]
+        out = []
+        for m in metrics:
+            try:
+                out.append(keras.metrics.deserialize(m) if isinstance(m, dict) else m)
+            except Exception as exc:  # noqa: BLE001 - a custom metric whose module is not imported, ...
+                log.warning("metric %s cannot be rebuilt (%s: %s); it is not reported",
+                            m.get("class_name") if isinstance(m, dict) else m, type(exc).__name__, exc)
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self._metrics or self._weighted) and not self.failed
+
+    def measure(self, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+        """{name: value} on 0/1 labels y (customers,) and the model's outputs pred (customers, units)."""
+        if not self:
+            return {}
+        from keras.src.trainers.compile_utils import CompileMetrics
+
+        from models.outputs import targets
+
+        y_true = targets(y, self.kind)
+        try:
+            if self._compiled is None:
+                self._compiled = CompileMetrics(self._metrics or None, self._weighted or None)
+                self._compiled.build(y_true, pred)
+            self._compiled.reset_state()
+            self._compiled.update_state(y_true, pred)
+            return {name: float(value) for name, value in self._compiled.result().items()}
+        except Exception as exc:  # noqa: BLE001 - whatever a user's metric raises, training goes on
+            self.failed = True
+            log.warning("the model's compiled metrics cannot be measured (%s: %s); val_auc and val_loss still are",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return {}
+
+
+def metric_keys(line: dict[str, Any], measured: dict[str, float], prefix: str = "val_") -> dict[str, float]:
+    """`measured` as history keys val_<name>; a name that would shadow one already in `line` (a metric named
+    "auc" beside our val_auc) takes the first free suffix _1, _2, ..."""
+    out: dict[str, float] = {}
+    for name, value in measured.items():
+        key, n = f"{prefix}{name}", 0
+        while key in line or key in out:
+            n += 1
+            key = f"{prefix}{name}_{n}"
+        out[key] = round(value, 6) if math.isfinite(value) else value
+    return out

@@ -28,10 +28,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from pserver import precision
-from pserver.errors import ConfigError, NotpuError, ProcessExited, WaitTimeout
+from pserver.errors import ConfigError, NotpuError, ProcessExited, TrainingFailed, WaitTimeout
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees, wait_for_file
 from pserver.server import ServerConfig
@@ -194,8 +194,19 @@ class Launcher(ABC):
         return {}
 
 
-def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
-    """Run a whole training with `launcher`; returns the summary also written to RUN/summary.json."""
+def _say(message: str) -> None:
+    log.warning("%s", message)
+
+
+def run(config: "TrainConfig", launcher: Launcher, warn: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Run a whole training with `launcher`; returns the summary also written to RUN/summary.json.
+
+    A run that did not train (every worker failed, or the centre received no update) raises TrainingFailed
+    naming the first worker's error and its log, after writing summary.json with `"status": "failed"` and the
+    `"reason"`; otherwise the status is "ok", and each of the summary's `warnings` (lost workers among them) is
+    passed to `warn`: a log warning, which `notpu train` shows on the terminal; `runner.fit` raises Python
+    warnings instead.
+    """
     from models.dataset import load_dataset
     from models.outdir import start_run_dir
     from optimizers import SHARD_PLUGINS
@@ -270,11 +281,45 @@ def run(config: "TrainConfig", launcher: Launcher) -> dict[str, Any]:
     summary["engine"] = launcher.engine
     summary.update(launcher.reports())
     summary["wall_s"] = round(time.time() - started_at, 3)
+    errors = [f"worker {rank}: {_worker_error(out / 'logs', rank)}" for rank in sorted(lost)]
+    reason = _failure(summary, lost, done, errors)
+    if lost and not reason:
+        summary["warnings"] = [f"the run finished without worker(s) {sorted(lost)}: {'; '.join(errors)}",
+                               *summary.get("warnings", [])]
+    summary["status"] = "failed" if reason else "ok"
+    if reason:
+        summary["reason"] = reason
     atomic_write_json(out / "summary.json", summary, indent=2)
     _report(out, config.data_dir, progress)
-    if lost:
-        log.warning("the run finished without worker(s) %s", sorted(lost))
+    if reason:
+        raise TrainingFailed(reason)
+    for message in summary.get("warnings", []):
+        warn(message)
     return summary
+
+
+def _failure(summary: dict[str, Any], lost: set[int], done: set[int], errors: list[str]) -> str:
+    """Why the run did not train ("" if it did): every worker failed, or the centre received no update."""
+    updates = sum(int(v) for v in summary.get("updates", {}).values())
+    first = f"; {errors[0]}" if errors else ""
+    if lost and not done:
+        return f"every worker failed, the model did not train{first}"
+    if updates == 0:
+        return f"the centre received no update from the workers, the model did not train{first}"
+    return ""
+
+
+def _worker_error(log_dir: Path, rank: int) -> str:
+    """The last line of worker `rank`'s traceback (or its log's last line) and the log that holds it."""
+    path = log_dir / f"worker{rank}.log"
+    if not path.is_file():
+        return "its log is not on this host (see the engine's task logs)"
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else "its log is empty"
+    starts = [i for i, text in enumerate(lines) if text.startswith("Traceback (most recent call last)")]
+    if starts:  # the exception line: the first unindented line after the last traceback's frames
+        line = next((text for text in lines[starts[-1] + 1:] if not text[:1].isspace()), line).strip()
+    return f"{line} (see {path})"
 
 
 def _child_env(custom_modules) -> dict[str, str]:

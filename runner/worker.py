@@ -253,7 +253,8 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
                 take = order[np.arange(s * batch_size, (s + 1) * batch_size) % len(order)]
                 rows = np.sort(mine[take])  # sorted: the memory map reads forward
                 xb = np.asarray(X[rows], dtype=np.float32)  # (batch, days, features)
-                loss = float(model.train_on_batch(xb, targets(y[rows], kind)))
+                # return_dict: a model compiled with metrics returns [loss, *metrics]; the loss is what we need
+                loss = float(model.train_on_batch(xb, targets(y[rows], kind), return_dict=True)["loss"])
                 samples += len(rows)
                 steps += 1
                 beat.samples = samples
