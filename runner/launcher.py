@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,9 +318,25 @@ def _worker_error(log_dir: Path, rank: int) -> str:
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     line = lines[-1].strip() if lines else "its log is empty"
     starts = [i for i, text in enumerate(lines) if text.startswith("Traceback (most recent call last)")]
-    if starts:  # the exception line: the first unindented line after the last traceback's frames
-        line = next((text for text in lines[starts[-1] + 1:] if not text[:1].isspace()), line).strip()
+    if starts:  # the exception: the first unindented line after the last traceback's frames, and its message's
+        tail = lines[starts[-1] + 1:]  # further lines (Keras writes the layer's own message on the next ones)
+        first = next((i for i, text in enumerate(tail) if not text[:1].isspace()), None)
+        if first is not None:
+            message = []
+            for text in tail[first:]:
+                if _LOG_LINE.match(text) or text.startswith("Arguments received by"):  # a log line; Keras' call args
+                    break
+                message.append(_ANSI.sub("", text).strip())
+            line = " ".join(message)
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS - 1] + "…"
     return f"{line} (see {path})"
+
+
+#: A worker's error in a one-line message is cut to this; its log holds the rest.
+MAX_ERROR_CHARS = 400
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d [A-Z]+ ")  # pserver.cli.LOG_FORMAT's start
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Keras' bold
 
 
 def _child_env(custom_modules) -> dict[str, str]:

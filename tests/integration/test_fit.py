@@ -84,7 +84,8 @@ def test_conv1d_from_arrays_learns_and_writes_tensorboard_scalars(fading_arrays,
         assert len(tags.get(tag, [])) == len(result.evaluations), (tag, tags.keys())
     np.testing.assert_allclose(tags["val_auc"], result.history["val_auc"], atol=1e-6)
     scores = pd.read_csv(tmp_path / "run" / "test_scores.csv")
-    assert scores["score"].between(0, 1).all() and len(scores) == len(split_indices(len(y)).test)
+    assert list(scores.columns) == ["id", "label", "churn_probability"]  # predict's name for the same column
+    assert scores["churn_probability"].between(0, 1).all() and len(scores) == len(split_indices(len(y)).test)
 
 
 def test_dense_on_aggregates_softmax_learns(fading_arrays, tmp_path):
@@ -98,6 +99,61 @@ def test_dense_on_aggregates_softmax_learns(fading_arrays, tmp_path):
     val = split_indices(len(y)).val
     p = churn_probability(model.predict(X[val], verbose=0))
     assert p.shape == (len(val),) and ((0 <= p) & (p <= 1)).all()
+
+
+def test_compiled_metrics_are_measured_and_the_model_holds_the_trained_centre(fading_arrays, tmp_path):
+    """A model compiled as most Keras users compile one: metrics=["AUC"], a metric object (named "auc", as our
+    val_auc), weighted_metrics. The workers train (the centre receives updates), the evaluator reports each
+    metric per evaluation as Keras names it, and the model passed in holds the centre model.keras holds (the
+    best evaluation's, by default). 2 epochs at λ=4: 4 updates per worker, fewer than the evaluator's minimum
+    of 10, so the run warns, as a Python warning."""
+    from pserver.errors import RunWarning
+    from runner import fit
+    from runner.evaluator import binary_metrics
+
+    X, y = fading_arrays
+    model = conv1d_model(*X.shape[1:])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy",
+                  metrics=["AUC", keras.metrics.AUC(name="auc", curve="PR")], weighted_metrics=["accuracy"])
+    with pytest.warns(RunWarning, match=r"4\.0 updates per worker \(fewer than 10\)"):
+        result = fit(model, (X, y), out=tmp_path / "run", workers=2, window=4, **{**FAST, "epochs": 2})
+    assert result.summary["status"] == "ok" and sum(result.summary["updates"].values()) > 0
+    assert result.summary["lost_workers"] == []
+    history = result.history
+    for key in ("val_AUC", "val_auc_1", "val_weighted_accuracy"):  # val_auc_1: "auc" beside our own val_auc
+        assert len(history[key]) == len(result.evaluations) >= 2, history.keys()
+        assert all(0 <= v <= 1 for v in history[key]), (key, history[key])
+    # Keras' AUC (200 thresholds) on the same split and centre as sklearn's exact one
+    np.testing.assert_allclose(history["val_AUC"], history["val_auc"], atol=0.02)
+    frame = result.history_frame()
+    assert len(frame) == len(result.evaluations) and frame.index.name == "evaluation"
+    assert frame["val_AUC"].tolist() == history["val_AUC"]
+    saved = result.load_model(compile=False).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), saved))
+    val = split_indices(len(y)).val
+    _, auc = binary_metrics(y[val], churn_probability(model.predict(X[val], verbose=0)))
+    assert auc == pytest.approx(result.summary["val_auc"], abs=1e-4)
+
+
+def test_a_run_whose_workers_all_fail_raises_naming_the_error_and_its_log(fading_arrays, tmp_path):
+    """Every worker fails at its first step: fit raises (no untrained model handed back as if trained),
+    summary.json says why, and the model passed in is left as it was."""
+    from failing_models import build
+
+    from pserver.errors import TrainingFailed
+    from runner import fit
+
+    X, y = fading_arrays
+    model = build(*X.shape[1:])
+    before = model.get_weights()
+    run = tmp_path / "run"
+    with pytest.raises(TrainingFailed, match=r"^every worker failed, the model did not train; worker 0: ValueError: "
+                                             r".*this layer refuses to train \(see .*worker0\.log\)$"):
+        fit(model, (X, y), out=run, workers=2, **{**FAST, "epochs": 1})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "this layer refuses to train" in summary["reason"]
+    assert sorted(summary["lost_workers"]) == [0, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
 def test_registered_custom_layer_travels_through_custom_modules(fading_arrays, tmp_path):
@@ -202,7 +258,7 @@ def test_model_option_sigmoid_and_softmax_score_probabilities(prepared, tmp_path
     summary = json.loads((run / "summary.json").read_text())
     assert summary["run_config"]["custom_modules"] == ["churn_models"]
     scores = pd.read_csv(run / "test_scores.csv")
-    assert scores["score"].between(0, 1).all() and scores["score"].nunique() > 1
+    assert scores["churn_probability"].between(0, 1).all() and scores["churn_probability"].nunique() > 1
     out = tmp_path / "scores.csv"
     predicted = subprocess.run([sys.executable, "-m", "runner.cli", "predict", str(run / "model.keras"), str(events),
                                 "--out", str(out), "--cutoff", spec["window"]["cutoff"]],

@@ -117,6 +117,6 @@ def test_rule_with_defaults_learns_as_well_as_plain_keras(prepared, keras_refere
     assert summary["run_config"]["rule"] == rule and summary["seed"] == 0
     scores = (run / "test_scores.csv").read_text().splitlines()
     n = len(split_indices(len(np.load(data / "y.npy"))).test)
-    assert scores[0] == "id,label,score" and len(scores) - 1 == n
+    assert scores[0] == "id,label,churn_probability" and len(scores) - 1 == n
     if rule in ("easgd", "averaging"):
         assert summary["staleness"]["mean"] == 0.0

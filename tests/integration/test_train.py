@@ -1,6 +1,7 @@
 """`notpu train`, `pserver start` + `worker start`: real processes, real Keras models, tiny GRUs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,7 @@ def test_run_finishes_when_a_worker_is_sigkilled(fading, tmp_path, rule):
 
     summary, stdout = train_and_kill(tmp_path / "run", args, lambda pid: worker_pids(pid)[1])
     assert summary["lost_workers"] == [1], summary["lost_workers"]
+    assert summary["status"] == "ok" and summary["warnings"][0].startswith("the run finished without worker(s) [1]")
     assert "lost worker" in stdout
     print(f"\n{rule}: test AUC {summary['test_auc']:.4f} with a worker killed, {undisturbed['test_auc']:.4f} undisturbed")
     assert abs(summary["test_auc"] - undisturbed["test_auc"]) <= 0.02
@@ -158,6 +160,22 @@ def test_run_finishes_when_a_shard_is_sigkilled(fading, tmp_path):
     assert summary["lost_workers"] == [] and summary["samples"] == 2 * SHARE
     assert "restarting it from its checkpoint" in (run / "logs" / "pserver.log").read_text()
     assert summary["test_auc"] > AUC_THRESHOLD
+
+
+def test_a_run_whose_workers_all_fail_exits_2_with_one_line(fading, tmp_path):
+    """`notpu train --model` whose workers all fail at their first step: exit 2, the error as the last line of
+    stderr (the first worker's exception and the log that holds it), summary.json's status "failed"."""
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(fading), "--out", str(run), "--model",
+                          "failing_models:build", "--epochs", "1", "--eval-interval-s", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"notpu train: error: every worker failed, the model did not train; worker 0: ValueError: "
+                        r".*this layer refuses to train \(see .*worker0\.log\)", last), last
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] in last
+    assert not out.stdout.strip()  # no result line as if it had trained
 
 
 @pytest.mark.parametrize("overlap", [False, True])
