@@ -104,8 +104,8 @@ def test_dense_on_aggregates_softmax_learns(fading_arrays, tmp_path):
 def test_compiled_metrics_are_measured_and_the_model_holds_the_trained_centre(fading_arrays, tmp_path):
     """A model compiled as most Keras users compile one: metrics=["AUC"], a metric object (named "auc", as our
     val_auc), weighted_metrics. The workers train (the centre receives updates), the evaluator reports each
-    metric per evaluation as Keras names it, and the model passed in holds the centre model.keras holds (the
-    best evaluation's, by default). 2 epochs at λ=4: 4 updates per worker, fewer than the evaluator's minimum
+    metric per evaluation as Keras names it, and the model passed in holds the centre model.keras holds (without a
+    callback that keeps the best: the last, as after Keras' fit). 2 epochs at λ=4: 4 updates per worker, fewer than the evaluator's minimum
     of 10, so the run warns, as a Python warning."""
     from pserver.errors import RunWarning
     from runner import fit
