@@ -114,13 +114,15 @@ def test_compiled_metrics_are_measured_and_the_model_holds_the_trained_centre(fa
     X, y = fading_arrays
     model = conv1d_model(*X.shape[1:])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy",
-                  metrics=["AUC", keras.metrics.AUC(name="auc", curve="PR")], weighted_metrics=["accuracy"])
+                  metrics=["AUC", "accuracy", keras.metrics.AUC(name="auc", curve="PR")],
+                  weighted_metrics=["accuracy"])
     with pytest.warns(RunWarning, match=r"4\.0 updates per worker \(fewer than 10\)"):
         result = fit(model, (X, y), out=tmp_path / "run", workers=2, window=4, **{**FAST, "epochs": 2})
     assert result.summary["status"] == "ok" and sum(result.summary["updates"].values()) > 0
     assert result.summary["lost_workers"] == []
     history = result.history
-    for key in ("val_AUC", "val_auc_1", "val_weighted_accuracy"):  # val_auc_1: "auc" beside our own val_auc
+    # val_auc_1: "auc" beside our own val_auc; weighted_accuracy: Keras' name beside the plain accuracy
+    for key in ("val_AUC", "val_accuracy", "val_auc_1", "val_weighted_accuracy"):
         assert len(history[key]) == len(result.evaluations) >= 2, history.keys()
         assert all(0 <= v <= 1 for v in history[key]), (key, history[key])
     # Keras' AUC (200 thresholds) on the same split and centre as sklearn's exact one
