@@ -264,7 +264,17 @@ def run(config: "TrainConfig", launcher: Launcher, warn: Callable[[str], None] =
                                            seed=config.seed, key_name=f"worker{r}" if keyed else None,
                                            rejoin_wait_s=rejoin_wait_s, wire=config.wire)
                                 for r in range(config.workers)], endpoints, children)
-        dead = _supervise(config, launcher, children, evaluator, out, finish, progress)
+        try:
+            dead = _supervise(config, launcher, children, evaluator, out, finish, progress)
+        except NotpuError as exc:  # the evaluator failed or hung: if every worker had failed first, that is why
+            failed = [f"worker {r}: {_worker_error(out / 'logs', r)}" for r in range(config.workers)
+                      if _has_traceback(out / "logs", r)]
+            if len(failed) < config.workers or launcher.running():
+                raise
+            reason = f"every worker failed, the model did not train; {failed[0]}"
+            atomic_write_json(out / "summary.json", {"status": "failed", "reason": reason,
+                                                      "detail": str(exc).splitlines()[0]}, indent=2)
+            raise TrainingFailed(reason) from exc
         summary = json.loads((out / "summary.json").read_text())
     finally:
         try:
@@ -308,6 +318,11 @@ def _failure(summary: dict[str, Any], lost: set[int], done: set[int], errors: li
     if updates == 0:
         return f"the centre received no update from the workers, the model did not train{first}"
     return ""
+
+
+def _has_traceback(log_dir: Path, rank: int) -> bool:
+    path = log_dir / f"worker{rank}.log"
+    return path.is_file() and "Traceback (most recent call last)" in path.read_text(errors="replace")
 
 
 def _worker_error(log_dir: Path, rank: int) -> str:

@@ -158,6 +158,36 @@ def test_a_run_whose_workers_all_fail_raises_naming_the_error_and_its_log(fading
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
+def conv1d_max_model(steps, features):
+    """The Conv1D of a user's first try: Conv1D(16, 7), global max pooling, one sigmoid."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((steps, features)), keras.layers.Conv1D(16, 7, activation="relu"),
+                              keras.layers.GlobalMaxPooling1D(), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("build", [conv1d_max_model, aggregates_model], ids=["conv1d", "aggregates_softmax"])
+def test_fit_lands_within_0_02_test_auc_of_plain_keras(fading_arrays, tmp_path, build):
+    """The same model (same initial weights), split, batch and epochs: Keras' own `model.fit` on the training
+    rows in one process, and `fit` with two workers (ADAG at its defaults). Both keep the last weights."""
+    from models.outputs import targets
+    from runner import fit
+    from runner.evaluator import binary_metrics
+    from runner.keras_model import run_kind
+
+    X, y = fading_arrays
+    split = split_indices(len(y))
+    plain = build(*X.shape[1:])
+    kind = run_kind({"architecture": "yes", "compile_config": plain.get_compile_config()})
+    plain.fit(X[split.train], targets(y[split.train], kind), batch_size=FAST["batch_size"], epochs=FAST["epochs"],
+              shuffle=True, verbose=0)
+    _, keras_auc = binary_metrics(y[split.test], churn_probability(plain.predict(X[split.test], verbose=0)))
+    result = fit(build(*X.shape[1:]), (X, y), out=tmp_path / "run", workers=2, **FAST)
+    print(f"\n{build.__name__}: test AUC plain Keras {keras_auc:.4f}, fit {result.summary['test_auc']:.4f}")
+    assert result.summary["test_auc"] == pytest.approx(keras_auc, abs=0.02)
+
+
 def test_registered_custom_layer_travels_through_custom_modules(fading_arrays, tmp_path):
     from custom_layers import TemporalMix
 
