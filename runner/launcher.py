@@ -331,7 +331,7 @@ def _worker_error(log_dir: Path, rank: int) -> str:
     if not path.is_file():
         return "its log is not on this host (see the engine's task logs)"
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    line = lines[-1].strip() if lines else "its log is empty"
+    line = f"no traceback (killed?), its log ends: {lines[-1].strip()}" if lines else "its log is empty"
     starts = [i for i, text in enumerate(lines) if text.startswith("Traceback (most recent call last)")]
     if starts:  # the exception: the first unindented line after the last traceback's frames, and its message's
         tail = lines[starts[-1] + 1:]  # further lines (Keras writes the layer's own message on the next ones)
