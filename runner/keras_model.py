@@ -243,10 +243,11 @@ class CompiledMetrics:
     """The metrics and weighted metrics a user's model was compiled with, measured on the evaluator's predictions.
 
     Named as Keras names them in `History.history` (`metrics=["AUC"]` is "AUC", `AUC(name="auc_pr")` is
-    "auc_pr", `weighted_metrics=["accuracy"]` beside `metrics=["accuracy"]` is "weighted_accuracy"), resolved as Keras' `compile` resolves
-    them ("accuracy" on a sigmoid output is binary accuracy) by Keras' own `CompileMetrics`. Rows carry no
-    sample weights, so a weighted metric equals its plain one. A metric that cannot be built or measured is
-    dropped with a warning naming it: a metric never stops a run.
+    "auc_pr", `weighted_metrics=["accuracy"]` beside `metrics=["accuracy"]` is "weighted_accuracy"), resolved
+    as Keras' `compile` resolves them ("accuracy" on a sigmoid output is binary accuracy) by Keras' own
+    `CompileMetrics` (from keras.src: the one place that knows those rules). Rows carry no sample weights, so
+    a weighted metric equals its plain one. A metric that cannot be built or measured is dropped with a
+    warning naming it: a metric never stops a run.
     """
 
     def __init__(self, compile_config: dict[str, Any] | None, kind: str) -> None:
