@@ -215,12 +215,23 @@ def build_for_run(run: dict[str, Any], optimizer: str = "adam", learning_rate: f
     from models.gru import compile_model
 
     keras.utils.set_random_seed(seed)
-    model = keras.models.model_from_json(run["architecture"])
+    model = keras.models.model_from_json(_uncompiled(run["architecture"]))
     compile_model(model, optimizer, learning_rate, loss=loss_object(run.get("compile_config") or {}))
     if run.get("initial_weights"):
         with np.load(run["initial_weights"]) as saved:
             model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
     return model
+
+
+def _uncompiled(architecture: str) -> str:
+    """The architecture without the compile config `model.to_json()` carries. Rebuilt with it, the model is
+    compiled with the user's metrics, which a later `compile` does not remove: every training step would
+    compute them (and a metric that fails would stop the worker). The evaluator measures them instead."""
+    import json
+
+    config = json.loads(architecture)
+    config.pop("compile_config", None)
+    return json.dumps(config)
 
 
 def loss_object(compile_config: dict[str, Any]):
