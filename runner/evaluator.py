@@ -8,8 +8,8 @@ appends one line to RUN/history.jsonl:
 
 where `refused` counts the messages the shards refused so far (a non-finite
 or too-large delta among them) and `nan_recoveries` the local NaN losses the
-workers recovered from by pulling the centre. val_auc is the ROC AUC of
-sklearn on the whole validation split; a model of yours compiled with
+workers recovered from by pulling the centre. val_auc is sklearn's exact ROC
+AUC on the validation split (subsampled above `max_val_rows`); a model of yours compiled with
 `metrics=` or `weighted_metrics=` has those measured too, as Keras names them
 (runner.keras_model.CompiledMetrics: `metrics=["AUC"]` is val_AUC, a metric
 named "auc" is val_auc_1 beside ours).
