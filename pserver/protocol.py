@@ -148,8 +148,28 @@ ERROR_CODES = (
     "round",         # synchronous round out of order
     "shm",           # no shared memory here, or a segment token the shard did not give that worker
     "stale",         # a JOIN or INIT older than the last one its client sent (a late copy of a retried request)
+    "ticket",        # no valid ticket: a worker id, seq, INIT, REGISTER or LOST the coordinator did not sign
+    "role",          # with --keys: the sender's key may not do this op (pserver.security, roles)
     "internal",      # a bug on the server side; the state was not changed
 )
+
+#: The worker id an observer (the evaluator, a `Client` that has not joined) PULLs with: it takes no rank.
+OBSERVER = (1 << 31) - 1
+
+#: The largest world a server or a shard takes: a synchronous round holds a row of its slice per worker, so the
+#: world bounds a shard's memory; a shard told more in an INIT refuses it. 65536 workers is far beyond any run here.
+MAX_WORLD = 1 << 16
+
+#: A push's seq is below 2^63 (an int64, as msgpack and the checkpoints' JSON carry it).
+SEQ_LIMIT = 1 << 63
+#: A rank's incarnation k (its k-th process, counted by the coordinator) numbers its pushes from
+#: (k − 1) << INCARNATION_SHIFT: 2^40 pushes each, past every earlier one's, so that a shard never takes a new
+#: process's push for a retry of its predecessor's; with the server's secret a shard refuses a seq outside the
+#: range of the incarnation the worker's ticket names.
+INCARNATION_SHIFT = 40
+MAX_INCARNATION = (SEQ_LIMIT >> INCARNATION_SHIFT)  # 2^23 restarts of one rank
+#: An INIT's total (floats in the model) is below this: 2^40 floats, 4 TiB, beyond any model a shard takes.
+MAX_TOTAL = 1 << 40
 
 #: Each half of a request id ``[client, n]`` is an int in [0, RID_LIMIT): a non-negative int64.
 RID_LIMIT = 1 << 63
