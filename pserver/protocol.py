@@ -56,11 +56,11 @@ checks this table against the handlers that `pserver.shard.Shard` and
 Shard (one per contiguous slice ``[start, end)`` of the flat weight vector;
 every array is float32, ``<f4``):
 
-    INIT      {start, end, total, world, fingerprint?, rid?} + [slice] → {ok, first, version}
+    INIT      {start, end, total, world, fingerprint?, rid?, ticket?} + [slice] → {ok, first, version}
                 the first INIT sets the slice; a later one of the same range is answered (first false), a
                 retry of the first one (same rid) as the first (first true)
-    PULL      {worker, shm?, wire?} → {ok, version} + [slice]
-    PUSH      {worker, seq, pulled, mode, scale?, pull?, shm?, wire?} + [delta]
+    PULL      {worker, inc?, ticket?, shm?, wire?} → {ok, version} + [slice]
+    PUSH      {worker, inc?, ticket?, seq, pulled, mode, scale?, pull?, shm?, wire?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
                 mode: a PUSH apply of pserver.applies; built in: add, scaled, staleness or elastic (delta is
                 then the worker's weights W, and E = scale·(W − centre)); a seq not newer than the worker's
@@ -68,13 +68,13 @@ every array is float32, ``<f4``):
                 wire: "float32" (default), "float16" or "bfloat16", the form of the centre in the reply (a
                 float16 reply of a centre beyond float16's range is sent as float32); a PUSH's delta may be
                 of any of PUSH_DTYPES, and is widened to float32 before it is applied
-    SHM       {worker} → {ok, n, centre, centre_token, push, push_token}
+    SHM       {worker, inc?, ticket?} → {ok, n, centre, centre_token, push, push_token}
                 a worker of the world on the shard's host asks for shared memory (see Shared memory below)
-    ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
+    ROUND     {worker, inc?, ticket?, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
                 synchronous rules (mode: a ROUND apply of pserver.applies; built in: elastic or average);
                 the reply waits for the round to close
-    BYE       {worker} → {ok}
-    LOST      {lost, done?} → {ok}
+    BYE       {worker, inc?, ticket?} → {ok}
+    LOST      {lost, done?, proof?} → {ok}
                 from the coordinator: workers declared lost (silent) or done; rounds and SSP stop waiting for them
     STATS     {} → {ok, stats}
     PING      {} → {ok, shard, version}
@@ -94,10 +94,24 @@ by this worker's next PUSH, refused or not). A token the shard did not hand to t
 worker (it restarted, or the worker asked again) is refused (``shm``); the
 worker asks again or goes back to frames.
 
+Tickets. `pserver start` makes a secret (`pserver.security`) that only the
+coordinator and its shard processes hold. A JOIN's reply then also carries
+``ticket``: the coordinator's MAC over the rank, its incarnation and (with
+``--keys``) the public key it joined with; the worker sends ``inc`` (its
+incarnation) and ``ticket`` with every PUSH, ROUND, SHM, BYE and PULL, and a
+shard refuses (``ticket``) a request for a worker without them, a worker
+outside the world (``malformed``), and a PUSH whose seq lies outside its
+incarnation's range ``[(inc − 1) << 40, inc << 40)``. An INIT's reply carries
+``tickets``: one MAC per shard over its slice, the model's total and
+fingerprint and the world, which each shard INIT must carry. A shard's
+REGISTER and the coordinator's LOST carry ``proof``, a MAC over their fields
+(with ``--keys`` the server's own key is proof enough). A PULL before any
+JOIN (an observer: the evaluator) names worker `OBSERVER` and needs no ticket.
+
 Coordinator (the ``host:port`` that workers are given):
 
-    REGISTER  {shard, endpoint} → {ok}
-                from a shard process when it starts
+    REGISTER  {shard, endpoint, proof?} → {ok}
+                from a shard process when it starts (proof: see Tickets below)
     JOIN      {name?, rank?} → {ok, rank, world, config, shards, layout, architecture, incarnation}
                 rank: a lost worker's own rank, to take it back; incarnation: how many processes
                 have held the rank (a restarted worker numbers its pushes past its predecessors')

@@ -147,7 +147,7 @@ def test_push_scaled(make):
 def test_push_staleness_divides_by_versions_missed(make):
     shard, wire = make()
     c, d1, d2, d3 = vec(0), vec(1), vec(2), vec(3)
-    init(shard, wire, c)
+    init(shard, wire, c, world=2)
     push(shard, wire, 1, 1, d1)
     push(shard, wire, 1, 2, d2)  # version 2 now; worker 0 pulled at version 0: staleness 2
     reply = push(shard, wire, 0, 1, d3, mode="staleness", scale=0.9, pulled=0)
@@ -183,7 +183,7 @@ def test_push_with_pull_carries_the_new_centre(make):
 def test_pull_answers_the_centre_and_version(make):
     shard, wire = make()
     c = vec(0)
-    init(shard, wire, c)
+    init(shard, wire, c, world=8)
     push(shard, wire, 0, 1, np.ones(N, np.float32))
     reply = ask(shard, wire, {"op": "PULL", "worker": 7})
     assert reply.header["version"] == 1
@@ -471,11 +471,12 @@ def test_ssp_after_a_shard_restart_parks_and_releases_from_the_restored_clocks(m
     assert again.stats.updates == {0: 3, 1: 1} and again.version == 4
 
 
-def test_ssp_does_not_hold_back_ids_outside_the_world(make):
+def test_ids_outside_the_world_are_refused_not_held(make):
     shard, wire = make(max_staleness=0)
     init(shard, wire, vec(0), world=2)
     for seq in range(1, 4):
-        assert push(shard, wire, 9, seq, np.ones(N, np.float32)).header["applied"]
+        assert refused(push(shard, wire, 9, seq, np.ones(N, np.float32)), "malformed")
+    assert shard.version == 0 and 9 not in shard.stats.updates
 
 
 def test_ssp_releases_when_the_laggard_is_declared_lost(make):
