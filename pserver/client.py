@@ -530,8 +530,16 @@ class Client:
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
         self.seq += 1
+        retried = self.retries
         replies = self._send({"op": "PUSH", **self.who(), "seq": self.seq, "pulled": 0, "mode": mode,
                               "scale": float(scale), "pull": pull}, delta)
+        voided = [k for k, m in enumerate(replies) if m.header.get("applied") is False]
+        if voided and self.retries == retried:
+            # Sent once and not applied: the shard holds a later seq of this rank than ours, pushed by another
+            # process. Training on would look like training while none of it reached the centre.
+            raise RemoteError(self.shards[voided[0]].endpoint, "PUSH", "stale",
+                              f"push {self.seq} of worker {self.worker} was not applied: the shard already holds a "
+                              f"later push of this rank, from another process; join again for a rank of your own")
         staleness = [int(m.header.get("staleness", 0)) for m in replies]
         result = None
         carries = any(m.arrays or m.header.get("shm_arrays") for m in replies)
