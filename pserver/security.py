@@ -6,6 +6,7 @@ A keys directory, as `pserver keys DIR --workers N` writes it::
     DIR/server.key_secret     the server's key pair     (stays on the server hosts)
     DIR/workers/workerK.key_secret   worker K's key pair (give to worker K only)
     DIR/workers/workerK.key          worker K's public key
+    DIR/workers/evaluator.key_secret the evaluator's key pair (`worker evaluate --keys DIR` uses it)
     DIR/operator.key_secret   an operator's key pair        (`pserver stats --keys DIR` reads with it)
     DIR/allowed/*.key         the allow-list: public keys admitted by every server socket
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "server"
 OPERATOR_NAME = "operator"  # the key pair `pserver stats --keys` reads with
+EVALUATOR_NAME = "evaluator"  # the evaluator's key pair, in workers/ (as `runner.launcher.run_keys` makes it too)
 
 #: One authenticator (ZAP handler thread) per context; a context's sockets share it.
 _authenticators: dict[int, ThreadAuthenticator] = {}
@@ -60,6 +62,8 @@ def create_keys(keys_dir: str | Path, workers: int = 1) -> Path:
     shutil.copy(public, root / "allowed" / f"{SERVER_NAME}.key")
     public, _ = zmq.auth.create_certificates(str(root), OPERATOR_NAME)  # reads stats only: `pserver stats --keys`
     shutil.copy(public, root / "allowed" / f"{OPERATOR_NAME}.key")
+    public, _ = zmq.auth.create_certificates(str(root / "workers"), EVALUATOR_NAME)  # `worker evaluate`'s
+    shutil.copy(public, root / "allowed" / f"{EVALUATOR_NAME}.key")
     for k in range(workers):
         public, _ = zmq.auth.create_certificates(str(root / "workers"), f"worker{k}")
         shutil.copy(public, root / "allowed" / f"worker{k}.key")
@@ -112,8 +116,9 @@ def client_curve(keys_dir: str | Path, worker_name: str | None = None) -> dict[s
                               f"{' and '.join(str(c) for c in candidates)}")
         path = found[0]
     else:
-        pairs = sorted((root / "workers").glob("*.key_secret")) + sorted(
-            p for p in root.glob("*.key_secret") if p.stem not in (SERVER_NAME, OPERATOR_NAME))
+        # a worker's pair: the evaluator's, the operator's and the server's have roles of their own
+        pairs = [p for p in sorted((root / "workers").glob("*.key_secret")) + sorted(root.glob("*.key_secret"))
+                 if role_of_name(p.stem.split(".")[0]) == "worker"]
         if not pairs:
             raise ConfigError(f"no worker key pair (*.key_secret) in {root / 'workers'} or {root}; "
                               f"create keys with `pserver keys DIR --workers N`")
@@ -122,6 +127,13 @@ def client_curve(keys_dir: str | Path, worker_name: str | None = None) -> dict[s
     if not secret:
         raise ConfigError(f"{path} holds no secret key")
     return {"secret": secret, "public": public, "server": server_public}
+
+
+def evaluator_key_name(keys_dir: str | Path) -> str | None:
+    """The evaluator's key pair name in ``keys_dir`` if it holds one (`create_keys` and `run_keys` make it)."""
+    root = Path(keys_dir)
+    found = any((d / f"{EVALUATOR_NAME}.key_secret").is_file() for d in (root / "workers", root))
+    return EVALUATOR_NAME if found else None
 
 
 def authenticator(context: zmq.Context, keys_dir: str | Path) -> ThreadAuthenticator:

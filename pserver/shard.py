@@ -304,8 +304,8 @@ class Shard:
         self._check_role(msg.op)
         return handler(identity, msg)
 
-    #: With --keys, the roles (pserver.security.ROLES) that may send each op to a shard; PULL's worker role is for
-    #: the puller's own rank only, the others pull as observers (`protocol.OBSERVER`).
+    #: With --keys, the roles (pserver.security.ROLES) that may send each op to a shard. A PULL names a rank (with
+    #: its ticket, bound to the key that joined) or `protocol.OBSERVER` (an evaluator's, even with a worker's key).
     OP_ROLES = {"INIT": ("worker",), "PUSH": ("worker",), "ROUND": ("worker",), "SHM": ("worker",),
                 "BYE": ("worker",), "PULL": ("worker", "evaluator", "operator", "server"), "LOST": ("server",),
                 "STATS": ("server", "evaluator", "operator", "worker"),
@@ -429,9 +429,7 @@ class Shard:
         the rank joined with); ProtocolError naming what is wrong."""
         w = hfield(header, "worker", int)
         world = self.world or self.config.world
-        if observer and w == protocol.OBSERVER:
-            if self._role() == "worker":
-                raise ProtocolError("role", f"a worker key pulls as its own rank, not as observer {w}")
+        if observer and w == protocol.OBSERVER:  # reads only, and its per-worker state is this one entry
             return w
         if not 0 <= w < (world or protocol.MAX_WORLD):
             raise ProtocolError("malformed", f"worker {w} is outside the world of {world or protocol.MAX_WORLD}; "
