@@ -19,6 +19,13 @@ same endpoint again, HEARTBEAT keeps the largest counts, DONE sets the same
 report again, STOP keeps the first reason, LEAVE forgets an observer already
 forgotten, and MODEL, STATS and PING change nothing but a last-seen time.
 
+Authenticity. With the server's secret (`pserver start` makes one;
+`pserver.security`) a JOIN's reply carries the rank's ticket and an INIT's
+one ticket per shard slice, which the shards check, and a REGISTER must
+carry its proof or come with the server's key. With ``--keys`` every op has
+the roles that may send it (`OP_ROLES`), and a worker's key holds one rank:
+its JOIN, heartbeats and DONE are that rank's only.
+
 Restarts. `snapshot()` is everything the coordinator knows that a client
 relies on: the ranks and names, done and lost workers and their reports, the
 run config, the model (layout, architecture, shard ranges), the shard
