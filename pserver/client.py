@@ -251,6 +251,7 @@ class Client:
         # PUSH, ROUND, SHM, BYE and PULL only with it. Before a JOIN there is none, and PULL goes as an observer.
         self.incarnation = 0
         self.ticket: str | None = None
+        self._resent = 0  # requests `_send` sent again after mapping shared memory anew (not timeouts: `retries`)
         self.round_timeout_s = ShardConfig.round_timeout_s  # the server's; `join` learns it from the run config
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
@@ -506,6 +507,7 @@ class Client:
             log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
             self._unlink()
             self._link()
+            self._resent += 1  # to every shard: those that took the first one answer this copy "not applied"
             return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
 
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
@@ -530,11 +532,11 @@ class Client:
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
         self.seq += 1
-        retried = self.retries
+        sent = self.retries + self._resent
         replies = self._send({"op": "PUSH", **self.who(), "seq": self.seq, "pulled": 0, "mode": mode,
                               "scale": float(scale), "pull": pull}, delta)
         voided = [k for k, m in enumerate(replies) if m.header.get("applied") is False]
-        if voided and self.retries == retried:
+        if voided and self.retries + self._resent == sent:
             # Sent once and not applied: the shard holds a later seq of this rank than ours, pushed by another
             # process. Training on would look like training while none of it reached the centre.
             raise RemoteError(self.shards[voided[0]].endpoint, "PUSH", "stale",
