@@ -703,6 +703,7 @@ def test_restore_refuses_a_checkpoint_header_field_of_the_wrong_type_naming_it(p
     ckpt = tmp_path / "ckpt"
     server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt))
     c = Client(server.address, worker=0)
+    c.join("w0")
     c.init(initial(), LAYOUT)
     c.push(np.ones(LAYOUT.total, np.float32))
     c.close()
