@@ -1,7 +1,7 @@
 """`pserver`'s pieces: the server's options, `keys`, `stats`, and the error handling every notpu program shares.
 
     pserver start --port 5555 --shards 2 --workers 4 --rule adag
-    pserver stats 127.0.0.1:5555 [--json]
+    pserver stats 127.0.0.1:5555 [--json] [--keys KEYS]
 
 `pserver` imports nothing of ours, so it does not know the update rules: the
 `pserver` program, whose `start` takes the run options (--rule, --epochs, ...),
@@ -208,6 +208,9 @@ def build_parser(run_options: RunOptions | None = None, prog: str = "pserver") -
     t.add_argument("--json", action="store_true", help="print JSON")
     # a person waits at the prompt: shorter than a worker's ClientConfig.timeout_s, and tried twice
     t.add_argument("--timeout-s", type=float, default=5.0, help="how long to wait for a reply, tried twice")
+    t.add_argument("--keys", default=None, metavar="KEYS",
+                   help="read a server started with --keys, with KEYS/operator.key_secret (see `pserver keys`; "
+                        "default: none, for a server without --keys)")
     t.set_defaults(handler=cmd_stats)
     return parser
 
@@ -237,12 +240,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     root = create_keys(args.dir, args.workers)
     print(f"wrote {root}/server.key (give to workers), {root}/server.key_secret (keep on the server), "
-          f"{args.workers} worker key pair(s) in {root}/workers/ and the allow-list {root}/allowed/")
+          f"{args.workers} worker key pair(s) in {root}/workers/, an operator's pair {root}/operator.key_secret "
+          f"(for `pserver stats --keys`) and the allow-list {root}/allowed/")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    client = Client(args.address, ClientConfig(timeout_s=args.timeout_s, retries=1))
+    from pserver.security import operator_curve
+
+    curve = operator_curve(args.keys) if args.keys else None
+    client = Client(args.address, ClientConfig(timeout_s=args.timeout_s, retries=1), curve=curve)
     try:
         reply = client.stats()
     finally:

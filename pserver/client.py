@@ -45,7 +45,7 @@ from pserver.shard import ShardConfig
 log = logging.getLogger(__name__)
 
 #: A rank's k-th process numbers its pushes from (k − 1) << this: 2^40 pushes each, past every earlier one's.
-INCARNATION_SHIFT = 40
+INCARNATION_SHIFT = protocol.INCARNATION_SHIFT
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,11 @@ class Client:
         self.seq = 0
         self.world = 0
         self.rank = -1
+        # The coordinator's ticket for this rank's incarnation (JOIN): shards of a `pserver start` serve a worker's
+        # PUSH, ROUND, SHM, BYE and PULL only with it. Before a JOIN there is none, and PULL goes as an observer.
+        self.incarnation = 0
+        self.ticket: str | None = None
+        self._resent = 0  # requests `_send` sent again after mapping shared memory anew (not timeouts: `retries`)
         self.round_timeout_s = ShardConfig.round_timeout_s  # the server's; `join` learns it from the run config
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
@@ -272,6 +277,8 @@ class Client:
         """Ask for a rank; returns the coordinator's reply (rank, world, config, shards, layout, architecture)."""
         reply = self.ask({"op": "JOIN", "name": name, "rank": rank})
         self.rank = self.worker = int(reply["rank"])
+        self.incarnation = int(reply.get("incarnation", 1))
+        self.ticket = reply.get("ticket")
         # Shards answer a push whose seq is not past the rank's last one as a retry, without applying it: a
         # restarted worker (the rank's next incarnation) numbers its pushes past every earlier process's.
         self.seq = max(self.seq, (int(reply.get("incarnation", 1)) - 1) << INCARNATION_SHIFT)
@@ -291,10 +298,12 @@ class Client:
         self.use_shards(reply["shards"])
         if not reply["first"]:
             return False
+        tickets = reply.get("tickets") or [None] * len(self.shards)  # the coordinator's word on each slice
         reqs = [protocol.encode({"op": "INIT", "start": s.start, "end": s.end, "total": layout.total,
-                                 "world": self.world, "fingerprint": layout.fingerprint(), "rid": self.next_rid()},
+                                 "world": self.world, "fingerprint": layout.fingerprint(), "rid": self.next_rid(),
+                                 **({"ticket": t} if t else {})},
                                 [flat[s.start:s.end]])
-                for s in self.shards]
+                for s, t in zip(self.shards, tickets)]
         exchange(self._peers, reqs, self.config, "INIT")
         self.versions = [0] * len(self.shards)
         return True
@@ -307,6 +316,16 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         return self.ask({"op": "STATS"})
+
+    def who(self) -> dict[str, Any]:
+        """The header fields that say who sends a shard request: the rank, and its ticket once joined."""
+        if self.ticket is None:
+            return {"worker": self.worker}
+        return {"worker": self.worker, "inc": self.incarnation, "ticket": self.ticket}
+
+    def _puller(self) -> dict[str, Any]:
+        """A PULL's sender: this rank once joined, an observer (which takes no rank) before."""
+        return self.who() if self.ticket is not None else {"worker": protocol.OBSERVER}
 
     def use_shards(self, shards: list[dict[str, Any]]) -> None:
         """Talk to these shards from now on: the ``shards`` list of a JOIN, INIT or MODEL reply
@@ -357,7 +376,7 @@ class Client:
             if not shm.is_local(host):
                 continue
             try:
-                reply = exchange([self._peers[i]], [protocol.encode({"op": "SHM", "worker": self.worker})],
+                reply = exchange([self._peers[i]], [protocol.encode({"op": "SHM", **self.who()})],
                                  self.config, "SHM")[0].header
                 n = s.end - s.start
                 if reply.get("n") != n:
@@ -429,7 +448,7 @@ class Client:
             else:
                 version = link.centre.read(target)
                 if version is None:  # rewritten under us again and again: ask for a copy instead
-                    reply = exchange([self._peers[i]], [protocol.encode({"op": "PULL", "worker": self.worker})],
+                    reply = exchange([self._peers[i]], [protocol.encode({"op": "PULL", **self._puller()})],
                                      self.config, "PULL")[0]
                     target[:] = self._check_slice(s, reply, -1)
                     version = int(reply.header["version"])
@@ -488,13 +507,14 @@ class Client:
             log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
             self._unlink()
             self._link()
+            self._resent += 1  # to every shard: those that took the first one answer this copy "not applied"
             return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
 
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
         """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard
         over ZeroMQ, a read-only view on the reply's frame (no copy: set the model's weights from it),
         otherwise a new array."""
-        replies = self._send({"op": "PULL", "worker": self.worker})
+        replies = self._send({"op": "PULL", **self._puller()})
         self.versions = [int(m.header["version"]) for m in replies]
         return self._collect(replies, out, centre=True)
 
@@ -512,8 +532,16 @@ class Client:
         if delta.dtype != np.float32 or delta.shape != (self.total,):
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
         self.seq += 1
-        replies = self._send({"op": "PUSH", "worker": self.worker, "seq": self.seq, "pulled": 0, "mode": mode,
+        sent = self.retries + self._resent
+        replies = self._send({"op": "PUSH", **self.who(), "seq": self.seq, "pulled": 0, "mode": mode,
                               "scale": float(scale), "pull": pull}, delta)
+        voided = [k for k, m in enumerate(replies) if m.header.get("applied") is False]
+        if voided and self.retries + self._resent == sent:
+            # Sent once and not applied: the shard holds a later seq of this rank than ours, pushed by another
+            # process. Training on would look like training while none of it reached the centre.
+            raise RemoteError(self.shards[voided[0]].endpoint, "PUSH", "stale",
+                              f"push {self.seq} of worker {self.worker} was not applied: the shard already holds a "
+                              f"later push of this rank, from another process; join again for a rank of your own")
         staleness = [int(m.header.get("staleness", 0)) for m in replies]
         result = None
         carries = any(m.arrays or m.header.get("shm_arrays") for m in replies)
@@ -539,7 +567,7 @@ class Client:
         if timeout_s is None:
             timeout_s = self.round_timeout_s + self.config.timeout_s
         self.seq += 1
-        reqs = [protocol.encode({"op": "ROUND", "worker": self.worker, "seq": self.seq, "round": number,
+        reqs = [protocol.encode({"op": "ROUND", **self.who(), "seq": self.seq, "round": number,
                                  "mode": mode, "alpha": float(alpha)}, [value[s.start:s.end]])
                 for s in self.shards]
         replies = exchange(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
@@ -549,7 +577,7 @@ class Client:
         return int(replies[0].header["round"]), centre, diff
 
     def bye(self) -> None:
-        reqs = [protocol.encode({"op": "BYE", "worker": self.worker}) for _ in self.shards]
+        reqs = [protocol.encode({"op": "BYE", **self.who()}) for _ in self.shards]
         exchange(self._peers, reqs, self.config, "BYE")
 
     def close(self) -> None:

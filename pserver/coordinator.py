@@ -19,6 +19,13 @@ same endpoint again, HEARTBEAT keeps the largest counts, DONE sets the same
 report again, STOP keeps the first reason, LEAVE forgets an observer already
 forgotten, and MODEL, STATS and PING change nothing but a last-seen time.
 
+Authenticity. With the server's secret (`pserver start` makes one;
+`pserver.security`) a JOIN's reply carries the rank's ticket and an INIT's
+one ticket per shard slice, which the shards check, and a REGISTER must
+carry its proof or come with the server's key. With ``--keys`` every op has
+the roles that may send it (`OP_ROLES`), and a worker's key holds one rank:
+its JOIN, heartbeats and DONE are that rank's only.
+
 Restarts. `snapshot()` is everything the coordinator knows that a client
 relies on: the ranks and names, done and lost workers and their reports, the
 run config, the model (layout, architecture, shard ranges), the shard
@@ -54,7 +61,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pserver import protocol
+from pserver import protocol, security
 from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
 from pserver.memory import HeapTrimmer
@@ -162,11 +169,13 @@ class WorkerInfo:
     # How many processes have held this rank: a restarted worker is the next incarnation, and numbers its
     # pushes past every earlier one's (`pserver.client.Client.join`), so shards never take them for retries.
     incarnation: int = 1
+    key: str = ""  # with --keys: the public key (z85) the rank joined with; only that key acts for the rank
 
 
 class Coordinator:
     def __init__(self, socket: zmq.Socket, shards: int, world: int, run_config: dict[str, Any],
-                 shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0, max_slice_bytes: int = 0) -> None:
+                 shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0, max_slice_bytes: int = 0,
+                 secret: bytes | None = None, roles: dict[str, str] | None = None) -> None:
         self.socket = socket
         self.n_shards = shards
         self.world = world
@@ -205,6 +214,13 @@ class Coordinator:
         self._gather: ShardStatsGather | None = None  # made at the first STATS that has shards to ask
         self._requester = b""  # the identity of the request being handled
         self.trimmer = HeapTrimmer(name="the coordinator")  # what closed connections' buffers held goes back
+        # The server's secret (pserver.security): JOIN and INIT replies carry tickets signed with it, which the
+        # shards check, and a REGISTER must prove it (or come with the server's key). None: no tickets, and a
+        # REGISTER is taken from anyone (a coordinator in a test).
+        self.secret = secret
+        # With --keys: {public key: role} of the allow-list (pserver.security.key_roles); None without keys.
+        self.roles = roles
+        self._sender = ""  # the public key ZAP admitted the request being handled with ("" without keys)
         self._stopping = False
 
     @property
@@ -250,11 +266,13 @@ class Coordinator:
             return
         identity = frames[0].bytes
         self._requester = identity  # a STATS waits for its gather under this identity
+        self._sender = security.peer_key(frames[1])
         try:
             msg = protocol.decode(frames[1:])
             handler = self.handlers.get(msg.op)
             if handler is None:
                 raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self.handlers)}")
+            self._check_role(msg.op)
             rid = protocol.request_id(msg.header)
             if rid is not None and msg.op in self.remembered:
                 decide, answer = self.remembered[msg.op]
@@ -288,6 +306,32 @@ class Coordinator:
         except zmq.ZMQError as exc:
             log.debug("coordinator: reply not sent: %s", exc)
 
+    #: With --keys, the roles (pserver.security.ROLES) that may send each op: a worker's key joins and acts for
+    #: the rank it joined as; the server's REGISTERs shards; the evaluator's (and the server's) STOP the run.
+    OP_ROLES = {"REGISTER": ("server",), "JOIN": ("worker",), "INIT": ("worker",), "DONE": ("worker",),
+                "HEARTBEAT": ("worker",), "STOP": ("server", "evaluator"),
+                "STATS": ("server", "evaluator", "operator", "worker"),
+                "PING": ("server", "evaluator", "operator", "worker"),
+                "MODEL": ("server", "evaluator", "operator", "worker"),
+                "LEAVE": ("server", "evaluator", "operator", "worker")}
+
+    def _role(self) -> str | None:
+        """The sender's role with --keys (None without): from the public key ZAP admitted it with."""
+        return None if self.roles is None else self.roles.get(self._sender, "")
+
+    def _check_role(self, op: str) -> None:
+        role = self._role()
+        if role is not None and role not in self.OP_ROLES.get(op, ()):
+            raise ProtocolError("role", f"a {role or 'unlisted'} key may not send {op}; "
+                                        f"{op} takes a {' or '.join(self.OP_ROLES.get(op, ()))} key")
+
+    def signed_lost(self, lost: list[int], done: list[int]) -> dict[str, Any]:
+        """A LOST notice's header, with the proof a shard of this server asks for."""
+        header: dict[str, Any] = {"op": "LOST", "lost": list(lost), "done": list(done)}
+        if self.secret is not None:
+            header["proof"] = security.lost_proof(self.secret, lost, done)
+        return header
+
     def _count(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
 
@@ -312,6 +356,11 @@ class Coordinator:
             raise ProtocolError("malformed", f"shard index {k} outside [0, {self.n_shards})")
         if ":" not in endpoint or len(endpoint) > 300:
             raise ProtocolError("malformed", f"shard endpoint {endpoint!r} is not host:port")
+        if self.secret is not None and self._role() != "server" and not security.verify(
+                self.secret, msg.header.get("proof"), "register", k, endpoint):
+            raise ProtocolError("ticket", f"REGISTER of shard {k} at {endpoint} without the server's proof: only "
+                                          f"the shard processes `pserver start` started (or the server's key) "
+                                          f"register shards")
         if self.endpoints.get(k) not in (None, endpoint):
             log.warning("shard %d moved from %s to %s", k, self.endpoints[k], endpoint)
         self.endpoints[k] = endpoint
@@ -327,7 +376,18 @@ class Coordinator:
         name = hfield(msg.header, "name", str, "")[:200]
         want = hfield(msg.header, "rank", int, -1)
         now = time.monotonic()
+        key = self._sender
+        held = [w for w in self.workers.values() if key and w.key == key]
+        if held:  # with --keys a key holds one rank: it may take only that one back, once lost
+            mine = held[0]
+            if not mine.lost or want not in (-1, mine.rank):
+                raise ProtocolError("role", f"this key joined as rank {mine.rank}"
+                                            f"{'' if mine.lost else ', which is not lost'}; a key holds one rank "
+                                            f"and takes back only that one, once it was declared lost")
+            want = mine.rank
         if 0 <= want < self.world and (want not in self.workers or self.workers[want].lost):
+            if key and want in self.workers and self.workers[want].key not in ("", key):
+                raise ProtocolError("role", f"rank {want} was joined with another key; only that key takes it back")
             rank = want  # a restarted worker takes its old rank back
         else:
             free = [r for r in range(self.world) if r not in self.workers]
@@ -337,21 +397,29 @@ class Coordinator:
             rank = free[0]
         before = self.workers.get(rank)
         self.workers[rank] = WorkerInfo(rank=rank, name=name, joined_at=now, last_seen=now,
-                                        incarnation=before.incarnation + 1 if before else 1)
+                                        incarnation=before.incarnation + 1 if before else 1, key=key)
         self._decided = True
         log.info("worker %d of %d joined (%s)", rank, self.world, name or "unnamed")
         return rank
 
     def _join_reply(self, rank: int) -> list[Any]:
+        info = self.workers[rank]
+        extra = {} if self.secret is None else \
+            {"ticket": security.worker_ticket(self.secret, rank, info.incarnation, info.key)}
         return protocol.encode(ok(rank=rank, world=self.world, config=self.run_config, shards=self.shard_map(),
                                   layout=self.layout.to_wire() if self.layout else None,
-                                  architecture=self.architecture, incarnation=self.workers[rank].incarnation))
+                                  architecture=self.architecture, incarnation=info.incarnation, **extra))
 
     def _init(self, msg: protocol.Message) -> list[Any]:
         return self._init_reply(self._fix_model(msg))
 
     def _init_reply(self, first: bool) -> list[Any]:
-        return protocol.encode(ok(first=first, shards=self.shard_map(), world=self.world))
+        extra = {}
+        if self.secret is not None and self.layout is not None:  # each shard's slice, signed: the shards check it
+            fingerprint = self.layout.fingerprint()
+            extra["tickets"] = [security.init_ticket(self.secret, k, start, end, self.layout.total, self.world,
+                                                     fingerprint) for k, (start, end) in enumerate(self.ranges)]
+        return protocol.encode(ok(first=first, shards=self.shard_map(), world=self.world, **extra))
 
     def _fix_model(self, msg: protocol.Message) -> bool:
         """Fix the model if none is yet; True if this INIT did (its client sends the shards their slices)."""
@@ -386,6 +454,8 @@ class Coordinator:
         info = self.workers.get(rank)
         if info is None:
             raise ProtocolError("malformed", f"rank {rank} has not joined")
+        if self.roles is not None and info.key != self._sender:
+            raise ProtocolError("role", f"rank {rank} joined with another key; a worker's key acts for its own rank only")
         info.last_seen = time.monotonic()
         if info.lost:
             log.info("worker %d is back", rank)
@@ -463,7 +533,8 @@ class Coordinator:
             "ranges": [list(r) for r in self.ranges], "total": self.layout.total if self.layout else 0,
             "fingerprint": self.layout.fingerprint() if self.layout else "",
             "workers": [{"rank": w.rank, "name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
-                         "nan_recoveries": w.nan_recoveries, "report": w.report, "incarnation": w.incarnation}
+                         "nan_recoveries": w.nan_recoveries, "report": w.report, "incarnation": w.incarnation,
+                         "key": w.key}
                         for w in sorted(self.workers.values(), key=lambda w: w.rank)],
             "stop": self.stop_requested, "observers": sorted(self.observers), "memory": self.memory.to_wire(),
             "refused": dict(self.refused), "repeats": self.memory.repeats,
@@ -515,13 +586,13 @@ class Coordinator:
             try:
                 info = WorkerInfo(rank=w["rank"], name=w["name"], joined_at=now, last_seen=now, done=w["done"],
                                   lost=w["lost"], samples=w["samples"], nan_recoveries=w["nan_recoveries"],
-                                  report=w["report"], incarnation=w.get("incarnation", 1))
+                                  report=w["report"], incarnation=w.get("incarnation", 1), key=w.get("key", ""))
             except (TypeError, KeyError) as exc:
                 raise ValueError(f"worker entry {i}: {exc!r}") from None
             if not (_is_int(info.rank) and 0 <= info.rank < self.world and info.rank not in workers
                     and isinstance(info.name, str) and isinstance(info.done, bool) and isinstance(info.lost, bool)
                     and _is_int(info.samples) and _is_int(info.nan_recoveries) and isinstance(info.report, dict)
-                    and _is_int(info.incarnation) and info.incarnation >= 1):
+                    and _is_int(info.incarnation) and info.incarnation >= 1 and isinstance(info.key, str)):
                 raise ValueError(f"worker entry {i} is not a rank of [0, {self.world}) taken once with its "
                                  f"name, done, lost, samples, nan_recoveries, report and incarnation: {w!r}")
             workers[info.rank] = info

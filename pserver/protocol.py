@@ -56,11 +56,11 @@ checks this table against the handlers that `pserver.shard.Shard` and
 Shard (one per contiguous slice ``[start, end)`` of the flat weight vector;
 every array is float32, ``<f4``):
 
-    INIT      {start, end, total, world, fingerprint?, rid?} + [slice] → {ok, first, version}
+    INIT      {start, end, total, world, fingerprint?, rid?, ticket?} + [slice] → {ok, first, version}
                 the first INIT sets the slice; a later one of the same range is answered (first false), a
                 retry of the first one (same rid) as the first (first true)
-    PULL      {worker, shm?, wire?} → {ok, version} + [slice]
-    PUSH      {worker, seq, pulled, mode, scale?, pull?, shm?, wire?} + [delta]
+    PULL      {worker, inc?, ticket?, shm?, wire?} → {ok, version} + [slice]
+    PUSH      {worker, inc?, ticket?, seq, pulled, mode, scale?, pull?, shm?, wire?} + [delta]
               → {ok, version, staleness, applied, norm} + [E if elastic] + [slice if pull]
                 mode: a PUSH apply of pserver.applies; built in: add, scaled, staleness or elastic (delta is
                 then the worker's weights W, and E = scale·(W − centre)); a seq not newer than the worker's
@@ -68,13 +68,13 @@ every array is float32, ``<f4``):
                 wire: "float32" (default), "float16" or "bfloat16", the form of the centre in the reply (a
                 float16 reply of a centre beyond float16's range is sent as float32); a PUSH's delta may be
                 of any of PUSH_DTYPES, and is widened to float32 before it is applied
-    SHM       {worker} → {ok, n, centre, centre_token, push, push_token}
+    SHM       {worker, inc?, ticket?} → {ok, n, centre, centre_token, push, push_token}
                 a worker of the world on the shard's host asks for shared memory (see Shared memory below)
-    ROUND     {worker, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
+    ROUND     {worker, inc?, ticket?, round, mode, alpha?} + [value] → {ok, version, round, workers} + [E if elastic] + [slice]
                 synchronous rules (mode: a ROUND apply of pserver.applies; built in: elastic or average);
                 the reply waits for the round to close
-    BYE       {worker} → {ok}
-    LOST      {lost, done?} → {ok}
+    BYE       {worker, inc?, ticket?} → {ok}
+    LOST      {lost, done?, proof?} → {ok}
                 from the coordinator: workers declared lost (silent) or done; rounds and SSP stop waiting for them
     STATS     {} → {ok, stats}
     PING      {} → {ok, shard, version}
@@ -94,10 +94,24 @@ by this worker's next PUSH, refused or not). A token the shard did not hand to t
 worker (it restarted, or the worker asked again) is refused (``shm``); the
 worker asks again or goes back to frames.
 
+Tickets. `pserver start` makes a secret (`pserver.security`) that only the
+coordinator and its shard processes hold. A JOIN's reply then also carries
+``ticket``: the coordinator's MAC over the rank, its incarnation and (with
+``--keys``) the public key it joined with; the worker sends ``inc`` (its
+incarnation) and ``ticket`` with every PUSH, ROUND, SHM, BYE and PULL, and a
+shard refuses (``ticket``) a request for a worker without them, a worker
+outside the world (``malformed``), and a PUSH whose seq lies outside its
+incarnation's range ``[(inc − 1) << 40, inc << 40)``. An INIT's reply carries
+``tickets``: one MAC per shard over its slice, the model's total and
+fingerprint and the world, which each shard INIT must carry. A shard's
+REGISTER and the coordinator's LOST carry ``proof``, a MAC over their fields
+(with ``--keys`` the server's own key is proof enough). A PULL before any
+JOIN (an observer: the evaluator) names worker `OBSERVER` and needs no ticket.
+
 Coordinator (the ``host:port`` that workers are given):
 
-    REGISTER  {shard, endpoint} → {ok}
-                from a shard process when it starts
+    REGISTER  {shard, endpoint, proof?} → {ok}
+                from a shard process when it starts (proof: see Tickets below)
     JOIN      {name?, rank?} → {ok, rank, world, config, shards, layout, architecture, incarnation}
                 rank: a lost worker's own rank, to take it back; incarnation: how many processes
                 have held the rank (a restarted worker numbers its pushes past its predecessors')
@@ -148,8 +162,28 @@ ERROR_CODES = (
     "round",         # synchronous round out of order
     "shm",           # no shared memory here, or a segment token the shard did not give that worker
     "stale",         # a JOIN or INIT older than the last one its client sent (a late copy of a retried request)
+    "ticket",        # no valid ticket: a worker id, seq, INIT, REGISTER or LOST the coordinator did not sign
+    "role",          # with --keys: the sender's key may not do this op (pserver.security, roles)
     "internal",      # a bug on the server side; the state was not changed
 )
+
+#: The worker id an observer (the evaluator, a `Client` that has not joined) PULLs with: it takes no rank.
+OBSERVER = (1 << 31) - 1
+
+#: The largest world a server or a shard takes: a synchronous round holds a row of its slice per worker, so the
+#: world bounds a shard's memory; a shard told more in an INIT refuses it. 65536 workers is far beyond any run here.
+MAX_WORLD = 1 << 16
+
+#: A push's seq is below 2^63 (an int64, as msgpack and the checkpoints' JSON carry it).
+SEQ_LIMIT = 1 << 63
+#: A rank's incarnation k (its k-th process, counted by the coordinator) numbers its pushes from
+#: (k − 1) << INCARNATION_SHIFT: 2^40 pushes each, past every earlier one's, so that a shard never takes a new
+#: process's push for a retry of its predecessor's; with the server's secret a shard refuses a seq outside the
+#: range of the incarnation the worker's ticket names.
+INCARNATION_SHIFT = 40
+MAX_INCARNATION = (SEQ_LIMIT >> INCARNATION_SHIFT)  # 2^23 restarts of one rank
+#: An INIT's total (floats in the model) is below this: 2^40 floats, 4 TiB, beyond any model a shard takes.
+MAX_TOTAL = 1 << 40
 
 #: Each half of a request id ``[client, n]`` is an int in [0, RID_LIMIT): a non-negative int64.
 RID_LIMIT = 1 << 63

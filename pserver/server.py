@@ -96,7 +96,7 @@ class ServerConfig:
         return ShardConfig(index=index, host=self.host, port=port, max_message_bytes=self.max_message_bytes,
                            max_delta_norm=self.max_delta_norm, round_timeout_s=self.round_timeout_s,
                            max_delta_norm_factor=self.max_delta_norm_factor, max_staleness=self.max_staleness,
-                           keys_dir=self.keys_dir, plugins=self.plugins)
+                           keys_dir=self.keys_dir, plugins=self.plugins, world=self.workers)
 
     def run_for_workers(self) -> dict[str, Any]:
         """The run config workers are handed: the run's, and the round timeout the shards close rounds after
@@ -138,9 +138,11 @@ def _check(config: ServerConfig) -> None:
 
 
 def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 0,
-                restore: bool = False) -> subprocess.Popen:
+                restore: bool = False, secret: bytes | None = None) -> subprocess.Popen:
     """Start shard `index` (`python -m pserver.shard_process --index K --config-json ...`): its whole
-    configuration in one JSON document, a `ShardProcessConfig`."""
+    configuration in one JSON document, a `ShardProcessConfig`, and the server's ``secret`` in its environment
+    (`pserver.security.SECRET_ENV`: a command line is readable by every user of the host, an environment by
+    this user only)."""
     from pserver.shard_process import ShardProcessConfig
 
     proc_config = ShardProcessConfig(shard=config.shard(index, port), coordinator=coordinator, parent=os.getpid(),
@@ -148,7 +150,8 @@ def spawn_shard(config: ServerConfig, index: int, coordinator: str, port: int = 
                                      checkpoint_every_s=config.checkpoint_every_s,
                                      restore=bool(restore and config.checkpoint_dir))
     return subprocess.Popen([sys.executable, "-m", "pserver.shard_process", "--index", str(index),
-                             "--config-json", proc_config.to_json()])
+                             "--config-json", proc_config.to_json()],
+                            env={**os.environ, security.SECRET_ENV: secret.hex()} if secret else None)
 
 
 def _port(endpoint: str | None) -> int:
@@ -182,8 +185,12 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     except zmq.ZMQError as exc:
         raise ConfigError(f"cannot bind {config.host}:{config.port}: {exc}; pick another --port") from None
     address = f"{config.host}:{port}"
+    # Signs the coordinator's tickets (pserver.security). Kept beside the checkpoints, so that the workers of a
+    # restored server go on with theirs; otherwise new each start.
+    secret = security.stored_secret(config.checkpoint_dir) if config.checkpoint_dir else security.new_secret()
     coord = Coordinator(sock, shards=config.shards, world=config.workers, run_config=config.run_for_workers(),
-                        worker_timeout_s=config.worker_timeout_s, max_slice_bytes=config.max_message_bytes)
+                        worker_timeout_s=config.worker_timeout_s, max_slice_bytes=config.max_message_bytes,
+                        secret=secret, roles=security.key_roles(config.keys_dir) if config.keys_dir else None)
     coord.address = address
     if config.keys_dir:
         coord.curve = security.internal_curve(config.keys_dir)
@@ -208,7 +215,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     try:
         # restored shards bind their old ports: running workers look for them there
         procs += [spawn_shard(config, k, address, port=_port(coord.restored_endpoints.get(k)),
-                              restore=restored is not None) for k in range(config.shards)]
+                              restore=restored is not None, secret=secret) for k in range(config.shards)]
         deadline = time.monotonic() + config.startup_timeout_s
 
         def started() -> bool:
@@ -230,7 +237,7 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
             if on_ready:
                 on_ready(address)
 
-            respawn = (lambda k, port: spawn_shard(config, k, address, port=port, restore=True)) \
+            respawn = (lambda k, port: spawn_shard(config, k, address, port=port, restore=True, secret=secret)) \
                 if config.checkpoint_dir else None
             watch = supervisor.ShardWatch(coord, procs, respawn)
 

@@ -55,7 +55,7 @@ import zmq
 from pserver import applies, precision, protocol, security, shm
 from pserver.applies import PushApply, RoundApply, ShardKernels
 from pserver.centre import Centre
-from pserver.errors import ProtocolError
+from pserver.errors import ConfigError, ProtocolError
 from pserver.norms import NormGuard
 from pserver.protocol import error, field as hfield, ok
 from pserver.ssp import StalenessGate
@@ -101,6 +101,9 @@ class ShardConfig:
     max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
     max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)
     keys_dir: str | None = None  # CurveZMQ server keys and allow-list (pserver.security)
+    # The server's world, which an INIT must repeat; 0: whatever the first INIT says, up to protocol.MAX_WORLD
+    # (a shard started by hand, or in a test).
+    world: int = 0
     # Modules the shard imports at start, by name, that register shard-side applies (pserver.applies) beyond
     # the built-ins: how a rule with its own apply reaches the shards. `pserver` names none itself.
     plugins: tuple[str, ...] = ()
@@ -179,9 +182,17 @@ class Shard:
     """
 
     def __init__(self, config: ShardConfig, context: zmq.Context | None = None, *,
-                 kernels: ShardKernels | None = None, socket: Any = None) -> None:
+                 kernels: ShardKernels | None = None, socket: Any = None, secret: bytes | None = None) -> None:
         applies.load_plugins(config.plugins)  # before binding: a missing module is a ConfigError, no port held
+        if not 0 <= config.world <= protocol.MAX_WORLD:
+            raise ConfigError(f"shard world {config.world} outside [0, {protocol.MAX_WORLD}]")
         self.config = config
+        # The server's secret (pserver.security): with it, worker requests need the coordinator's ticket, an
+        # INIT its signature, a LOST its proof. None (a shard started by hand, a test): none is asked for.
+        self.secret = secret
+        # With --keys: {public key: role} of the allow-list, and the sender of the request being handled.
+        self.roles = security.key_roles(config.keys_dir) if config.keys_dir else None
+        self._sender = ""
         if socket is None:
             socket, self.port = _bind(config, context or zmq.Context.instance())
         else:
@@ -267,6 +278,7 @@ class Shard:
         t0 = time.perf_counter()
         identity = frames[0].bytes
         body = frames[1:]
+        self._sender = security.peer_key(body[0])
         size = sum(len(f) for f in body)
         self.stats.bytes_in += size
         self._respond(identity, self._dispatch, identity, body, size)
@@ -289,7 +301,27 @@ class Shard:
         handler = self.handlers.get(msg.op)
         if handler is None:
             raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by a shard; expected one of {sorted(self.handlers)}")
+        self._check_role(msg.op)
         return handler(identity, msg)
+
+    #: With --keys, the roles (pserver.security.ROLES) that may send each op to a shard. A PULL names a rank (with
+    #: its ticket, bound to the key that joined) or `protocol.OBSERVER` (an evaluator's, even with a worker's key).
+    OP_ROLES = {"INIT": ("worker",), "PUSH": ("worker",), "ROUND": ("worker",), "SHM": ("worker",),
+                "BYE": ("worker",), "PULL": ("worker", "evaluator", "operator", "server"), "LOST": ("server",),
+                "STATS": ("server", "evaluator", "operator", "worker"),
+                "PING": ("server", "evaluator", "operator", "worker")}
+
+    def _role(self) -> str | None:
+        """The sender's role with --keys (None without): from the public key ZAP admitted it with."""
+        if self.roles is None:
+            return None
+        return self.roles.get(self._sender, "")
+
+    def _check_role(self, op: str) -> None:
+        role = self._role()
+        if role is not None and role not in self.OP_ROLES.get(op, ()):
+            raise ProtocolError("role", f"a {role or 'unlisted'} key may not send {op} to a shard; "
+                                        f"{op} takes a {' or '.join(self.OP_ROLES.get(op, ()))} key")
 
     def _respond(self, identity: bytes, handler: Callable[..., list[Any] | None], *args: Any) -> None:
         """Run a handler; send its reply, or an error reply if it raised. State is mutated last, so a
@@ -391,12 +423,38 @@ class Shard:
             raise ProtocolError("malformed", f"header field 'wire' must be one of {list(precision.WIRE)}, got {wire!r:.40}")
         return wire
 
-    @staticmethod
-    def _worker(header: dict[str, Any]) -> int:
+    def _worker(self, header: dict[str, Any], observer: bool = False) -> int:
+        """The request's worker: a rank of the world (or, if ``observer``, `protocol.OBSERVER`), carrying the
+        coordinator's ticket for it when the shard has the server's secret (and, with --keys, sent with the key
+        the rank joined with); ProtocolError naming what is wrong."""
         w = hfield(header, "worker", int)
-        if not 0 <= w < 1 << 31:
-            raise ProtocolError("malformed", f"worker id {w} out of range [0, 2^31)")
+        world = self.world or self.config.world
+        if observer and w == protocol.OBSERVER:  # reads only, and its per-worker state is this one entry
+            return w
+        if not 0 <= w < (world or protocol.MAX_WORLD):
+            raise ProtocolError("malformed", f"worker {w} is outside the world of {world or protocol.MAX_WORLD}; "
+                                             f"a worker sends the rank the coordinator gave it at JOIN")
+        if self.secret is not None:
+            inc = hfield(header, "inc", int, 0)
+            if not (1 <= inc <= protocol.MAX_INCARNATION
+                    and security.verify(self.secret, header.get("ticket"), "worker", w, inc, self._sender)):
+                raise ProtocolError("ticket", f"no valid ticket for worker {w} incarnation {inc}: send the "
+                                              f"ticket and incarnation the coordinator's JOIN gave this rank"
+                                              + (" (with the key it joined with)" if self.roles is not None else ""))
         return w
+
+    def _seq(self, header: dict[str, Any]) -> int:
+        """A push's seq: below 2^63, and with the server's secret within its (ticketed) incarnation's range."""
+        seq = hfield(header, "seq", int)
+        if not 0 <= seq < protocol.SEQ_LIMIT:
+            raise ProtocolError("malformed", f"seq {seq} outside [0, 2^63)")
+        if self.secret is not None:
+            inc = header["inc"]  # checked by _worker
+            low, high = (inc - 1) << protocol.INCARNATION_SHIFT, inc << protocol.INCARNATION_SHIFT
+            if not low <= seq < high:
+                raise ProtocolError("malformed", f"seq {seq} is not one of incarnation {inc}'s, [{low}, {high}); "
+                                                 f"number pushes past the incarnation's first, as JOIN said")
+        return seq
 
     # ---- handlers ---------------------------------------------------------
 
@@ -407,8 +465,17 @@ class Shard:
         h = msg.header
         start, end, total = hfield(h, "start", int), hfield(h, "end", int), hfield(h, "total", int)
         world = hfield(h, "world", int)
-        if not (0 <= start < end <= total) or world < 1:
-            raise ProtocolError("malformed", f"INIT range [{start}, {end}) of {total} with world {world} is not valid")
+        if not (0 <= start < end <= total < protocol.MAX_TOTAL) or not 1 <= world <= protocol.MAX_WORLD:
+            raise ProtocolError("malformed", f"INIT range [{start}, {end}) of {total} with world {world} is not valid: "
+                                             f"0 <= start < end <= total < 2^40, 1 <= world <= {protocol.MAX_WORLD}")
+        if self.config.world and world != self.config.world:
+            raise ProtocolError("mismatch", f"INIT says world {world}, the server's is {self.config.world}")
+        fingerprint = hfield(h, "fingerprint", str, "")
+        if self.secret is not None and not security.verify(self.secret, h.get("ticket"), "init", self.config.index,
+                                                            start, end, total, world, fingerprint):
+            raise ProtocolError("ticket", f"INIT of [{start}, {end}) of {total}, world {world}, is not the slice the "
+                                          f"coordinator assigned shard {self.config.index}: send the ticket its INIT "
+                                          f"reply gave for this shard")
         rid = protocol.check_rid(hfield(h, "rid", list, None))
         arr = self._one_slice(msg)
         if arr.shape[0] != end - start:
@@ -423,14 +490,14 @@ class Shard:
             raise ProtocolError("not_finite", "INIT weights contain NaN or Inf")
         self.centre = Centre(arr)
         self.start, self.end, self.total, self.world = start, end, total, world
-        self.fingerprint = hfield(h, "fingerprint", str, "")[:128]
+        self.fingerprint = fingerprint[:128]
         self._init_rid = rid
         log.info("shard %d initialised: [%d, %d) of %d floats, world %d", self.config.index, start, end, total, world)
         return protocol.encode(ok(first=True, version=self.version))
 
     def _pull(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
         self._require_ready()
-        worker = self._worker(msg.header)
+        worker = self._worker(msg.header, observer=True)
         link = self._link(worker, hfield(msg.header, "shm", int, 0))
         wire = self._wire(msg.header)
         if msg.arrays:
@@ -486,7 +553,7 @@ class Shard:
         self._require_ready()
         h = msg.header
         worker = self._worker(h)
-        seq = hfield(h, "seq", int)
+        seq = self._seq(h)
         pulled = hfield(h, "pulled", int)
         mode = hfield(h, "mode", str)
         scale = float(hfield(h, "scale", (int, float), 1.0))
@@ -701,9 +768,14 @@ class Shard:
     def _lost(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         """The coordinator's word on workers: declared lost (silent) or done; neither is waited for."""
         lost, done = hfield(msg.header, "lost", list), hfield(msg.header, "done", list, [])
-        if msg.arrays or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 31
-                                 for w in [*lost, *done]) or len(lost) + len(done) > 1 << 16:
-            raise ProtocolError("malformed", "LOST carries lists of worker ids in [0, 2^31) and no array frame")
+        world = self.world or self.config.world or protocol.MAX_WORLD
+        if msg.arrays or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < world
+                                 for w in [*lost, *done]) or len(lost) + len(done) > 2 * world:
+            raise ProtocolError("malformed", f"LOST carries lists of worker ids in [0, {world}) and no array frame")
+        if self.secret is not None and self._role() != "server" \
+                and not security.verify(self.secret, msg.header.get("proof"), "lost", lost, done):
+            raise ProtocolError("ticket", "LOST without the server's proof: only the coordinator tells a shard who "
+                                          "is lost or done")
         new = set(lost) - self.lost
         if new:
             log.info("shard %d: coordinator declared worker(s) %s lost", self.config.index, sorted(new))

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = proc.shard
     try:
-        shard = _bind(config)
+        secret = security.secret_from_env()
+        shard = _bind(config, secret)
     except NotpuError as exc:
         log.error("%s", exc)
         return 2
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shard.on_tick = tick
         curve = security.internal_curve(config.keys_dir) if config.keys_dir else None
-        request(proc.coordinator, {"op": "REGISTER", "shard": config.index, "endpoint": shard.endpoint},
+        proof = {"proof": security.register_proof(secret, config.index, shard.endpoint)} if secret else {}
+        request(proc.coordinator, {"op": "REGISTER", "shard": config.index, "endpoint": shard.endpoint, **proof},
                 config=ClientConfig(timeout_s=REGISTER_TIMEOUT_S, retries=3), curve=curve)
         shard.serve()
         if saver is not None:
@@ -115,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bind(config: ShardConfig, wait_s: float = 10.0) -> Shard:
+def _bind(config: ShardConfig, secret: bytes | None, wait_s: float = 10.0) -> Shard:
     """A shard restarted on its old port may find it held for a moment by its predecessor's connections."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return Shard(config)
+            return Shard(config, secret=secret)
         except zmq.ZMQError as exc:
             if not config.port or exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
                 raise NotpuError(f"shard {config.index} cannot bind {config.host}:{config.port}: {exc}") from None

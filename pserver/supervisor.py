@@ -158,7 +158,7 @@ class LivenessNotifier:
                 s.recv_multipart()
         if state == self._sent and (not any(state) or now - self._sent_at < self.repeat_s):
             return
-        frames = protocol.encode({"op": "LOST", "lost": list(state[0]), "done": list(state[1])})
+        frames = protocol.encode(self.coord.signed_lost(list(state[0]), list(state[1])))
         for endpoint in self.coord.endpoints.values():
             try:
                 self._socket(endpoint).send_multipart(frames, zmq.NOBLOCK)

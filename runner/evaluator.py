@@ -133,6 +133,15 @@ def run_warnings(run: dict[str, Any], world: int, updates: dict[str, int], histo
 
 
 class Evaluator:
+    @staticmethod
+    def _key_name(cfg: EvaluatorConfig) -> str | None:
+        """The key pair to read with: the one named, else the keys' evaluator pair (its role may STOP the run)."""
+        if cfg.key_name or not cfg.keys_dir:
+            return cfg.key_name
+        from pserver.security import evaluator_key_name
+
+        return evaluator_key_name(cfg.keys_dir)
+
     def __init__(self, cfg: EvaluatorConfig) -> None:
         from runner.worker import client_curve
 
@@ -140,7 +149,7 @@ class Evaluator:
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.client = Client(cfg.ps, ClientConfig(timeout_s=30.0, server_wait_s=cfg.server_wait_s),
-                             worker=EVALUATOR_ID, curve=client_curve(cfg.keys_dir, cfg.key_name))
+                             worker=EVALUATOR_ID, curve=client_curve(cfg.keys_dir, self._key_name(cfg)))
         self.started_at = cfg.started_at or time.time()
         self.data = load_dataset(cfg.data_dir)
         self.split = split_indices(len(self.data.y))

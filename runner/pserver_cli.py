@@ -2,7 +2,7 @@
 
     pserver start --port 5555 --shards 2 --workers 4 --rule adag
     pserver keys KEYS --workers 4
-    pserver stats 127.0.0.1:5555 [--json]
+    pserver stats 127.0.0.1:5555 [--json] [--keys KEYS]
 
 The parser is `pserver.cli`'s, with the run options (--rule, --window,
 --epochs, ...) from `runner.run_config`, which also hands the shards the

@@ -66,23 +66,26 @@ def raw_request(endpoint: str, frames, timeout_s: float = 5.0):
 
 
 def test_retried_push_is_applied_once(pserver):
-    server = pserver()
-    c = Client(server.address, worker=5)
+    server = pserver("--workers", "2")
+    c = Client(server.address)
+    c.join("a")
     c.init(initial(), LAYOUT)
     endpoint = c.shards[0].endpoint
     delta = np.ones(LAYOUT.total, np.float32)
-    push = protocol.encode({"op": "PUSH", "worker": 5, "seq": 1, "pulled": 0, "mode": "add"}, [delta])
+    push = protocol.encode({"op": "PUSH", **c.who(), "seq": 1, "pulled": 0, "mode": "add"}, [delta])
     first = raw_request(endpoint, [bytes(f) for f in push])
     again = raw_request(endpoint, [bytes(f) for f in push])  # as a retry after a lost reply would
     assert first.header["applied"] is True and again.header["applied"] is False
     assert again.header["version"] == 1
     np.testing.assert_array_equal(c.pull(), initial() + 1)
     stats = c.stats()["shards"][0]
-    assert stats["duplicates"] == {"5": 1} and stats["version"] == 1
-    # the client's own next push carries seq 1 too: it is a different worker id, so it applies
-    c.worker = 6
-    c.push(delta)
+    assert stats["duplicates"] == {"0": 1} and stats["version"] == 1
+    # another worker's first push carries seq 1 too: it is a different worker id, so it applies
+    other = Client(server.address)
+    other.join("b")
+    other.push(delta)
     np.testing.assert_array_equal(c.pull(), initial() + 2)
+    other.close()
     c.close()
 
 
@@ -90,9 +93,9 @@ def checksum(c: Client) -> bytes:
     return c.pull().tobytes()
 
 
-def bad_messages(n: int):
-    """(name, frames, expected error code) for every kind of bad input."""
-    ok_header = {"v": 1, "op": "PUSH", "worker": 1, "seq": 1, "pulled": 0, "mode": "add"}
+def bad_messages(n: int, who: dict):
+    """(name, frames, expected error code) for every kind of bad input, from the joined worker ``who``."""
+    ok_header = {"v": 1, "op": "PUSH", **who, "seq": 1, "pulled": 0, "mode": "add"}
     good = np.ones(n, np.float32)
     nan = good.copy(); nan[n // 2] = np.nan
     inf = good.copy(); inf[0] = np.inf
@@ -102,7 +105,7 @@ def bad_messages(n: int):
         ("not a map", [pack([1, 2, 3])], "malformed"),
         ("wrong version", [pack({**ok_header, "v": 2, "arrays": [["<f4", n]]}), good.tobytes()], "version"),
         ("unknown op", [pack({"v": 1, "op": "DROP_TABLES"})], "unknown_op"),
-        ("missing field", [pack({"v": 1, "op": "PUSH", "worker": 1, "arrays": [["<f4", n]]}), good.tobytes()], "malformed"),
+        ("missing field", [pack({"v": 1, "op": "PUSH", **who, "arrays": [["<f4", n]]}), good.tobytes()], "malformed"),
         ("wrong field type", [pack({**ok_header, "seq": "1", "arrays": [["<f4", n]]}), good.tobytes()], "malformed"),
         ("unknown mode", [pack({**ok_header, "mode": "exec", "arrays": [["<f4", n]]}), good.tobytes()], "malformed"),
         ("truncated frame", [pack({**ok_header, "arrays": [["<f4", n]]}), good.tobytes()[:-4]], "size"),
@@ -118,17 +121,18 @@ def bad_messages(n: int):
         ("NaN scale", [pack({**ok_header, "mode": "scaled", "scale": float("nan"), "arrays": [["<f4", n]]}),
                        good.tobytes()], "not_finite"),
         ("re-INIT other range", [pack({"v": 1, "op": "INIT", "start": 0, "end": n, "total": n + 5, "world": 1,
-                                       "arrays": [["<f4", n]]}), good.tobytes()], "mismatch"),
+                                       "arrays": [["<f4", n]]}), good.tobytes()], "ticket"),  # not the coordinator's slice
     ]
 
 
 def test_bad_input_gets_an_error_reply_and_leaves_the_centre(pserver):
     server = pserver("--max-message-mb", "1")
-    c = Client(server.address, worker=1)
+    c = Client(server.address)
+    c.join("a")
     c.init(initial(), LAYOUT)
     endpoint = c.shards[0].endpoint
     before = checksum(c)
-    cases = bad_messages(LAYOUT.total)
+    cases = bad_messages(LAYOUT.total, c.who())
     for name, frames, code in cases:
         reply = raw_request(endpoint, frames)
         assert reply is not None, name

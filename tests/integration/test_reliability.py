@@ -133,8 +133,9 @@ def test_killed_shard_restarts_from_its_checkpoint(pserver, tmp_path):
 
 def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_path):
     ckpt = tmp_path / "ckpt"
-    server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt))
-    c = Client(server.address, worker=0)
+    server = pserver("--shards", "2", "--workers", "2", "--checkpoint-dir", str(ckpt))
+    c = Client(server.address)
+    c.join("first")
     c.init(initial(), LAYOUT, architecture='{"fake": "keras json"}')
     for _ in range(3):
         c.push(np.ones(LAYOUT.total, np.float32))
@@ -142,8 +143,8 @@ def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_pa
     server.proc.send_signal(signal.SIGTERM)  # shards checkpoint on SIGTERM
     assert server.proc.wait(30) == 0
 
-    server = pserver("--shards", "2", "--restore", str(ckpt))
-    c = Client(server.address, worker=1)
+    server = pserver("--shards", "2", "--workers", "2", "--restore", str(ckpt))
+    c = Client(server.address)
     reply = c.join("back")
     assert Layout.from_wire(reply["layout"]) == LAYOUT and reply["architecture"] == '{"fake": "keras json"}'
     assert c.init(initial(), LAYOUT) is False  # the model is there already
@@ -160,7 +161,8 @@ def test_restore_resumes_the_model_and_refuses_a_torn_checkpoint(pserver, tmp_pa
     prev = ckpt / "shard-1.prev.npz"  # the one before, kept beside it: torn too, else the restore would take it
     if prev.exists():
         prev.write_bytes(prev.read_bytes()[:100])
-    cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--shards", "2", "--restore", str(ckpt)]
+    cmd = [sys.executable, "-m", "pserver.cli", "start", "--port", "0", "--workers", "2", "--shards", "2", "--restore",
+           str(ckpt)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"checkpoint {path} is torn" in out.stderr, out.stderr
@@ -231,7 +233,8 @@ def test_a_restarted_worker_is_a_new_incarnation_whose_pushes_are_applied(pserve
 
 def test_norm_factor_refuses_an_explosion_after_warmup(pserver):
     server = pserver("--max-delta-norm-factor", "10")
-    c = Client(server.address, worker=0)
+    c = Client(server.address)
+    c.join("a")
     c.init(initial(), LAYOUT)
     small = np.full(LAYOUT.total, 0.5, np.float32)
     c.push(small * 100)  # during the warm-up nothing is refused
@@ -700,6 +703,7 @@ def test_restore_refuses_a_checkpoint_header_field_of_the_wrong_type_naming_it(p
     ckpt = tmp_path / "ckpt"
     server = pserver("--shards", "2", "--checkpoint-dir", str(ckpt))
     c = Client(server.address, worker=0)
+    c.join("w0")
     c.init(initial(), LAYOUT)
     c.push(np.ones(LAYOUT.total, np.float32))
     c.close()

@@ -569,3 +569,57 @@ def test_a_shard_checkpoint_beside_a_coordinator_without_a_model_is_refused(tmp_
     checkpoint.shard_file(tmp_path, 1).write_bytes(b"from another run")
     with pytest.raises(CheckpointError, match="shard-1.npz exists but .* holds no model: they are from different runs"):
         checkpoint.check_restore(tmp_path, shards=2, world=2)
+
+
+# ---- the server's secret: REGISTER proofs, JOIN and INIT tickets ------------------------------------------------
+
+SECRET = b"k" * 32
+
+
+def test_register_needs_the_servers_proof():
+    from pserver import security
+
+    coord = Coordinator(Wire(), shards=1, world=1, run_config=CONFIG, secret=SECRET)
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "10.0.0.9:1"}), "ticket")
+    other = security.register_proof(SECRET, 0, "10.0.0.1:7000")  # a proof for another endpoint
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "10.0.0.9:1", "proof": other}), "ticket")
+    assert refused(ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "10.0.0.9:1", "proof": 7}), "ticket")
+    assert coord.endpoints == {} and coord.refused["ticket"] == 3
+    assert ask(coord, {"op": "REGISTER", "shard": 0, "endpoint": "10.0.0.1:7000", "proof": other})["ok"]
+    assert coord.endpoints == {0: "10.0.0.1:7000"}
+
+
+def test_join_and_init_replies_carry_the_tickets_shards_check():
+    from pserver import security
+
+    coord = Coordinator(Wire(), shards=2, world=2, run_config=CONFIG, secret=SECRET)
+    for k in range(2):
+        proof = security.register_proof(SECRET, k, f"h:{k}")
+        assert ask(coord, {"op": "REGISTER", "shard": k, "endpoint": f"h:{k}", "proof": proof})["ok"]
+    reply = ask(coord, {"op": "JOIN", "name": "a"})
+    assert reply["ticket"] == security.worker_ticket(SECRET, reply["rank"], 1)
+    init = ask(coord, {"op": "INIT", "layout": LAYOUT.to_wire()})
+    assert init["tickets"] == [security.init_ticket(SECRET, k, s, e, LAYOUT.total, 2, LAYOUT.fingerprint())
+                               for k, (s, e) in enumerate(shard_ranges(LAYOUT.total, 2))]
+    coord.workers[0].lost = True  # its process died; the next takes the rank back as incarnation 2
+    again = ask(coord, {"op": "JOIN", "name": "a2", "rank": 0})
+    assert again["incarnation"] == 2 and again["ticket"] == security.worker_ticket(SECRET, 0, 2)
+    assert again["ticket"] != reply["ticket"]
+
+
+def test_a_snapshot_keeps_the_key_each_rank_joined_with():
+    coord = initialised()
+    ask(coord, {"op": "JOIN", "name": "a"})
+    coord.workers[0].key = "K" * 40
+    fresh = make()
+    fresh.restore(json.loads(json.dumps(coord.snapshot())))
+    assert fresh.workers[0].key == "K" * 40
+
+
+def test_lost_notices_carry_the_servers_proof():
+    from pserver import security
+
+    coord = Coordinator(Wire(), shards=1, world=2, run_config=CONFIG, secret=SECRET)
+    header = coord.signed_lost([1], [0])
+    assert header == {"op": "LOST", "lost": [1], "done": [0], "proof": security.lost_proof(SECRET, [1], [0])}
+    assert "proof" not in make().signed_lost([1], [])

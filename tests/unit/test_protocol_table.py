@@ -78,7 +78,7 @@ TABLE = parse_table(protocol.__doc__)
 
 def test_the_table_is_read():
     assert len(TABLE["shard"]) >= 8 and len(TABLE["coordinator"]) >= 10
-    assert TABLE["shard"]["PUSH"] == Op({"worker": False, "seq": False, "pulled": False, "mode": False, "scale": True,
+    assert TABLE["shard"]["PUSH"] == Op({"worker": False, "inc": True, "ticket": True, "seq": False, "pulled": False, "mode": False, "scale": True,
                                          "pull": True, "shm": True, "wire": True}, 1, frozenset({"version", "staleness", "applied", "norm"}), 0)
 
 
@@ -163,6 +163,7 @@ VALUES = {
     "observer": "eval", "samples": 1, "nan_recoveries": 0, "report": {}, "reason": "test", "rid": [1, 1],
     "shm": 0,  # no segment: the arrays travel as frames
     "wire": "float32",
+    "inc": 1, "ticket": "", "proof": "",  # read, but not checked: these servers hold no secret
 }
 MODE = {"PUSH": "add", "ROUND": "average"}
 # An order in which every op succeeds on a fresh server of world 1 (the coordinator's STATS comes before any

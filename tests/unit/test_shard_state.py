@@ -147,7 +147,7 @@ def test_push_scaled(make):
 def test_push_staleness_divides_by_versions_missed(make):
     shard, wire = make()
     c, d1, d2, d3 = vec(0), vec(1), vec(2), vec(3)
-    init(shard, wire, c)
+    init(shard, wire, c, world=2)
     push(shard, wire, 1, 1, d1)
     push(shard, wire, 1, 2, d2)  # version 2 now; worker 0 pulled at version 0: staleness 2
     reply = push(shard, wire, 0, 1, d3, mode="staleness", scale=0.9, pulled=0)
@@ -183,7 +183,7 @@ def test_push_with_pull_carries_the_new_centre(make):
 def test_pull_answers_the_centre_and_version(make):
     shard, wire = make()
     c = vec(0)
-    init(shard, wire, c)
+    init(shard, wire, c, world=8)
     push(shard, wire, 0, 1, np.ones(N, np.float32))
     reply = ask(shard, wire, {"op": "PULL", "worker": 7})
     assert reply.header["version"] == 1
@@ -471,11 +471,12 @@ def test_ssp_after_a_shard_restart_parks_and_releases_from_the_restored_clocks(m
     assert again.stats.updates == {0: 3, 1: 1} and again.version == 4
 
 
-def test_ssp_does_not_hold_back_ids_outside_the_world(make):
+def test_ids_outside_the_world_are_refused_not_held(make):
     shard, wire = make(max_staleness=0)
     init(shard, wire, vec(0), world=2)
     for seq in range(1, 4):
-        assert push(shard, wire, 9, seq, np.ones(N, np.float32)).header["applied"]
+        assert refused(push(shard, wire, 9, seq, np.ones(N, np.float32)), "malformed")
+    assert shard.version == 0 and 9 not in shard.stats.updates
 
 
 def test_ssp_releases_when_the_laggard_is_declared_lost(make):
@@ -950,3 +951,112 @@ def test_a_failing_checkpointer_retries_at_the_interval_not_every_tick(make, tmp
     for _ in range(5):
         saver.tick()  # then not before the interval
     assert shard.stats.checkpoint_failures == 1
+
+
+# ---- tickets: the coordinator's word on ranks, incarnations and slices -----------------------------------------
+
+SECRET = b"s" * 32
+
+
+@pytest.fixture
+def signed(kernels):
+    def signed(world: int = 2, **config) -> tuple[Shard, Wire]:
+        """A shard holding the server's secret, as `pserver start` starts it, initialised with the coordinator's
+        ticket."""
+        return _signed(kernels, world, **config)
+    return signed
+
+
+def _signed(kernels, world: int, **config) -> tuple[Shard, Wire]:
+    from pserver import security
+
+    wire = Wire()
+    shard = Shard(ShardConfig(world=world, **config), kernels=kernels, socket=wire, secret=SECRET)
+    x = vec(0)
+    ticket = security.init_ticket(SECRET, 0, 0, N, N, world, "f" * 64)
+    reply = ask(shard, wire, {"op": "INIT", "start": 0, "end": N, "total": N, "world": world, "fingerprint": "f" * 64,
+                              "ticket": ticket}, [x])
+    assert reply.header["ok"] and reply.header["first"]
+    return shard, wire
+
+
+def ticketed(worker: int, inc: int = 1) -> dict:
+    from pserver import security
+
+    return {"worker": worker, "inc": inc, "ticket": security.worker_ticket(SECRET, worker, inc)}
+
+
+def signed_push(shard, wire, who: dict, seq: int, delta) -> protocol.Message | None:
+    return ask(shard, wire, {"op": "PUSH", **who, "seq": seq, "pulled": 0, "mode": "add"}, [delta],
+               b"w%d" % who["worker"])
+
+
+def test_a_forged_future_seq_cannot_void_a_real_worker(signed):
+    shard, wire = signed()
+    zero, one = np.zeros(N, np.float32), np.ones(N, np.float32)
+    # a stranger's push for worker 1 before it starts: no ticket, a forged one, or the largest seq msgpack carries
+    assert refused(push(shard, wire, 1, 2**64 - 1, zero), "ticket")
+    assert refused(signed_push(shard, wire, ticketed(1), 2**64 - 1, zero), "malformed")
+    assert refused(signed_push(shard, wire, {"worker": 1, "inc": 1, "ticket": "0" * 64}, 2**40 - 1, zero), "ticket")
+    assert refused(signed_push(shard, wire, {**ticketed(0), "worker": 1}, 2**40 - 1, zero), "ticket")
+    # a seq beyond the ticket's incarnation is refused even with the ticket: it would void the next incarnation
+    assert refused(signed_push(shard, wire, ticketed(1), 2**40, zero), "malformed")
+    assert shard.version == 0 and 1 not in shard._pushes
+    for seq in (1, 2, 3):  # the real worker 1, first incarnation
+        assert signed_push(shard, wire, ticketed(1), seq, one).header["applied"] is True
+    # its restarted process, incarnation 2, numbers past the first's
+    assert signed_push(shard, wire, ticketed(1, 2), (1 << 40) + 1, one).header["applied"] is True
+    expected = vec(0)
+    for _ in range(4):
+        expected = expected + np.float32(1)
+    np.testing.assert_array_equal(shard.centre.current, expected)
+
+
+def test_worker_requests_need_a_ticket_of_the_world(signed):
+    shard, wire = signed(world=2)
+    assert refused(ask(shard, wire, {"op": "PULL", "worker": 0}), "ticket")
+    assert refused(ask(shard, wire, {"op": "PULL", **ticketed(5)}), "malformed")  # a rank no JOIN gives
+    assert refused(ask(shard, wire, {"op": "BYE", "worker": 1}), "ticket")
+    assert refused(ask(shard, wire, {"op": "ROUND", "worker": 1, "round": 0, "mode": "average"}, [vec(1)]), "ticket")
+    assert ask(shard, wire, {"op": "PULL", **ticketed(0)}).header["ok"]
+    assert ask(shard, wire, {"op": "PULL", "worker": protocol.OBSERVER}).header["ok"]  # the evaluator: no rank
+    assert not shard.left and set(shard.stats.pulls) == {0, protocol.OBSERVER}
+
+
+def test_init_must_carry_the_coordinators_slice_and_world(make, kernels):
+    from pserver import security
+
+    shard = Shard(ShardConfig(world=2), kernels=kernels, socket=(wire := Wire()), secret=SECRET)
+    x = vec(0)
+    base = {"op": "INIT", "start": 0, "end": N, "total": N, "world": 2, "fingerprint": "f" * 64}
+    assert refused(ask(shard, wire, base, [x]), "ticket")  # no ticket
+    assert refused(ask(shard, wire, {**base, "world": 10**7}, [x]), "malformed")  # beyond MAX_WORLD
+    assert refused(ask(shard, wire, {**base, "world": 3}, [x]), "mismatch")  # not the server's world
+    other = security.init_ticket(SECRET, 0, 0, N, N + 5, 2, "f" * 64)  # the ticket of another total
+    assert refused(ask(shard, wire, {**base, "ticket": other}, [x]), "ticket")
+    assert shard.centre is None
+    good = security.init_ticket(SECRET, 0, 0, N, N, 2, "f" * 64)
+    assert ask(shard, wire, {**base, "ticket": good}, [x]).header["first"] is True
+
+
+def test_an_unsigned_shard_bounds_seqs_worlds_and_ids_too(make):
+    shard, wire = make()
+    assert refused(init(shard, wire, vec(0), world=10**7), "malformed") and shard.centre is None
+    init(shard, wire, vec(0), world=2)
+    assert refused(push(shard, wire, 1, 2**64 - 1, np.zeros(N, np.float32)), "malformed")
+    assert refused(ask(shard, wire, {"op": "PULL", "worker": 200_000}), "malformed")
+    assert push(shard, wire, 1, 1, np.ones(N, np.float32)).header["applied"] is True
+    assert set(shard.stats.updates) == {1} and not shard.stats.pulls
+    shard, wire = make(world=2)
+    assert refused(init(shard, wire, vec(0), world=3), "mismatch") and shard.centre is None
+
+
+def test_lost_needs_the_servers_proof(signed):
+    from pserver import security
+
+    shard, wire = signed()
+    assert refused(ask(shard, wire, {"op": "LOST", "lost": [0, 1]}), "ticket") and not shard.lost
+    assert refused(ask(shard, wire, {"op": "LOST", "lost": [5]}), "malformed")  # outside the world
+    proof = security.lost_proof(SECRET, [1], [])
+    assert ask(shard, wire, {"op": "LOST", "lost": [1], "done": [], "proof": proof}).header["ok"]
+    assert shard.lost == {1}
