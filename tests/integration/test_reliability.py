@@ -806,7 +806,8 @@ def test_notpu_train_finishes_when_its_checkpoint_disk_fills_and_names_it_in_the
     try:
         env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
         cmd = [sys.executable, "-m", "runner.cli", "train", str(fading_data), "--out", str(run), "--workers", "2",
-               "--shards", "2", "--epochs", "20", "--hidden", "8", "--checkpoint-every-s", "0.5", "--no-progress"]
+               "--shards", "2", "--epochs", "20", "--hidden", "8", "--checkpoint-every-s", "0.5", "--no-progress",
+               "--overwrite"]  # RUN holds the mount point, no previous run: a directory of other files
         with open(tmp_path / "train.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
