@@ -128,7 +128,9 @@ def test_the_readme_notebook_example_runs(tmp_path: Path) -> None:
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "churn_probability" in r.stdout and len(r.stdout.strip().splitlines()) == 6  # the header and five rows
+    lines = r.stdout.strip().splitlines()
+    assert "churn_probability" in r.stdout and len(lines) == 7  # the test AUC, the header and five rows
+    assert float(lines[0].removeprefix("test AUC ")) > 0.7  # it learns: 0.799 in one run
     assert (tmp_path / "prepared" / "spec.json").is_file() and (tmp_path / "run" / "model.keras").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert sum(summary["updates"].values()) > 0 and 0 <= summary["test_auc"] <= 1
