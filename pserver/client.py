@@ -76,6 +76,18 @@ def _tcp(endpoint: str) -> str:
     return endpoint if "://" in endpoint else f"tcp://{endpoint}"
 
 
+def dealer(context: zmq.Context, endpoint: str, curve: dict[str, bytes] | None) -> zmq.Socket:
+    """A DEALER connected to `endpoint` (host:port or a URL), with CurveZMQ keys when `curve` has them."""
+    s = context.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if curve:
+        s.curve_secretkey = curve["secret"]
+        s.curve_publickey = curve["public"]
+        s.curve_serverkey = curve["server"]
+    s.connect(_tcp(endpoint))
+    return s
+
+
 class _Peer:
     """One DEALER to one endpoint, re-created after a timeout (the Lazy Pirate pattern)."""
 
@@ -90,14 +102,7 @@ class _Peer:
     def connect(self) -> None:
         if self.socket is not None:
             self.socket.close(linger=0)
-        s = self.context.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        if self.curve:
-            s.curve_secretkey = self.curve["secret"]
-            s.curve_publickey = self.curve["public"]
-            s.curve_serverkey = self.curve["server"]
-        s.connect(_tcp(self.endpoint))
-        self.socket = s
+        self.socket = dealer(self.context, self.endpoint, self.curve)
 
     def close(self) -> None:
         if self.socket is not None:

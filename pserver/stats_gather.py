@@ -7,6 +7,7 @@ from typing import Any
 import zmq
 
 from pserver import protocol
+from pserver.client import dealer
 from pserver.errors import ProtocolError, RemoteError
 
 #: STATS requesters that may wait at once for the next gather; more are answered at once from the last one.
@@ -121,13 +122,7 @@ class ShardStatsGather:
         if known is not None and known[0] == endpoint:
             return known[1]
         self._drop(k)  # a shard that moved (registered anew elsewhere) is asked at its new endpoint
-        s = self.context.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        if self.curve:
-            s.curve_secretkey = self.curve["secret"]
-            s.curve_publickey = self.curve["public"]
-            s.curve_serverkey = self.curve["server"]
-        s.connect(endpoint if "://" in endpoint else f"tcp://{endpoint}")
+        s = dealer(self.context, endpoint, self.curve)
         self._sockets[k] = (endpoint, s)
         return s
 
