@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Protocol, Sequence
+from typing import Any, NoReturn, Protocol, Sequence
 
 from pserver.client import Client, ClientConfig
 from pserver.errors import ConfigError, NotpuError
@@ -87,6 +87,13 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other error of ours: what was wrong and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _SubParsers(argparse._SubParsersAction):
     """Subcommands that take the program's common options (-v anywhere) and show their defaults."""
 
@@ -103,7 +110,7 @@ class _SubParsers(argparse._SubParsersAction):
 def program_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The parser of a notpu program (notpu, pserver, worker) and its subcommands: -v/--verbose before or after
     the subcommand, --version, and every default in --help."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = Parser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     # A subcommand's -v sets verbose only when given (SUPPRESS), so it never resets a -v given before it.

@@ -178,5 +178,6 @@ def test_no_java_or_no_pyspark_is_one_line_and_exit_2(log_file: Path, tmp_path: 
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "notpu prepare: error: --engine spark needs pyspark 4: pip install 'notpu[spark]'"
     r = notpu("prepare", str(log_file), "--out", str(tmp_path / "d"), "--engine", "dask")
-    assert (r.returncode, r.stderr.strip()) == (2, "notpu prepare: error: --engine 'dask': not one of local, spark")
+    assert (r.returncode, r.stderr.strip()) == (2, "notpu prepare: error: argument --engine: invalid choice: 'dask' "
+                                                   "(choose from 'local', 'spark') (see notpu prepare --help)")
     assert not (tmp_path / "d").exists()

@@ -246,6 +246,19 @@ def test_version(program, module):
     assert r.stdout.strip() == f"{program} {version('notpu')}"
 
 
+@pytest.mark.parametrize("module,args,line", [
+    ("runner.cli", ("prepare", "e.csv", "--out", "d", "--engine", "dask"),
+     "notpu prepare: error: argument --engine: invalid choice: 'dask' (choose from 'local', 'spark') "
+     "(see notpu prepare --help)"),
+    ("runner.cli", ("train",), "notpu train: error: the following arguments are required: DIR, --out "
+                               "(see notpu train --help)"),
+    ("runner.pserver_cli", ("stats",), "pserver stats: error: the following arguments are required: HOST:PORT "
+                                        "(see pserver stats --help)")])
+def test_a_usage_mistake_is_one_line_naming_the_help(module, args, line):
+    r = _run(module, *args)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (2, [line])
+
+
 TRAIN_GROUPS = ("data", "model", "rule", "engine", "fault tolerance", "output")
 
 
