@@ -44,9 +44,6 @@ from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
-#: A rank's k-th process numbers its pushes from (k − 1) << this: 2^40 pushes each, past every earlier one's.
-INCARNATION_SHIFT = protocol.INCARNATION_SHIFT
-
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -286,7 +283,7 @@ class Client:
         self.ticket = reply.get("ticket")
         # Shards answer a push whose seq is not past the rank's last one as a retry, without applying it: a
         # restarted worker (the rank's next incarnation) numbers its pushes past every earlier process's.
-        self.seq = max(self.seq, (int(reply.get("incarnation", 1)) - 1) << INCARNATION_SHIFT)
+        self.seq = max(self.seq, (self.incarnation - 1) << protocol.INCARNATION_SHIFT)
         self.world = int(reply["world"])
         self.round_timeout_s = float((reply.get("config") or {}).get("round_timeout_s", self.round_timeout_s))
         self.use_shards(reply["shards"])

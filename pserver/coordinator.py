@@ -272,7 +272,7 @@ class Coordinator:
             handler = self.handlers.get(msg.op)
             if handler is None:
                 raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by the coordinator; expected one of {sorted(self.handlers)}")
-            self._check_role(msg.op)
+            security.check_role(self.roles, self._sender, msg.op, self.OP_ROLES)
             rid = protocol.request_id(msg.header)
             if rid is not None and msg.op in self.remembered:
                 decide, answer = self.remembered[msg.op]
@@ -315,15 +315,6 @@ class Coordinator:
                 "MODEL": ("server", "evaluator", "operator", "worker"),
                 "LEAVE": ("server", "evaluator", "operator", "worker")}
 
-    def _role(self) -> str | None:
-        """The sender's role with --keys (None without): from the public key ZAP admitted it with."""
-        return None if self.roles is None else self.roles.get(self._sender, "")
-
-    def _check_role(self, op: str) -> None:
-        role = self._role()
-        if role is not None and role not in self.OP_ROLES.get(op, ()):
-            raise ProtocolError("role", f"a {role or 'unlisted'} key may not send {op}; "
-                                        f"{op} takes a {' or '.join(self.OP_ROLES.get(op, ()))} key")
 
     def signed_lost(self, lost: list[int], done: list[int]) -> dict[str, Any]:
         """A LOST notice's header, with the proof a shard of this server asks for."""
@@ -356,7 +347,7 @@ class Coordinator:
             raise ProtocolError("malformed", f"shard index {k} outside [0, {self.n_shards})")
         if ":" not in endpoint or len(endpoint) > 300:
             raise ProtocolError("malformed", f"shard endpoint {endpoint!r} is not host:port")
-        if self.secret is not None and self._role() != "server" and not security.verify(
+        if self.secret is not None and security.role_of(self.roles, self._sender) != "server" and not security.verify(
                 self.secret, msg.header.get("proof"), "register", k, endpoint):
             raise ProtocolError("ticket", f"REGISTER of shard {k} at {endpoint} without the server's proof: only "
                                           f"the shard processes `pserver start` started (or the server's key) "

@@ -36,7 +36,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from pserver.errors import ConfigError
+from pserver.errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,21 @@ def key_roles(keys_dir: str | Path) -> dict[str, str]:
         public, _ = _load(path, "allowed public key")
         out[public.decode("ascii")] = role_of_name(path.stem)
     return out
+
+
+def role_of(roles: dict[str, str] | None, sender: str) -> str | None:
+    """The role of the key `sender` (`peer_key`) in `roles` (`key_roles`): None without --keys, "" if unlisted."""
+    return None if roles is None else roles.get(sender, "")
+
+
+def check_role(roles: dict[str, str] | None, sender: str, op: str, op_roles: dict[str, tuple[str, ...]],
+               where: str = "") -> None:
+    """ProtocolError ``role`` unless, with --keys, the sender's role is one `op_roles` lets send `op` (``where``
+    names the server in the message: " to a shard")."""
+    role = role_of(roles, sender)
+    if role is not None and role not in op_roles.get(op, ()):
+        raise ProtocolError("role", f"a {role or 'unlisted'} key may not send {op}{where}; "
+                                    f"{op} takes a {' or '.join(op_roles.get(op, ()))} key")
 
 
 def peer_key(frame: Any) -> str:

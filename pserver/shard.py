@@ -301,7 +301,7 @@ class Shard:
         handler = self.handlers.get(msg.op)
         if handler is None:
             raise ProtocolError("unknown_op", f"op {msg.op!r} is not served by a shard; expected one of {sorted(self.handlers)}")
-        self._check_role(msg.op)
+        security.check_role(self.roles, self._sender, msg.op, self.OP_ROLES, " to a shard")
         return handler(identity, msg)
 
     #: With --keys, the roles (pserver.security.ROLES) that may send each op to a shard. A PULL names a rank (with
@@ -311,17 +311,6 @@ class Shard:
                 "STATS": ("server", "evaluator", "operator", "worker"),
                 "PING": ("server", "evaluator", "operator", "worker")}
 
-    def _role(self) -> str | None:
-        """The sender's role with --keys (None without): from the public key ZAP admitted it with."""
-        if self.roles is None:
-            return None
-        return self.roles.get(self._sender, "")
-
-    def _check_role(self, op: str) -> None:
-        role = self._role()
-        if role is not None and role not in self.OP_ROLES.get(op, ()):
-            raise ProtocolError("role", f"a {role or 'unlisted'} key may not send {op} to a shard; "
-                                        f"{op} takes a {' or '.join(self.OP_ROLES.get(op, ()))} key")
 
     def _respond(self, identity: bytes, handler: Callable[..., list[Any] | None], *args: Any) -> None:
         """Run a handler; send its reply, or an error reply if it raised. State is mutated last, so a
@@ -772,7 +761,7 @@ class Shard:
         if msg.arrays or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < world
                                  for w in [*lost, *done]) or len(lost) + len(done) > 2 * world:
             raise ProtocolError("malformed", f"LOST carries lists of worker ids in [0, {world}) and no array frame")
-        if self.secret is not None and self._role() != "server" \
+        if self.secret is not None and security.role_of(self.roles, self._sender) != "server" \
                 and not security.verify(self.secret, msg.header.get("proof"), "lost", lost, done):
             raise ProtocolError("ticket", "LOST without the server's proof: only the coordinator tells a shard who "
                                           "is lost or done")
