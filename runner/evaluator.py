@@ -186,11 +186,9 @@ class Evaluator:
 
     def _effective(self) -> dict[str, Any]:
         """λ, α and the local rate the workers resolved: the same pure function on the same inputs."""
-        from optimizers import effective_settings
-        from runner.worker import steps_per_epoch
+        from runner.worker import run_settings, training_share
 
-        batch = int(self.run.get("batch_size") or 64)
-        return effective_settings(self.run, self.world, steps_per_epoch(len(self.split.train), self.world, batch)).as_dict()
+        return run_settings(self.run, self.world, training_share(self.cfg.data_dir, self.world)).as_dict()
 
     def _predict(self, model, rows: np.ndarray) -> np.ndarray:
         """The model's outputs (rows, 1 or 2) on `rows`."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.dataset import load_dataset, load_part, num_parts, split_indices
-from optimizers import effective_settings, make_rule
+from optimizers import Effective, effective_settings, make_rule
 from pserver.client import Client, ClientConfig
 from pserver.errors import NotpuError, RemoteError
 from pserver.layout import Layout, flatten, unflatten
@@ -129,10 +129,23 @@ def partition(train: np.ndarray, world: int, rank: int) -> tuple[np.ndarray, int
     return parts[rank], min(len(p) for p in parts)
 
 
-def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
-    """Local steps each worker takes per epoch: its (smallest) share of the training rows in batches."""
-    share = min(len(p) for p in np.array_split(np.arange(train_rows), world))
-    return max(math.ceil(share / batch_size), 1)
+def training_share(data_dir: str, world: int) -> int:
+    """The training rows every rank trains on per epoch (the smallest rank's share), as `training_rows` gives it.
+
+    On a DIR in as many parts as there are workers it is the smallest part's training rows, not a share of the
+    whole DIR's: the evaluator calls this too, so summary.json reports the steps and λ the workers used.
+    """
+    if world > 1 and num_parts(data_dir) == world:
+        return min(len(load_part(data_dir, k).split().train) for k in range(world))
+    rows = len(split_indices(len(load_dataset(data_dir).y)).train)
+    return min(len(p) for p in np.array_split(np.arange(rows), world))
+
+
+def run_settings(run: dict[str, Any], world: int, share: int) -> Effective:
+    """Steps per epoch (``share`` rows in batches) and the settings they imply (λ, α, rate): the one place
+    they are computed, by every worker and by the evaluator from the same inputs."""
+    spe = max(math.ceil(share / int(RunConfig.with_defaults(run)["batch_size"])), 1)
+    return effective_settings(run, world, spe)
 
 
 def training_rows(data_dir: str, world: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -146,8 +159,7 @@ def training_rows(data_dir: str, world: int, rank: int) -> tuple[np.ndarray, np.
     if world > 1 and num_parts(data_dir) == world:
         part = load_part(data_dir, rank)
         log.info("rank %d reads only part %d of %d of %s", rank, rank, world, data_dir)
-        share = min(len(load_part(data_dir, k).split().train) for k in range(world))
-        return part.X, part.y, part.split().train, share
+        return part.X, part.y, part.split().train, training_share(data_dir, world)
     data = load_dataset(data_dir)
     mine, share = partition(split_indices(len(data.y)).train, world, rank)
     return data.X, data.y, mine, share
@@ -206,8 +218,8 @@ def _run(cfg: WorkerConfig, client: Client) -> dict[str, Any]:
     run = RunConfig.with_defaults(info["config"])  # a hand-written --run-json may leave keys out
     X, y, mine, share = training_rows(cfg.data_dir, world, rank)  # (customers, days, features), (customers,)
     batch_size = int(run["batch_size"])
-    spe = max(math.ceil(share / batch_size), 1)  # every rank takes as many steps: synchronous rounds line up
-    eff = effective_settings(run, world, spe)
+    eff = run_settings(run, world, share)  # every rank takes as many steps: synchronous rounds line up
+    spe = eff.steps_per_epoch
     window = eff.window
     epochs = int(run["epochs"])
     log.info("worker %d of %d: %d rows, %d steps/epoch, rule %s, λ=%d, α=%g, %s at %g, wire %s%s", rank, world,

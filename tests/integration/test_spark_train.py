@@ -101,16 +101,19 @@ def test_sync_rule_runs_as_a_barrier_stage_on_its_parts_and_learns(fading_parts,
     run = tmp_path / "run"
     t0 = time.monotonic()
     stdout, _ = finish(notpu_train(str(fading_parts), "--out", str(run), "--engine", "spark", "--master", "local[2]",
-                                   "--workers", "2", "--rule", "easgd", "--epochs", "3", *TINY))
+                                   "--workers", "2", "--rule", "easgd", "--epochs", "3", *TINY,
+                                   "--batch-size", "16"))
     summary = json.loads((run / "summary.json").read_text())
     print(f"\neasgd × 2 on local[2]: test AUC {summary['test_auc']:.4f}, {time.monotonic() - t0:.0f} s")
     assert summary["engine"] == "spark" and summary["spark_master"] == "local[2]"
     assert summary["lost_workers"] == [] and summary["task_attempts"] == {"0": 1, "1": 1}
     assert sorted(summary["worker_names"].values()) == ["spark-0", "spark-1"]
-    # part 0 holds fewer training rows: both ranks take its number of steps, so the rounds line up
+    # part 0 holds fewer training rows (171 of 384): both ranks take its number of steps, so the rounds line up
     share = min(int(((split_indices(600).train >= 280) == k).sum()) for k in (0, 1))
     reports = summary["worker_reports"]
-    assert reports["0"]["steps"] == reports["1"]["steps"] == 3 * -(-share // 32)
+    assert reports["0"]["steps"] == reports["1"]["steps"] == 3 * -(-share // 16)
+    # and summary.json reports the steps (and so λ) the workers used: 11, where half the DIR's rows would give 12
+    assert summary["effective"]["steps_per_epoch"] == -(-share // 16) == 11
     assert summary["test_auc"] > AUC_THRESHOLD
     for name in ("model.keras", "history.jsonl", "test_scores.csv", "spec.json", "logs/pserver.log",
                  "logs/evaluator.log", "logs/worker0.log", "logs/worker1.log"):
