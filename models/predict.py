@@ -23,7 +23,7 @@ from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window, feat
 from models.fileio import atomic_path
 from models.outdir import check_file_out
 from models.outputs import churn_probability
-from models.prepare import MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
+from models.prepare_plan import MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
 
 log = logging.getLogger(__name__)
 

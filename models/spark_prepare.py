@@ -1,6 +1,6 @@
 """`notpu prepare --engine spark`: the local path's tensor, computed by Spark SQL, written in parts.
 
-The same two passes as `models.prepare`, over any CSV/Parquet path Spark reads
+The same two passes as `models.prepare` (and the same `models.prepare_plan`), over any CSV/Parquet path Spark reads
 (a file, a directory, a glob, an hdfs:// or s3a:// URI):
 
 1. one aggregation to the counts of each (type, UTC day), with the last event
@@ -43,7 +43,7 @@ from models.errors import DataError
 from models.events import DAY_S, MAX_PLAUSIBLE_UNIX_S, EventColumns, check_column_names, detect_format
 from models.features import AGGREGATIONS, BLOCK_ROWS, DailyAggregator
 from models.outdir import check_replaceable, staged_dir
-from models.prepare import LogSurvey, Plan, PrepareConfig, iso, kept_rows, make_spec, plan
+from models.prepare_plan import OTHER, LogSurvey, Plan, PrepareConfig, iso, kept_rows, make_spec, plan
 from models.spark_session import spark_session, stop_spark
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ def _quoted(name: str) -> str:
 def read_events(spark: Any, path: str, fmt: str, columns: EventColumns) -> Any:
     """The log as a DataFrame of id, ts (unix seconds, null if unparseable), type, value, and what `survey` reports."""
     from pyspark.errors import AnalysisException
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     try:
         reader = spark.read.option("header", True).option("inferSchema", False) if fmt == "csv" else spark.read
@@ -88,6 +86,15 @@ def read_events(spark: Any, path: str, fmt: str, columns: EventColumns) -> Any:
         if "PATH_NOT_FOUND" in first or "does not exist" in first:
             raise DataError(f"{path}: no such file, directory or glob match; pass a CSV or Parquet event log") from None
         raise DataError(f"{path}: cannot read as {fmt} ({first})") from None
+    return event_frame(df, path, columns)
+
+
+def event_frame(df: Any, path: str, columns: EventColumns) -> Any:
+    """A DataFrame of events (any column types Spark reads) as id, ts, type, value and the bad-row markers
+    `survey` checks; `path` names it in errors."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
     check_column_names(path, df.columns, columns, ("id", "time", "type", "value"))
     kinds = {f.name: f.dataType for f in df.schema.fields}
     time_raw, value_raw = F.col(_quoted(columns.time)), F.col(_quoted(columns.value))
@@ -199,7 +206,7 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
                                      schema=pa.schema([(name, pa.int64()) for name in SUMMARY_FIELDS]))
 
 
-def cells(ev: Any, cfg: PrepareConfig, p: Plan) -> Any:
+def cells(ev: Any, p: Plan, session_type: str) -> Any:
     """Pass 2's rows, from one scan: a cell per (customer, window day, type), and per customer with
     sessions in the label window a row of day -1 whose `n` is their count. The windows do not overlap,
     so an event lands in one row or none."""
@@ -207,9 +214,9 @@ def cells(ev: Any, cfg: PrepareConfig, p: Plan) -> Any:
 
     w, ts = p.window, F.col("ts")
     type_of = F.create_map(*[F.lit(x) for i, name in enumerate(p.types) for x in (name, i)])
-    other = len(p.types) - 1  # types outside the kept ones, and the type named OTHER, go to the last
+    other = p.types.index(OTHER)  # types outside the kept ones go where the type named OTHER does
     in_obs = (ts >= w.start_s) & (ts < p.cutoff_s)
-    in_label = (F.col("type") == cfg.session_type) & (ts >= p.cutoff_s) & (ts < p.label_end_s)
+    in_label = (F.col("type") == session_type) & (ts >= p.cutoff_s) & (ts < p.label_end_s)
     finite = F.col("value").isNotNull() & ~F.isnan("value") & (F.abs("value") < float("inf"))
     return (ev.where(in_obs | in_label)
             .select("id",
@@ -249,7 +256,7 @@ def prepare_spark(cfg: PrepareConfig, spark: Any = None) -> dict:
         with staged_dir(out) as tmp:
             staged = str(tmp.resolve())
             job = PartJob(cfg=cfg, plan=p, staged=staged)
-            summary = (cells(ev, cfg, p).repartitionByRange(n_parts, "id")
+            summary = (cells(ev, p, cfg.session_type).repartitionByRange(n_parts, "id")
                        .mapInArrow(partial(build_part, job), ", ".join(f"{f} long" for f in SUMMARY_FIELDS))
                        .collect())  # one row per part
             by_part = {int(r["part"]): r for r in summary}
