@@ -232,20 +232,24 @@ def test_iso_cutoffs_still_parse() -> None:
     assert np.int64(parse_cutoff("2024-03-31")) == 1711843200
 
 
+# What a run writes into --out does not depend on the training: one worker, one epoch, and no evaluation
+# before the final one, so each run starts the fewest TensorFlow processes.
+ONE_QUICK_RUN = ["--workers", "1", "--hidden", "4", "--epochs", "1", "--eval-interval-s", "1000", "--no-progress"]
+
+
 def test_overwrite_trains_into_a_directory_of_other_files(world: Path, tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me\n")
-    r = notpu("train", str(world / "prepared"), "--out", str(mine), "--overwrite", "--hidden", "4", "--epochs", "1",
-              "--no-progress", timeout_s=600)
+    r = notpu("train", str(world / "prepared"), "--out", str(mine), "--overwrite", *ONE_QUICK_RUN,
+              timeout_s=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (mine / "notes.txt").read_text() == "keep me\n"
     assert (mine / "summary.json").is_file() and (mine / "model.keras").is_file()
     # now a previous run: training again needs no --overwrite, and leaves no history of the first run behind
     with (mine / "history.jsonl").open("a") as f:
         f.write('{"from": "the first run"}\n')
-    r = notpu("train", str(world / "prepared"), "--out", str(mine), "--hidden", "4", "--epochs", "1", "--no-progress",
-              timeout_s=600)
+    r = notpu("train", str(world / "prepared"), "--out", str(mine), *ONE_QUICK_RUN, timeout_s=600)
     assert r.returncode == 0, r.stderr[-2000:]
     history = (mine / "history.jsonl").read_text()
     assert history and "the first run" not in history

@@ -286,7 +286,8 @@ def test_model_option_sigmoid_and_softmax_score_probabilities(prepared, tmp_path
     run = tmp_path / "run"
     here = str(Path(__file__).parent)
     train = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(data), "--out", str(run), "--model",
-                            f"churn_models:{build}", "--epochs", "2", "--eval-interval-s", "1", "--no-progress"],
+                            f"churn_models:{build}", "--workers", "1", "--epochs", "2", "--eval-interval-s", "1000",
+                            "--no-progress"],
                            capture_output=True, text=True, timeout=300, cwd=here)
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -315,7 +316,8 @@ def test_predict_imports_the_custom_modules_the_run_recorded(prepared, tmp_path)
     run, here = tmp_path / "run", str(Path(__file__).parent)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     train = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(data), "--out", str(run), "--model",
-                            "churn_models:custom", "--epochs", "1", "--eval-interval-s", "1000", "--no-progress"],
+                            "churn_models:custom", "--workers", "1", "--epochs", "1", "--eval-interval-s", "1000",
+                            "--no-progress"],
                            capture_output=True, text=True, timeout=300, cwd=here, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "custom_layers" in json.loads((run / "summary.json").read_text())["run_config"]["custom_modules"]
