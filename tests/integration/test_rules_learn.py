@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from models.dataset import split_indices
-from runner.worker import steps_per_epoch
+from runner.worker import run_settings, training_share
 
 # generating, preparing and 4 plain Keras runs happen in the first test: more than the default 300 s on a busy machine
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -109,8 +109,7 @@ def test_rule_with_defaults_learns_as_well_as_plain_keras(prepared, keras_refere
         f"{plain['val_auc']:.4f}/{plain['test_auc']:.4f} (the lower of seeds {KERAS_SEEDS}); "
         f"effective settings {summary['effective']}")
     # the same epochs as plain Keras: every worker its share of the training rows, in whole batches, every epoch
-    rows = len(split_indices(len(np.load(data / "y.npy"))).train)
-    assert summary["samples"] == 2 * 3 * steps_per_epoch(rows, 2, 64) * 64
+    assert summary["samples"] == 2 * 3 * run_settings({"batch_size": 64}, 2, training_share(str(data), 2)).steps_per_epoch * 64
     assert abs(summary["samples"] - plain["samples"]) <= 3 * 2 * 64
     eff = summary["effective"]
     assert summary["learning_rate"] == eff["learning_rate"] and summary["window"] == eff["window"]
