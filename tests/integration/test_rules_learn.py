@@ -109,7 +109,7 @@ def test_rule_with_defaults_learns_as_well_as_plain_keras(prepared, keras_refere
         f"{plain['val_auc']:.4f}/{plain['test_auc']:.4f} (the lower of seeds {KERAS_SEEDS}); "
         f"effective settings {summary['effective']}")
     # the same epochs as plain Keras: every worker its share of the training rows, in whole batches, every epoch
-    assert summary["samples"] == 2 * 3 * run_settings({"batch_size": 64}, 2, training_share(str(data), 2)).steps_per_epoch * 64
+    assert summary["samples"] == 2 * 3 * run_settings(summary["run_config"], 2, training_share(str(data), 2)).steps_per_epoch * 64
     assert abs(summary["samples"] - plain["samples"]) <= 3 * 2 * 64
     eff = summary["effective"]
     assert summary["learning_rate"] == eff["learning_rate"] and summary["window"] == eff["window"]
