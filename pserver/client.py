@@ -37,10 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from pserver import precision, protocol, shm
+from pserver import precision, protocol, shm, shm_reply
 from pserver.errors import ProtocolError, RemoteError, ServerUnreachable
 from pserver.layout import Layout
-from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ class Client:
         self.incarnation = 0
         self.ticket: str | None = None
         self._resent = 0  # requests `_send` sent again after mapping shared memory anew (not timeouts: `retries`)
-        self.round_timeout_s = ShardConfig.round_timeout_s  # the server's; `join` learns it from the run config
+        self.round_timeout_s = protocol.ROUND_TIMEOUT_S  # the server's; `join` learns it from the run config
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
@@ -427,24 +426,25 @@ class Client:
         the centre into this worker's reply area, from there: from one shard, a read-only view on the area,
         valid until this client's next push."""
         index = -1 if centre else 0
-        if out is None and len(self.shards) == 1 and not replies[0].header.get("shm"):
+        flags = [shm_reply.decode(m.header) for m in replies]
+        if out is None and len(self.shards) == 1 and not flags[0].shared:
             view = self._check_slice(self.shards[0], replies[0], index)
             view.flags.writeable = False
             return view
-        if out is None and len(self.shards) == 1 and centre and replies[0].header.get("shm_centre") == 1 \
+        if out is None and len(self.shards) == 1 and centre and flags[0].centre_in_area \
                 and self._links and self._links[0] is not None:
             view = self._links[0].push.buffers[1].view()
             view.flags.writeable = False
             return view
         if out is None:
             out = np.empty(self.total, np.float32)
-        for i, (s, msg) in enumerate(zip(self.shards, replies)):
+        for i, (s, msg, via) in enumerate(zip(self.shards, replies, flags)):
             link = self._links[i] if self._links else None
             target = out[s.start:s.end]
-            if not msg.header.get("shm") or link is None:
+            if not via.shared or link is None:
                 target[:] = self._check_slice(s, msg, index)
-            elif not centre or msg.header.get("shm_centre") == 1:
-                if not centre and msg.header.get("shm_arrays") != 1:
+            elif not centre or via.centre_in_area:
+                if not centre and not via.array_in_area:
                     raise ProtocolError("frames", f"shard {s.index} at {s.endpoint} wrote no array to the reply area")
                 np.copyto(target, link.push.buffers[1])
             else:
@@ -546,7 +546,7 @@ class Client:
                               f"later push of this rank, from another process; join again for a rank of your own")
         staleness = [int(m.header.get("staleness", 0)) for m in replies]
         result = None
-        carries = any(m.arrays or m.header.get("shm_arrays") for m in replies)
+        carries = any(m.arrays or shm_reply.decode(m.header).array_in_area for m in replies)
         versions = [int(m.header["version"]) for m in replies]
         if pull or carries:  # the centre, or an array computed against it as of this reply: the worker has seen it
             self.versions = versions

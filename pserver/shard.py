@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import applies, precision, protocol, security, shm
+from pserver import applies, precision, protocol, security, shm, shm_reply
 from pserver.applies import PushApply, RoundApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ConfigError, ProtocolError
@@ -92,11 +92,7 @@ class ShardConfig:
     # shard. The coordinator refuses the INIT of a model whose slices are larger, naming this setting.
     max_message_bytes: int = 256 << 20
     max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
-    # A synchronous round closes without the missing workers after this; they are marked lost and the world
-    # shrinks for the rest of the run. 60 s, not local mode's former 30 s: dropping a slow but live worker
-    # (a GC pause, a busy or slower host, a long averaging window) costs it for good, waiting for a dead one
-    # costs the seconds once. The one default: ServerConfig, `pserver start` and `notpu train` take it from here.
-    round_timeout_s: float = 60.0
+    round_timeout_s: float = protocol.ROUND_TIMEOUT_S  # a round closes without its missing workers after this
     poll_interval_s: float = 0.1  # how often timers (round timeout, checkpoints) are looked at
     max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
     max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)
@@ -493,7 +489,7 @@ class Shard:
             raise ProtocolError("frames", f"PULL carries no array frame, got {len(msg.arrays)}")
         self.stats.pulls[worker] += 1
         if link is not None:  # the worker reads the centre from the shard's segment
-            return protocol.encode(ok(version=self.version, shm=True))
+            return protocol.encode(*shm_reply.encode(ok(version=self.version)))
         self._reply_with_centre(identity, ok(version=self.version), wire=wire)
         return None
 
@@ -621,13 +617,7 @@ class Shard:
         in the shard's segment, or in the reply area if the apply wrote it there: ``centre_copied``), the
         header saying so."""
         if link is not None:
-            header = dict(header, shm=True)
-            if len(extra) == 1 and extra[0].shape == link.buffers[1].shape and extra[0].dtype == np.float32:
-                np.copyto(link.buffers[1], extra[0])
-                header["shm_arrays"], extra = 1, []
-            elif centre_copied and not extra:
-                header["shm_centre"] = 1
-            return protocol.encode(header, extra)
+            return protocol.encode(*shm_reply.encode(header, extra, link.buffers[1], centre_copied))
         if pull:
             self._reply_with_centre(identity, header, extra, wire)
             return None
