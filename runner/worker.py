@@ -137,8 +137,7 @@ def training_share(data_dir: str, world: int) -> int:
     """
     if world > 1 and num_parts(data_dir) == world:
         return min(len(load_part(data_dir, k).split().train) for k in range(world))
-    rows = len(split_indices(len(load_dataset(data_dir).y)).train)
-    return min(len(p) for p in np.array_split(np.arange(rows), world))
+    return partition(split_indices(len(load_dataset(data_dir).y)).train, world, 0)[1]
 
 
 def run_settings(run: dict[str, Any], world: int, share: int) -> Effective:
