@@ -97,6 +97,9 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
         "shared 2-core machine move by ±30% from minute to minute. Targets are the project's performance goals.",
         "",
     ]
+    demo = b.get("test_demo_end_to_end")
+    if demo:
+        lines += _demo_section(demo)
     conv = b.get("test_convergence_rules")
     if conv:
         k = conv["keras"]
@@ -390,6 +393,23 @@ def _samples_section(sm: dict[str, Any]) -> list[str]:
         lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in sm["errors"].items())]
     return lines + [""]
 
+
+
+def _demo_section(d: dict[str, Any]) -> list[str]:
+    """bench/test_bench_demo.py: `notpu demo` end to end, the figures README.md quotes."""
+    return [
+        "## The demo",
+        "",
+        f"`{d['command']}` from the interpreter's start to its exit: {d['players']:,} generated players "
+        f"({d['customers']:,} customers after the newcomer filter), log generated, prepared, the baseline fitted, "
+        f"the GRU trained ({d['gru']}) and the report drawn, in **{d['wall_s']:.0f} s** "
+        f"(training {d['train_wall_s']:.0f} s of it, {d['samples_per_s']:,.0f} samples/s; load average "
+        f"{d['load_1min']} at the end). Test AUC: baseline **{d['baseline_test_auc']:.4f}**, "
+        f"GRU **{d['gru_test_auc']:.4f}**. The run's report:",
+        "",
+        "![notpu demo's report.png](demo_report.png)",
+        "",
+    ]
 
 
 def _buckets_section(bk: dict[str, Any]) -> list[str]:
