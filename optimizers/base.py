@@ -8,7 +8,7 @@ import; there is no other list. `make_rule` builds a rule's worker side,
 
 Defaults, and why. Each was measured with `notpu train --workers 2` against
 one plain Keras process on the same model, data, split, batch and epochs
-(the README's "Which rule when" has the figures); the causes:
+(docs/guides/rules.md, "Which rule when", has the figures); the causes:
 
 - **λ is capped by the data.** A λ larger than the steps in an epoch means
   almost no exchanges on small data (1,500 players, λ = 32: the AEASGD centre
@@ -84,7 +84,7 @@ RULES: dict[str, Rule] = {r.name: r for r in sorted((c.spec for c in RULE_CLASSE
 #: modules register any shard-side apply of their own as they are imported.
 SHARD_PLUGINS: tuple[str, ...] = (optimizers.rules.__name__,)
 
-#: What `--rule` defaults to and the demo uses (the README's "Which rule when" says why).
+#: What `--rule` defaults to and the demo uses (docs/guides/rules.md, "Which rule when", says why).
 RECOMMENDED_RULE = "adag"
 
 

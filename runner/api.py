@@ -33,7 +33,7 @@ What travels to the workers, and what does not (see runner.keras_model):
   val_<name> in history.jsonl and `result.history` (named as Keras names
   them: `metrics=["AUC"]` is val_AUC; one named "auc" is val_auc_1).
 - Does not travel: the optimizer itself (each rule runs its own local
-  optimizer: Adam, Nadam or SGD, see the README's rule table), a `train_step` override or any
+  optimizer: Adam, Nadam or SGD, see the rule table in docs/guides/rules.md), a `train_step` override or any
   custom training loop (workers call `train_on_batch`, and each rule needs
   the weights before and after λ plain steps), stateful RNNs (batches are
   shuffled rows of a partition, state would leak between customers),

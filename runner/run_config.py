@@ -19,7 +19,7 @@ from pserver.errors import ConfigError
 
 @dataclass(frozen=True)
 class RunConfig:
-    # The README's "Which rule when" says why ADAG.
+    # docs/guides/rules.md ("Which rule when") says why ADAG.
     rule: str = RECOMMENDED_RULE
     # λ, α and the learning rate: None means the rule's default, resolved per run by
     # `optimizers.effective_settings` (it depends on the data and the world size).

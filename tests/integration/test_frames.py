@@ -1,5 +1,5 @@
-"""`from runner import prepare, fit, predict` on DataFrames: the same tensor and scores as from files, and the
-README's notebook example run as written."""
+"""`from runner import prepare, fit, predict` on DataFrames: the same tensor and scores as from files, and
+the notebook example of docs/guides/python.md run as written."""
 from __future__ import annotations
 
 import json
@@ -115,14 +115,14 @@ def test_runner_stays_lazy() -> None:
     assert r.stdout.split("\n")[:2] == ["[]", "True False"]
 
 
-def readme_notebook_example() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text.split("### From a notebook", 1)[1]
+def docs_notebook_example() -> str:
+    text = (REPO / "docs" / "guides" / "python.md").read_text()
+    section = text.split("## From a notebook", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_notebook_example_runs(tmp_path: Path) -> None:
-    code = readme_notebook_example()
+def test_the_docs_notebook_example_runs(tmp_path: Path) -> None:
+    code = docs_notebook_example()
     assert "from runner import prepare, fit, predict" in code
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}

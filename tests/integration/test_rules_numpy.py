@@ -1,6 +1,6 @@
 """Each rule, run through real shard processes, equals its numpy re-statement.
 
-The equations are the rule table's (optimizers/base.py, and the README's "Update rules").
+The equations are the rule table's (optimizers/base.py, and docs/guides/rules.md).
 
 The problem is a linear least-squares model on a fixed data order, so every
 worker's gradient sequence is a deterministic function of its weights (one
