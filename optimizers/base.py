@@ -2,7 +2,7 @@
 
 The table (`RULES`) is the rules' own entries: each module of
 `optimizers.rules` holds one rule, its defaults (``spec``, an
-`optimizers.exchange.Rule`) and its worker side, and registers itself on
+`optimizers.rule.Rule`) and its worker side, and registers itself on
 import; there is no other list. `make_rule` builds a rule's worker side,
 `effective_settings` resolves its λ, α and learning rate for a run.
 
@@ -60,11 +60,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import optimizers.rules  # noqa: F401 — imports every rule module, each of which registers its rule
-from optimizers.exchange import RULE_CLASSES, Exchange, Rule, as_flat
+from optimizers.rule import RULE_CLASSES, WorkerRule, Rule, as_flat
 from pserver.errors import ConfigError
 
 __all__ = ["BASE_LEARNING_RATE", "ELASTIC_BETA", "MIN_EXCHANGES_PER_EPOCH", "MIN_EXCHANGES_PER_RUN",
-           "RECOMMENDED_RULE", "RULES", "SHARD_PLUGINS", "Effective", "Exchange", "Rule", "as_flat",
+           "RECOMMENDED_RULE", "RULES", "SHARD_PLUGINS", "Effective", "WorkerRule", "Rule", "as_flat",
            "effective_settings", "get_rule", "make_rule", "rule_config"]
 
 #: The base learning rate of each local optimizer: what one plain Keras process would use.
@@ -167,9 +167,9 @@ def effective_settings(run: dict[str, Any], workers: int, steps_per_epoch: int) 
 
 
 def make_rule(name: str, client: Any, window: int, alpha: float = 0.0,
-              round_timeout_s: float | None = None, overlap: bool = False) -> Exchange:
+              round_timeout_s: float | None = None, overlap: bool = False) -> WorkerRule:
     """Rule ``name``'s worker side, talking to the server through the joined ``client``.
 
-    ``overlap``: exchange in the background while the next window trains (`optimizers.exchange`)."""
+    ``overlap``: exchange in the background while the next window trains (`optimizers.rule`)."""
     return RULE_CLASSES[get_rule(name).name](client, window=window, alpha=alpha, round_timeout_s=round_timeout_s,
                                              overlap=overlap)

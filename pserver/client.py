@@ -106,8 +106,8 @@ class _Peer:
             self.socket = None
 
 
-def exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
-             what: str, timeout_s: float | None = None) -> list[protocol.Message]:
+def fan_out(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
+            what: str, timeout_s: float | None = None) -> list[protocol.Message]:
     """Send requests[i] to peers[i] concurrently; return the decoded replies in order.
 
     Error replies raise RemoteError, except ``not_ready`` which is waited out
@@ -116,7 +116,7 @@ def exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Clie
     """
     timeout_s = config.timeout_s if timeout_s is None else timeout_s
     try:
-        return _exchange(peers, requests, config, what, timeout_s)
+        return _fan_out(peers, requests, config, what, timeout_s)
     except BaseException:
         # A peer may still owe us a reply; a fresh socket makes sure it never
         # answers the next request with this one's reply.
@@ -125,8 +125,8 @@ def exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: Clie
         raise
 
 
-def _exchange(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
-              what: str, timeout_s: float) -> list[protocol.Message]:
+def _fan_out(peers: Sequence[_Peer], requests: Sequence[list[Any]], config: ClientConfig,
+             what: str, timeout_s: float) -> list[protocol.Message]:
     replies: list[protocol.Message | None] = [None] * len(peers)
     pending = set(range(len(peers)))
     attempt = 0
@@ -197,7 +197,7 @@ def request(endpoint: str, header: dict[str, Any], arrays: Sequence[np.ndarray] 
     header = {"rid": [secrets.randbits(63), 1], **header}
     peer = _Peer(context or zmq.Context.instance(), endpoint, curve)
     try:
-        return exchange([peer], [protocol.encode(header, arrays)], config or ClientConfig(), header.get("op", "?"))[0]
+        return fan_out([peer], [protocol.encode(header, arrays)], config or ClientConfig(), header.get("op", "?"))[0]
     finally:
         peer.close()
 
@@ -210,7 +210,7 @@ def query_shard_stats(endpoint: str, context: zmq.Context | None = None, timeout
 
 
 @dataclass(frozen=True)
-class _Link:
+class _SharedSegments:
     """A co-located shard's segments, as this worker mapped them."""
 
     centre: shm.CentreSegment
@@ -257,8 +257,8 @@ class Client:
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
-        self._links: list[_Link | None] = []  # per shard: its segments if it is on this host (shared memory)
-        self._linked = False  # whether SHM was asked of this set of shards
+        self._shared: list[_SharedSegments | None] = []  # per shard: its segments if it is on this host (shared memory)
+        self._shared_asked = False  # whether SHM was asked of this set of shards
         self._feedback: precision.ErrorFeedback | None = None  # the push residual, for a half-precision wire
 
     # ---- coordinator --------------------------------------------------------
@@ -271,7 +271,7 @@ class Client:
     def ask(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """One request to the coordinator, with a new request id unless ``header`` carries one."""
         header = {"rid": self.next_rid(), **header}
-        msg = exchange([self.coordinator], [protocol.encode(header)], self.config, header["op"], timeout_s)[0]
+        msg = fan_out([self.coordinator], [protocol.encode(header)], self.config, header["op"], timeout_s)[0]
         return msg.header
 
     def join(self, name: str = "", rank: int = -1) -> dict[str, Any]:
@@ -305,7 +305,7 @@ class Client:
                                  **({"ticket": t} if t else {})},
                                 [flat[s.start:s.end]])
                 for s, t in zip(self.shards, tickets)]
-        exchange(self._peers, reqs, self.config, "INIT")
+        fan_out(self._peers, reqs, self.config, "INIT")
         self.versions = [0] * len(self.shards)
         return True
 
@@ -341,7 +341,7 @@ class Client:
             self._retired_retries += sum(p.retries for p in self._peers)
             self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
             self.versions = [0] * len(infos)
-            self._unlink()
+            self._unmap_shared_memory()
         self.shards = infos
 
     _set_shards = use_shards  # the old private name; tests/integration (netns_client.py, test_reliability.py) use it
@@ -361,15 +361,15 @@ class Client:
     @property
     def shared_memory(self) -> list[bool]:
         """For each shard, whether this client exchanges with it through shared memory."""
-        return [link is not None for link in self._links] if self._links else [False] * len(self.shards)
+        return [shared is not None for shared in self._shared] if self._shared else [False] * len(self.shards)
 
-    def _link(self) -> None:
+    def _map_shared_memory(self) -> None:
         """Map shared memory with every shard on this host, once per set of shards; a worker's only (an
         observer, without a rank, has no push segment). A shard that cannot is reached over ZeroMQ."""
-        if self._linked:
+        if self._shared_asked:
             return
-        self._linked = True
-        self._links = [None] * len(self.shards)
+        self._shared_asked = True
+        self._shared = [None] * len(self.shards)
         if not (self.config.shared_memory and 0 <= self.rank < self.world and shm.available()):
             return
         for i, s in enumerate(self.shards):
@@ -377,7 +377,7 @@ class Client:
             if not shm.is_local(host):
                 continue
             try:
-                reply = exchange([self._peers[i]], [protocol.encode({"op": "SHM", **self.who()})],
+                reply = fan_out([self._peers[i]], [protocol.encode({"op": "SHM", **self.who()})],
                                  self.config, "SHM")[0].header
                 n = s.end - s.start
                 if reply.get("n") != n:
@@ -389,12 +389,12 @@ class Client:
                     centre.close()
                     raise
                 push.unlink()  # mapped at both ends: nothing is left behind if either process dies
-                self._links[i] = _Link(centre, push)
+                self._shared[i] = _SharedSegments(centre, push)
             except (RemoteError, ValueError, TypeError, KeyError, OSError) as exc:
                 log.info("shard %d at %s: exchanging over ZeroMQ, not shared memory (%s)", s.index, s.endpoint, exc)
-        if any(self._links):
+        if any(self._shared):
             log.info("worker %d: shared memory with shard(s) %s", self.worker,
-                     [s.index for s, link in zip(self.shards, self._links) if link is not None])
+                     [s.index for s, shared in zip(self.shards, self._shared) if shared is not None])
 
     @property
     def residual(self) -> np.ndarray | None:
@@ -405,18 +405,18 @@ class Client:
         """Where to compute the next push's (total,) float32 array so that `push` copies nothing: with one
         shard, through shared memory, the worker's push area itself; else None. Write it only between
         exchanges (the shard reads it while it serves a push)."""
-        self._link()
-        if len(self.shards) == 1 and self._links and self._links[0] is not None:
-            return self._links[0].push.buffers[0]
+        self._map_shared_memory()
+        if len(self.shards) == 1 and self._shared and self._shared[0] is not None:
+            return self._shared[0].push.buffers[0]
         return None
 
-    def _unlink(self) -> None:
-        """Unmap the shards' segments; `_link` asks for new ones at the next exchange."""
-        for link in self._links:
-            if link is not None:
-                link.centre.close()
-                link.push.close()
-        self._links, self._linked = [], False
+    def _unmap_shared_memory(self) -> None:
+        """Unmap the shards' segments; `_map_shared_memory` asks for new ones at the next exchange."""
+        for shared in self._shared:
+            if shared is not None:
+                shared.centre.close()
+                shared.push.close()
+        self._shared, self._shared_asked = [], False
 
     def _collect(self, replies: list[protocol.Message], out: np.ndarray | None, centre: bool) -> np.ndarray:
         """The shards' arrays as one (total,) vector: the centre (``centre``, each reply's last array) or the
@@ -432,25 +432,25 @@ class Client:
             view.flags.writeable = False
             return view
         if out is None and len(self.shards) == 1 and centre and flags[0].centre_in_area \
-                and self._links and self._links[0] is not None:
-            view = self._links[0].push.buffers[1].view()
+                and self._shared and self._shared[0] is not None:
+            view = self._shared[0].push.buffers[1].view()
             view.flags.writeable = False
             return view
         if out is None:
             out = np.empty(self.total, np.float32)
         for i, (s, msg, via) in enumerate(zip(self.shards, replies, flags)):
-            link = self._links[i] if self._links else None
+            shared = self._shared[i] if self._shared else None
             target = out[s.start:s.end]
-            if not via.shared or link is None:
+            if not via.shared or shared is None:
                 target[:] = self._check_slice(s, msg, index)
             elif not centre or via.centre_in_area:
                 if not centre and not via.array_in_area:
                     raise ProtocolError("frames", f"shard {s.index} at {s.endpoint} wrote no array to the reply area")
-                np.copyto(target, link.push.buffers[1])
+                np.copyto(target, shared.push.buffers[1])
             else:
-                version = link.centre.read(target)
+                version = shared.centre.read(target)
                 if version is None:  # rewritten under us again and again: ask for a copy instead
-                    reply = exchange([self._peers[i]], [protocol.encode({"op": "PULL", **self._puller()})],
+                    reply = fan_out([self._peers[i]], [protocol.encode({"op": "PULL", **self._puller()})],
                                      self.config, "PULL")[0]
                     target[:] = self._check_slice(s, reply, -1)
                     version = int(reply.header["version"])
@@ -473,13 +473,13 @@ class Client:
         segment and named by its token. Over ZeroMQ, the header asks for the centre in the wire form."""
         reqs = []
         for i, s in enumerate(self.shards):
-            link = self._links[i] if self._links else None
+            shared = self._shared[i] if self._shared else None
             h = {**header, "pulled": self.versions[i]} if "pulled" in header else header
-            if link is not None:
-                area = link.push.buffers[0]
+            if shared is not None:
+                area = shared.push.buffers[0]
                 if array is not None and not (len(self.shards) == 1 and array.ctypes.data == area.ctypes.data):
                     np.copyto(area, array[s.start:s.end])
-                reqs.append(protocol.encode({**h, "shm": link.push.token}))
+                reqs.append(protocol.encode({**h, "shm": shared.push.token}))
                 continue
             if self.config.wire != "float32":
                 h = {**h, "wire": self.config.wire}
@@ -494,23 +494,23 @@ class Client:
         if self._feedback is None or self._feedback.residual.shape != (self.total,):
             self._feedback = precision.ErrorFeedback(self.total, self.config.wire)
         return {i: self._feedback.encode(delta[s.start:s.end], s.start, s.end) for i, s in enumerate(self.shards)
-                if not (self._links and self._links[i] is not None)}
+                if not (self._shared and self._shared[i] is not None)}
 
     def _send(self, header: dict[str, Any], array: np.ndarray | None = None) -> list[protocol.Message]:
         """Ask every shard; a shard that no longer knows this worker's segments (it restarted) is asked for new
         ones, once, and the request re-sent (a push keeps its seq, so none is applied twice)."""
-        self._link()
+        self._map_shared_memory()
         pieces = self._narrow(array) if array is not None else None
         try:
-            return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
+            return fan_out(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
         except RemoteError as exc:
-            if exc.code != "shm" or not any(self._links):
+            if exc.code != "shm" or not any(self._shared):
                 raise
             log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
-            self._unlink()
-            self._link()
+            self._unmap_shared_memory()
+            self._map_shared_memory()
             self._resent += 1  # to every shard: those that took the first one answer this copy "not applied"
-            return exchange(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
+            return fan_out(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
 
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
         """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard
@@ -572,7 +572,7 @@ class Client:
         reqs = [protocol.encode({"op": "ROUND", **self.who(), "seq": self.seq, "round": number,
                                  "mode": mode, "alpha": float(alpha)}, [value[s.start:s.end]])
                 for s in self.shards]
-        replies = exchange(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
+        replies = fan_out(self._peers, reqs, self.config, "ROUND", timeout_s=timeout_s)
         centre = self._collect(replies, None, centre=True)
         diff = self._collect(replies, None, centre=False) if any(len(m.arrays) > 1 for m in replies) else None
         self.versions = [int(m.header["version"]) for m in replies]
@@ -580,9 +580,9 @@ class Client:
 
     def bye(self) -> None:
         reqs = [protocol.encode({"op": "BYE", **self.who()}) for _ in self.shards]
-        exchange(self._peers, reqs, self.config, "BYE")
+        fan_out(self._peers, reqs, self.config, "BYE")
 
     def close(self) -> None:
         for p in [self.coordinator, *self._peers]:
             p.close()
-        self._unlink()
+        self._unmap_shared_memory()

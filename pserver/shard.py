@@ -152,7 +152,7 @@ class _Push:
     scale: float
     pull: bool
     delta: np.ndarray  # a view on the received frame, or on the worker's push segment
-    link: shm.Segment | None = None  # the worker's push segment if it came through shared memory
+    segment: shm.Segment | None = None  # the worker's push segment if it came through shared memory
     wire: str = "float32"  # the form of the centre in the reply (pserver.precision)
 
 
@@ -205,7 +205,7 @@ class Shard:
         self.left: set[int] = set()
         self.round = _Round()
         self._pushes: dict[int, _PushRecord] = {}
-        self._links: dict[int, shm.Segment] = {}  # worker -> its push segment (co-located workers, SHM)
+        self._push_segments: dict[int, shm.Segment] = {}  # worker -> its push segment (co-located workers, SHM)
         self._segments: list[str] = []  # names this shard created, unlinked at close if still there
         self._init_rid: tuple[int, int] | None = None  # the request id of the INIT that set the slice
         # The round that closed last: (number, reply header, worker -> its reply arrays), for retries of it.
@@ -253,9 +253,9 @@ class Shard:
 
     def close_segments(self) -> None:
         """Unmap the shared-memory segments and remove every name this shard created that is still there."""
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
+        for segment in self._push_segments.values():
+            segment.close()
+        self._push_segments.clear()
         for name in self._segments:
             shm._unlink(name)
         self._segments.clear()
@@ -483,12 +483,12 @@ class Shard:
     def _pull(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
         self._require_ready()
         worker = self._worker(msg.header, observer=True)
-        link = self._link(worker, hfield(msg.header, "shm", int, 0))
+        segment = self._push_segment(worker, hfield(msg.header, "shm", int, 0))
         wire = self._wire(msg.header)
         if msg.arrays:
             raise ProtocolError("frames", f"PULL carries no array frame, got {len(msg.arrays)}")
         self.stats.pulls[worker] += 1
-        if link is not None:  # the worker reads the centre from the shard's segment
+        if segment is not None:  # the worker reads the centre from the shard's segment
             return protocol.encode(*shm_reply.encode(ok(version=self.version)))
         self._reply_with_centre(identity, ok(version=self.version), wire=wire)
         return None
@@ -509,30 +509,30 @@ class Shard:
                 segment = shm.CentreSegment.create(shm.centre_name(self.config.index), centre.size)
                 self._segments.append(segment.name)
                 centre.share(segment, self.version)
-            link = shm.Segment.create(shm.push_name(self.config.index, worker), centre.size)
+            segment = shm.Segment.create(shm.push_name(self.config.index, worker), centre.size)
         except OSError as exc:
             raise ProtocolError("shm", f"shard {self.config.index} cannot create a shared-memory segment "
                                        f"({exc}); exchange over ZeroMQ") from None
-        self._segments.append(link.name)
-        old = self._links.pop(worker, None)
+        self._segments.append(segment.name)
+        old = self._push_segments.pop(worker, None)
         if old is not None:  # asked again (its reply was lost, or it restarted): the old one is never mapped again
             old.unlink()
             self._segments.remove(old.name)
             old.close()
-        self._links[worker] = link
+        self._push_segments[worker] = segment
         assert centre.segment is not None
         return protocol.encode(ok(n=centre.size, centre=centre.segment.name, centre_token=centre.segment.token,
-                                  push=link.name, push_token=link.token))
+                                  push=segment.name, push_token=segment.token))
 
-    def _link(self, worker: int, token: int) -> shm.Segment | None:
+    def _push_segment(self, worker: int, token: int) -> shm.Segment | None:
         """The worker's push segment for a request that names it by token (0: none, over ZeroMQ)."""
         if not token:
             return None
-        link = self._links.get(worker)
-        if link is None or link.token != token:
+        segment = self._push_segments.get(worker)
+        if segment is None or segment.token != token:
             raise ProtocolError("shm", f"worker {worker} has no push segment {token:#x} at shard {self.config.index} "
                                        f"(restarted?); ask for one with SHM, or send the arrays as frames")
-        return link
+        return segment
 
     def _push(self, identity: bytes, msg: protocol.Message) -> list[Any] | None:
         self._require_ready()
@@ -543,15 +543,15 @@ class Shard:
         mode = hfield(h, "mode", str)
         scale = float(hfield(h, "scale", (int, float), 1.0))
         want_pull = hfield(h, "pull", bool, False)
-        link = self._link(worker, hfield(h, "shm", int, 0))
+        segment = self._push_segment(worker, hfield(h, "shm", int, 0))
         wire = self._wire(h)
         apply = applies.push_apply(mode)
         if not np.isfinite(scale):
             raise ProtocolError("not_finite", f"PUSH scale {scale!r} is not finite")
-        if link is not None:
+        if segment is not None:
             if msg.arrays:
                 raise ProtocolError("frames", f"a PUSH through shared memory carries no array frame, got {len(msg.arrays)}")
-            delta = link.buffers[0]  # (n,) the worker wrote its array there before sending this header
+            delta = segment.buffers[0]  # (n,) the worker wrote its array there before sending this header
         else:
             delta = self._one_slice(msg, protocol.PUSH_DTYPES)
 
@@ -561,9 +561,9 @@ class Shard:
             self.stats.duplicates[worker] += 1
             header = dict(last.reply, applied=False, version=self.version)
             extra = last.extra if seq == last.seq else []
-            return self._push_reply(identity, header, extra, want_pull, link, wire)
+            return self._push_reply(identity, header, extra, want_pull, segment, wire)
 
-        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, link, wire)
+        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, segment, wire)
         if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
             return None  # SSP: parked; applied and answered when the slowest live worker has caught up
         return self._apply_push(push)
@@ -574,7 +574,7 @@ class Shard:
         staleness = max(self.version - push.pulled, 0)
         out = centre.scratch()
         # A co-located worker that asks for the centre back gets it in its reply area, written in the apply's pass.
-        copy = push.link.buffers[1] if push.link is not None and push.pull and push.apply.copies else None
+        copy = push.segment.buffers[1] if push.segment is not None and push.pull and push.apply.copies else None
         also = {} if copy is None else {"copy": copy}  # an apply that `copies` takes it; others are not asked
         t0 = time.perf_counter()
         finite, norm, extra = push.apply.apply(self.kernels, centre.current, push.delta, push.scale, staleness, out,
@@ -608,16 +608,16 @@ class Shard:
         if self.gate is not None:
             self.gate.record(worker, self.live_workers(), self.stats.updates)
             self._release_parked()
-        return self._push_reply(push.identity, reply, extra, push.pull, push.link, push.wire,
+        return self._push_reply(push.identity, reply, extra, push.pull, push.segment, push.wire,
                                 centre_copied=copy is not None)
 
     def _push_reply(self, identity: bytes, header: dict[str, Any], extra: list[np.ndarray], pull: bool,
-                    link: shm.Segment | None, wire: str = "float32", centre_copied: bool = False) -> list[Any] | None:
+                    segment: shm.Segment | None, wire: str = "float32", centre_copied: bool = False) -> list[Any] | None:
         """A PUSH's reply: its arrays as frames, or through the worker's segment (its reply area; the centre
         in the shard's segment, or in the reply area if the apply wrote it there: ``centre_copied``), the
         header saying so."""
-        if link is not None:
-            return protocol.encode(*shm_reply.encode(header, extra, link.buffers[1], centre_copied))
+        if segment is not None:
+            return protocol.encode(*shm_reply.encode(header, extra, segment.buffers[1], centre_copied))
         if pull:
             self._reply_with_centre(identity, header, extra, wire)
             return None
@@ -735,9 +735,9 @@ class Shard:
     def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         worker = self._worker(msg.header)
         self.left.add(worker)
-        link = self._links.pop(worker, None)
-        if link is not None:
-            link.close()
+        segment = self._push_segments.pop(worker, None)
+        if segment is not None:
+            segment.close()
         rnd = self.round
         if rnd.contributors and self.live_workers() <= set(rnd.contributors):
             self._close_round()

@@ -42,7 +42,7 @@ class RunConfig:
     compile_config: dict[str, Any] | None = None
     custom_modules: tuple[str, ...] = ()  # imported by workers and the evaluator before deserialising
     initial_weights: str | None = None  # an .npz of `model.get_weights()` the centre starts from (same host)
-    # Asynchronous rules: each exchange runs beside the next window's local steps (optimizers.exchange, Overlap).
+    # Asynchronous rules: each exchange runs beside the next window's local steps (optimizers.rule, Overlap).
     # Off by default: the reply lands one window late, so the centre's updates are one window staler.
     overlap: bool = False
 

@@ -1,8 +1,8 @@
 """The update rules, one module each; importing this package imports every one, and each registers itself.
 
 A rule's module holds all of the rule: its table entry (``spec``, an
-`optimizers.exchange.Rule`, with its defaults and the shard-side apply it
-uses, ``spec.mode``) and its worker side (an `optimizers.exchange.Exchange`
+`optimizers.rule.Rule`, with its defaults and the shard-side apply it
+uses, ``spec.mode``) and its worker side (an `optimizers.rule.WorkerRule`
 subclass decorated with `register_rule`). A rule whose shards need an apply
 the built-ins of `pserver.applies` lack defines it in the same module and
 registers it with `@pserver.applies.register`; the shards import this package

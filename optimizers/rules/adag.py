@@ -1,7 +1,7 @@
 """ADAG (dist-keras' accumulated gradient normalisation). Shard-side apply: the built-in PUSH mode "scaled"."""
 from __future__ import annotations
 
-from optimizers.exchange import Rule, register_rule
+from optimizers.rule import Rule, register_rule
 from optimizers.rules.downpour import Downpour
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from optimizers.exchange import Exchange, Rule, register_rule
+from optimizers.rule import WorkerRule, Rule, register_rule
 
 
 @register_rule
-class AEASGD(Exchange):
+class AEASGD(WorkerRule):
     """E = α(W − C); W ← W − E; C ← C + E.
 
     The shard computes E against its current C and applies it in the same
@@ -17,7 +17,7 @@ class AEASGD(Exchange):
     spec = Rule("aeasgd", sync=False, window=8, mode="elastic", elastic=True, lr_scale="workers",
                 doc="E = α(W − C); W ← W − E; C ← C + E")
 
-    def exchange(self, w: np.ndarray) -> np.ndarray:
+    def communicate(self, w: np.ndarray) -> np.ndarray:
         staleness, e = self.client.push(w, mode=self.spec.mode, scale=self.alpha, out=self._delta)
         self.record(staleness)
         return w - e

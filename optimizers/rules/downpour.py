@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from optimizers.exchange import Exchange, Rule, register_rule
+from optimizers.rule import WorkerRule, Rule, register_rule
 
 
 @register_rule
-class Downpour(Exchange):
+class Downpour(WorkerRule):
     """Every λ steps: push Δ = W − W_pulled, pull C, set W ← C.  Shard: C ← C + Δ.
 
     Each exchange is one request per shard: the push carries the update and
@@ -20,7 +20,7 @@ class Downpour(Exchange):
     def scale(self) -> float:
         return 1.0
 
-    def exchange(self, w: np.ndarray) -> np.ndarray:
+    def communicate(self, w: np.ndarray) -> np.ndarray:
         delta = self.client.delta_buffer()  # a co-located shard's push area: no copy at push
         if delta is None:
             delta = self._delta

@@ -1,7 +1,7 @@
 """DynSGD: Δ damped by its staleness. Shard-side apply: the built-in PUSH mode "staleness"."""
 from __future__ import annotations
 
-from optimizers.exchange import Rule, register_rule
+from optimizers.rule import Rule, register_rule
 from optimizers.rules.downpour import Downpour
 
 

@@ -1,7 +1,7 @@
 """EAMSGD, elastic averaging with momentum in the local steps. Shard-side apply: the built-in PUSH mode "elastic"."""
 from __future__ import annotations
 
-from optimizers.exchange import Rule, register_rule
+from optimizers.rule import Rule, register_rule
 from optimizers.rules.aeasgd import AEASGD
 
 

@@ -143,7 +143,7 @@ Local = Callable[[np.ndarray, np.ndarray], np.ndarray]
 def reference_async(rule: str, window: int, alpha: float, local: Callable[[], Local],
                     overlap: bool = False) -> np.ndarray:
     """The asynchronous rules; with ``overlap``, each reply R is applied at the worker's next exchange, as
-    R + (W − W_sent), before that exchange is sent (optimizers.exchange, Overlap)."""
+    R + (W − W_sent), before that exchange is sent (optimizers.rule, Overlap)."""
     C = initial()
     version = 0
     W = [C.copy(), C.copy()]

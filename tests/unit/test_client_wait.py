@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from pserver import protocol
-from pserver.client import ClientConfig, _Peer, exchange
+from pserver.client import ClientConfig, _Peer, fan_out
 from pserver.errors import ServerUnreachable
 
 QUICK = dict(timeout_s=0.05, retries=0, backoff_s=0.01, max_backoff_s=0.05)
@@ -19,7 +19,7 @@ def test_without_a_server_wait_the_retries_alone_bound_it():
     peer = _Peer(zmq.Context.instance(), "inproc://nobody-here")
     t0 = time.monotonic()
     with pytest.raises(ServerUnreachable, match="no reply to PING from inproc://nobody-here after 1 attempt"):
-        exchange([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK), "PING")
+        fan_out([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK), "PING")
     assert time.monotonic() - t0 < 1.0
     peer.close()
 
@@ -28,7 +28,7 @@ def test_a_request_is_re_sent_for_the_server_wait_then_given_up():
     peer = _Peer(zmq.Context.instance(), "inproc://gone-for-good")
     t0 = time.monotonic()
     with pytest.raises(ServerUnreachable, match="after [0-9]+ attempt"):
-        exchange([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK, server_wait_s=0.5), "PING")
+        fan_out([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK, server_wait_s=0.5), "PING")
     waited = time.monotonic() - t0
     assert 0.5 <= waited < 2.0 and peer.retries >= 3, (waited, peer.retries)
     peer.close()
@@ -57,7 +57,7 @@ def test_a_server_back_within_the_wait_answers_the_retry():
     t.start()
     peer = _Peer(context, endpoint)
     try:
-        [reply] = exchange([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK, server_wait_s=10.0),
+        [reply] = fan_out([peer], [protocol.encode({"op": "PING"})], ClientConfig(**QUICK, server_wait_s=10.0),
                            "PING")
     finally:
         done.set()

@@ -243,16 +243,16 @@ def test_worker_waits_for_a_round_as_long_as_the_server_keeps_it_open():
         seen = {}
         import pserver.client as module
 
-        def fake_exchange(peers, reqs, config, what, timeout_s=None):
+        def fake_fan_out(peers, reqs, config, what, timeout_s=None):
             seen["timeout_s"] = timeout_s
             raise RuntimeError("stop here")
 
-        original, module.exchange = module.exchange, fake_exchange
+        original, module.fan_out = module.fan_out, fake_fan_out
         try:
             with pytest.raises(RuntimeError):
                 client.round(np.zeros(0, np.float32), 0, "average")
         finally:
-            module.exchange = original
+            module.fan_out = original
         assert seen["timeout_s"] == 7.0 + 2.0
     finally:
         client.close()

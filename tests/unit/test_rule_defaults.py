@@ -102,7 +102,7 @@ def test_every_rule_is_one_module_whose_shard_side_apply_the_shards_serve():
 
     import optimizers.rules
     from optimizers import SHARD_PLUGINS, make_rule
-    from optimizers.exchange import RULE_CLASSES
+    from optimizers.rule import RULE_CLASSES
     from pserver import applies
 
     modules = {m.name for m in pkgutil.iter_modules(optimizers.rules.__path__)}
@@ -119,21 +119,21 @@ def test_every_rule_is_one_module_whose_shard_side_apply_the_shards_serve():
 
 
 def test_a_rule_whose_shard_side_apply_is_not_registered_is_refused_at_import():
-    from optimizers.exchange import Exchange, Rule, RoundExchange, register_rule
+    from optimizers.rule import WorkerRule, Rule, RoundRule, register_rule
 
-    class Median(RoundExchange):
+    class Median(RoundRule):
         spec = Rule("median", sync=True, window=4, mode="median")
 
     with pytest.raises(TypeError, match="ROUND mode 'median', which no module has registered"):
         register_rule(Median)
 
-    class Borrowed(Exchange):  # no spec of its own
+    class Borrowed(WorkerRule):  # no spec of its own
         pass
 
     with pytest.raises(TypeError, match="own `spec = Rule"):
         register_rule(Borrowed)
 
-    class Downpour2(Exchange):
+    class Downpour2(WorkerRule):
         spec = Rule("downpour", sync=False, window=1, mode="add")
 
     with pytest.raises(ValueError, match="'downpour' is optimizers.rules.downpour.Downpour's already"):

@@ -846,7 +846,7 @@ def test_a_round_whose_sum_overflows_keeps_the_centre_and_moves_on(make):
         shard.handle(frames(b"w%d" % worker, {"op": "ROUND", "worker": worker, "round": 0, "mode": "elastic",
                                              "alpha": 2.0}, [w]))
     replies = wire.take()
-    # answered as a missed round: the workers pull the centre and go on (optimizers.exchange.RoundExchange)
+    # answered as a missed round: the workers pull the centre and go on (optimizers.rule.RoundRule)
     assert len(replies) == 2 and all(refused(m, "round") and "not finite" in m.header["reason"]
                                      for _, m in replies), replies
     assert shard.stats.refused["not_finite"] == 1

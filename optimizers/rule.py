@@ -1,4 +1,4 @@
-"""What every rule is: its table entry (`Rule`) and its worker side (`Exchange`), registered with `register_rule`.
+"""What every rule is: its table entry (`Rule`) and its worker side (`WorkerRule`), registered with `register_rule`.
 
 A rule sees the worker's local weights as one flat float32 vector W (total,)
 and a `pserver.client.Client`. Every `window` local steps the worker loop calls
@@ -54,8 +54,8 @@ def as_flat(x: np.ndarray) -> np.ndarray:
     return x
 
 
-class Exchange:
-    """What a worker does every λ local steps; a rule's class sets ``spec`` and implements `exchange`.
+class WorkerRule:
+    """What a worker does every λ local steps; a rule's class sets ``spec`` and implements `communicate`, one exchange.
 
     ``client`` is a joined `pserver.client.Client`. Vectors are flat float32
     (total,). Staleness seen by this worker's pushes is kept in
@@ -95,7 +95,7 @@ class Exchange:
         self.pulled = centre.copy()
         return centre
 
-    def exchange(self, w: np.ndarray) -> np.ndarray:
+    def communicate(self, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def step(self, w: np.ndarray) -> np.ndarray:
@@ -103,9 +103,9 @@ class Exchange:
         w = as_flat(w)
         self.exchanges += 1
         if self._sender is None:
-            return self.exchange(w)
+            return self.communicate(w)
         w = self._landed(w)
-        self._pending = (w, self._sender.submit(self.exchange, w))
+        self._pending = (w, self._sender.submit(self.communicate, w))
         return w
 
     def finish(self, w: np.ndarray, unsent: bool) -> None:
@@ -117,7 +117,7 @@ class Exchange:
         w = self._landed(as_flat(w))
         if unsent:
             self.exchanges += 1
-            self.exchange(w)
+            self.communicate(w)
         self.close()
 
     def close(self) -> None:
@@ -150,7 +150,7 @@ class Exchange:
         self.staleness.append(max(staleness) if staleness else 0)
 
 
-class RoundExchange(Exchange):
+class RoundRule(WorkerRule):
     """A synchronous rule: one ROUND of ``spec.mode`` per exchange.
 
     A round closes at each shard when every live worker's contribution is in,
@@ -186,21 +186,21 @@ class RoundExchange(Exchange):
 
 
 #: Every registered rule's class by name; `optimizers.rules` fills it as its modules are imported.
-RULE_CLASSES: dict[str, type[Exchange]] = {}
+RULE_CLASSES: dict[str, type[WorkerRule]] = {}
 
 E = TypeVar("E", bound=type)
 
 
 def register_rule(cls: E) -> E:
-    """Class decorator: make ``cls`` (an `Exchange` with a ``spec`` of its own) the rule ``cls.spec.name``.
+    """Class decorator: make ``cls`` (a `WorkerRule` with a ``spec`` of its own) the rule ``cls.spec.name``.
 
     The shard-side apply ``spec.mode`` must be registered already (a rule
     defining its own registers it above its class), so a rule the shards
     could not serve fails at import, naming the mode.
     """
     spec = cls.__dict__.get("spec")
-    if not (isinstance(cls, type) and issubclass(cls, Exchange)) or not isinstance(spec, Rule):
-        raise TypeError(f"@register_rule takes an Exchange subclass with its own `spec = Rule(...)`; "
+    if not (isinstance(cls, type) and issubclass(cls, WorkerRule)) or not isinstance(spec, Rule):
+        raise TypeError(f"@register_rule takes a WorkerRule subclass with its own `spec = Rule(...)`; "
                         f"{getattr(cls, '__qualname__', cls)!r} is not one")
     op, known = ("ROUND", applies.ROUND_APPLIES) if spec.sync else ("PUSH", applies.PUSH_APPLIES)
     if spec.mode not in known:
