@@ -113,9 +113,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         spec_cols = EventColumns(**load_spec(model_file(args.model), args.spec)["columns"])
         cols = EventColumns(**{r: getattr(args, f"{r}_col") or getattr(spec_cols, r) for r in ("id", "time", "type", "value")})
-    scores = predict(PredictConfig(model=args.model, events=args.events, out=args.out, spec=args.spec,
-                                   cutoff=args.cutoff, columns=cols, custom_modules=tuple(args.custom_module)))
-    print(f"{len(scores)} customers scored -> {args.out}")
+    cfg = PredictConfig(model=args.model, events=args.events, out=args.out, spec=args.spec, cutoff=args.cutoff,
+                        columns=cols, custom_modules=tuple(args.custom_module), engine=args.engine, master=args.master)
+    if cfg.engine == "spark":
+        from models.spark_predict import predict_spark
+
+        scored = predict_spark(cfg)
+    else:
+        scored = len(predict(cfg))
+    print(f"{scored} customers scored -> {args.out}")
     return 0
 
 
@@ -124,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from models.baseline import BaselineConfig
     from models.generate import GeneratorConfig as g
     from models.generate_retail import RetailConfig
+    from models.predict import PredictConfig as d
     from models.prepare import ENGINES, PrepareConfig as r
 
     p = sub.add_parser("generate", help="write a synthetic MMO game log or retail purchase log with churners")
@@ -175,12 +182,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="score new events with RUN/model.keras")
     p.add_argument("model", metavar="MODEL", help="RUN/model.keras")
-    p.add_argument("events", metavar="EVENTS", help="CSV or Parquet event log")
-    p.add_argument("--out", required=True, metavar="CSV", help="scores to write (id,churn_probability)")
+    p.add_argument("events", metavar="EVENTS",
+                   help="CSV or Parquet event log (--engine spark: also a directory, glob or URI)")
+    p.add_argument("--out", required=True, metavar="CSV",
+                   help="scores to write (id,churn_probability); --engine spark: a path not ending .csv is "
+                        "written as a Parquet directory")
     p.add_argument("--spec", metavar="SPEC", help="DIR/spec.json (default: the one next to MODEL)")
     p.add_argument("--cutoff", metavar="DATE", help="end of the observation window, ISO date (default: end of the log)")
     p.add_argument("--custom-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE (its registered custom layers) before loading the model; repeatable. "
                         "The modules the run recorded in RUN/summary.json are tried too")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="local: numpy and Keras on this machine; spark: features and scores on Spark executors, "
+                        "which needs pip install 'notpu[spark]' and Java 17+")
+    p.add_argument("--master", default=d.master, metavar="URL", help="--engine spark: Spark master (default: local[*])")
     _add_columns(p, from_spec=True)
     p.set_defaults(handler=cmd_predict)

@@ -50,10 +50,10 @@ def check_file_out(out: Path, example: str, option: str = "--out") -> None:
     """Refuse an output file path that is a directory, or whose parent is a file, before any work is done."""
     if out.is_dir():
         raise DataError(f"{_named(option, out)}: is a directory; pass a file path such as {out / example}")
-    _check_parent(out, option, f"pass a path such as {example}")
+    check_parent(out, option, f"pass a path such as {example}")
 
 
-def _check_parent(out: Path, option: str, hint: str) -> None:
+def check_parent(out: Path, option: str, hint: str) -> None:
     """Refuse `out` when its nearest existing parent is a file (nothing could be written below it)."""
     for parent in out.parents:
         if parent.exists():
@@ -81,7 +81,7 @@ def check_run_out(out: Path, overwrite: bool = False, option: str = "--out") -> 
     """
     if out.exists() and not out.is_dir():
         raise DataError(f"{_named(option, out)}: is a file; pass a directory for the run (absent, empty, or a previous run)")
-    _check_parent(out, option, "pass another path")
+    check_parent(out, option, "pass another path")
     if out.is_dir() and not overwrite and any(out.iterdir()) and not is_previous_run(out):
         shown = sorted(p.name for p in out.iterdir())
         more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""

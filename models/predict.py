@@ -5,6 +5,7 @@ the spec does not know go to 'other' (with a warning naming those the training l
 and the observation window is the spec's number of days up to the end of the new log (or up to
 --cutoff). Every customer with at least one event in that window gets a score. Events come
 from a CSV or Parquet file or a pandas DataFrame; every field of the spec is checked on load.
+`models.spark_predict` (--engine spark) applies the spec with this module's functions.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,7 @@ from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window, feat
 from models.fileio import atomic_path
 from models.outdir import check_file_out
 from models.outputs import churn_probability
-from models.prepare_plan import MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
+from models.prepare_plan import ENGINES, MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ UNSEEN_SHOWN = 10  # unseen event types a warning names, the most frequent first
 @dataclass(frozen=True)
 class PredictConfig:
     model: str  # RUN/model.keras, or the RUN directory
-    events: EventSource  # a CSV or Parquet path, or a pandas DataFrame of events
+    events: EventSource  # a CSV or Parquet path, or a pandas DataFrame; --engine spark: any path Spark reads
     out: str | None  # scores.csv; None: write nothing, return the scores
     spec: str | None = None  # default: spec.json next to the model
     cutoff: str | None = None  # default: the end of the new log's last UTC day
@@ -43,6 +45,8 @@ class PredictConfig:
     # Modules holding the model's registered custom layers, imported before loading; those recorded in
     # RUN/summary.json (run_config.custom_modules, written by `notpu train`) are tried as well.
     custom_modules: tuple[str, ...] = ()
+    engine: str = "local"  # "local": numpy and Keras here; "spark": Spark executors (models.spark_predict)
+    master: str | None = None  # --engine spark: the Spark master URL; None: local[*]
 
 
 def model_file(model: str | Path) -> Path:
@@ -130,19 +134,53 @@ def validate_spec(spec: object, path: Path | str) -> dict:
     return spec
 
 
+def window_end(cutoff: str | None, last_s: Callable[[], int]) -> int:
+    """The window's end: --cutoff, else the end of the UTC day of the log's last event (`last_s()`)."""
+    return parse_cutoff(cutoff) if cutoff else (last_s() // DAY_S + 1) * DAY_S
+
+
+def observation_window(spec: dict, end_s: int) -> Window:
+    """The spec's observation window (its days, in its steps) ending at end_s."""
+    days = int(spec["window"]["observation_days"])
+    bucket = int(spec["window"].get("bucket_days", 1))  # specs written before buckets existed are daily
+    return Window(start_s=end_s - days * DAY_S, days=days, bucket_days=bucket)
+
+
+def known_types(spec: dict) -> pd.Index:
+    """The types the training log had: the kept ones and those folded into 'other'."""
+    return pd.Index(list(spec["types"]) + list(spec.get("other_types", [])))
+
+
+def lists_every_type(spec: dict) -> bool:
+    """Whether the spec's other_types name every type of the training log (not cut at the recorded maximum)."""
+    return bool(spec.get("other_types_complete")) and "other_types" in spec
+
+
+def no_events_error(source: str, window: Window) -> DataError:
+    return DataError(f"{source}: no events between {iso(window.start_s)} and {iso(window.end_s)}; check --cutoff")
+
+
+def log_newcomers(newcomers: int, customers: int) -> None:
+    if newcomers:
+        log.info("%d of %d customers have fewer active days than the training filter; their scores are less reliable",
+                 newcomers, customers)
+
+
+def min_active_days(spec: dict) -> int:
+    return int(spec.get("filter", {}).get("min_active_days", 0))
+
+
 def build_features(events: EventSource, spec: dict, columns: EventColumns,
                    cutoff: str | None) -> tuple[DailyAggregator, np.ndarray, str | None]:
     """Aggregate the new log with the spec: the aggregator, its rows sorted by id, and a warning naming the
     event types the training log never had (None if there are none)."""
     check_columns(events, columns)
-    end = parse_cutoff(cutoff) if cutoff else (last_timestamp(events, columns) // DAY_S + 1) * DAY_S
-    days = int(spec["window"]["observation_days"])
-    bucket = int(spec["window"].get("bucket_days", 1))  # specs written before buckets existed are daily
+    window = observation_window(spec, window_end(cutoff, lambda: last_timestamp(events, columns)))
     types = list(spec["types"])
-    known = pd.Index(types + list(spec.get("other_types", [])))  # the types the training log had
+    known = known_types(spec)
     unseen: dict[str, int] = {}
     inside_total = 0
-    agg = DailyAggregator(Window(start_s=end - days * DAY_S, days=days, bucket_days=bucket), len(types))
+    agg = DailyAggregator(window, len(types))
     for b in iter_events(events, columns):
         inside = (b.ts_s >= agg.window.start_s) & (b.ts_s < agg.window.end_s)
         cust = agg.encode(b.id_codes, b.id_uniques, inside)
@@ -155,15 +193,10 @@ def build_features(events: EventSource, spec: dict, columns: EventColumns,
                 if count:
                     unseen[str(name)] = unseen.get(str(name), 0) + int(count)
     if agg.n_customers == 0:
-        raise DataError(f"{source_name(events)}: no events between {iso(agg.window.start_s)} and {iso(end)}; "
-                        "check --cutoff")
+        raise no_events_error(source_name(events), window)
     rows = np.argsort(agg.ids(), kind="stable")
-    newcomers = int((agg.active_days() < spec.get("filter", {}).get("min_active_days", 0)).sum())
-    if newcomers:
-        log.info("%d of %d customers have fewer active days than the training filter; their scores are less reliable",
-                 newcomers, agg.n_customers)
-    complete = bool(spec.get("other_types_complete")) and "other_types" in spec
-    return agg, rows, unseen_warning(source_name(events), unseen, inside_total, complete)
+    log_newcomers(int((agg.active_days() < min_active_days(spec)).sum()), agg.n_customers)
+    return agg, rows, unseen_warning(source_name(events), unseen, inside_total, lists_every_type(spec))
 
 
 def unseen_warning(source: str, unseen: dict[str, int], total: int, complete: bool) -> str | None:
@@ -178,8 +211,22 @@ def unseen_warning(source: str, unseen: dict[str, int], total: int, complete: bo
             f"scored as {OTHER!r}: {shown}{more}; if they matter, prepare and train on a log that has them")
 
 
+def check_engine(cfg: PredictConfig) -> None:
+    if cfg.engine not in ENGINES:
+        raise DataError(f"--engine {cfg.engine!r}: not one of {', '.join(ENGINES)}")
+    if cfg.engine != "spark" and cfg.master is not None:
+        raise DataError("--master applies to --engine spark only; add --engine spark or leave it out")
+
+
 def predict(cfg: PredictConfig) -> pd.DataFrame:
-    """Write `id,churn_probability` to cfg.out (atomically) and return it; unseen types are a logged warning."""
+    """Write `id,churn_probability` to cfg.out (atomically) and return it; unseen types are a logged warning.
+
+    This is the local engine; `models.spark_predict.predict_spark` scores with ``engine="spark"`` (the CLI
+    picks one by --engine).
+    """
+    check_engine(cfg)
+    if cfg.engine == "spark":
+        raise DataError("engine 'spark' scores with models.spark_predict.predict_spark (or runner.spark.predict)")
     scores, warning = score(cfg)
     if warning:
         log.warning("%s", warning)
@@ -200,28 +247,45 @@ def score(cfg: PredictConfig) -> tuple[pd.DataFrame, str | None]:
         parse_cutoff(cfg.cutoff)
     columns = cfg.columns or EventColumns(**spec["columns"])
     agg, rows, warning = build_features(cfg.events, spec, columns, cfg.cutoff)
-    model = _load_keras(model_path, cfg.custom_modules)
-    want = (agg.window.steps, len(spec["types"]) * len(AGGREGATIONS))
-    got = tuple(model.input_shape[1:])
-    if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
-        raise DataError(f"{model_path}: model takes (steps, features) = {got}, the spec gives {want}; pass the matching --spec")
+    model = load_keras(model_path, cfg.custom_modules)
+    check_model_shape(model, model_path, spec, agg.window)
 
-    import keras
     from tqdm import tqdm
 
     probs = np.empty(rows.size, np.float32)  # (customers,)
     starts = range(0, rows.size, cfg.batch_size)
     for i in tqdm(starts, desc="predict", unit="batch", disable=rows.size < PROGRESS_MIN_ROWS):
         x = agg.block(rows[i:i + cfg.batch_size])  # (b, steps, features) float32
-        probs[i:i + x.shape[0]] = churn_probability(keras.ops.convert_to_numpy(model(x, training=False)))
+        probs[i:i + x.shape[0]] = probabilities(model, x)
     scores = pd.DataFrame({"id": agg.ids()[rows], "churn_probability": probs})
     if cfg.out is not None:
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            scores.to_csv(tmp, index=False, float_format="%.6f")
-        log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out, float(probs.mean()))
+        write_scores(scores, Path(cfg.out))
     return scores, warning
+
+
+def check_model_shape(model, model_path: Path, spec: dict, window: Window) -> None:  # noqa: ANN001 - a Keras model
+    """DataError unless the model takes the (steps, features) the spec gives."""
+    want = (window.steps, len(spec["types"]) * len(AGGREGATIONS))
+    got = tuple(model.input_shape[1:])
+    if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
+        raise DataError(f"{model_path}: model takes (steps, features) = {got}, the spec gives {want}; "
+                        "pass the matching --spec")
+
+
+def probabilities(model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001 - a Keras model
+    """P(churn) (b,) float32 for features x (b, steps, features): one forward pass."""
+    import keras
+
+    return churn_probability(keras.ops.convert_to_numpy(model(x, training=False))).astype(np.float32, copy=False)
+
+
+def write_scores(scores: pd.DataFrame, out: Path) -> None:
+    """`id,churn_probability` as one CSV file, written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        scores.to_csv(tmp, index=False, float_format="%.6f")
+    log.info("scored %d customers -> %s (mean churn probability %.3f)", len(scores), out,
+             float(scores["churn_probability"].mean()))
 
 
 def recorded_custom_modules(model_path: Path) -> list[str]:
@@ -234,7 +298,7 @@ def recorded_custom_modules(model_path: Path) -> list[str]:
     return [m for m in modules if isinstance(m, str)]
 
 
-def _load_keras(path: Path, custom_modules: tuple[str, ...] = ()):  # noqa: ANN202 - keras is imported lazily
+def load_keras(path: Path, custom_modules: tuple[str, ...] = ()):  # noqa: ANN202 - keras is imported lazily
     # TensorFlow is imported here only: the rest of the CLI must start fast.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import importlib

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -182,12 +182,10 @@ class PartJob:
     staged: str  # the staged DIR's absolute path, seen by every executor
 
 
-def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """One part's task: its customers' cells -> DIR/parts/part-k (rows sorted by id); yields one summary row."""
-    from pyspark import TaskContext
-
-    k = TaskContext.get().partitionId()
-    agg = DailyAggregator(job.plan.window, len(job.plan.types))
+def aggregate_cells(p: Plan, batches: Iterable[pa.RecordBatch]) -> DailyAggregator:
+    """`cells` rows (any subset of the customers, each customer's rows all there) folded into the local path's
+    aggregator: the cells into steps, the label rows (day -1) into the tally."""
+    agg = DailyAggregator(p.window, len(p.types))
     for b in batches:
         if b.num_rows == 0:
             continue
@@ -198,6 +196,15 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
         agg.add_cells(cust[cell], col["day"][cell], col["t"][cell], col["n"][cell], col["nval"][cell],
                       col["total"][cell], col["low"][cell], col["high"][cell])
         agg.add_tally(cust[~cell], col["n"][~cell])
+    return agg
+
+
+def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """One part's task: its customers' cells -> DIR/parts/part-k (rows sorted by id); yields one summary row."""
+    from pyspark import TaskContext
+
+    k = TaskContext.get().partitionId()
+    agg = aggregate_cells(job.plan, batches)
     kept, y = kept_rows(job.cfg, agg)
     write_part(part_dir(job.staged, k), (agg.block(kept[i:i + BLOCK_ROWS]) for i in range(0, kept.size, BLOCK_ROWS)),
                (kept.size, job.plan.window.steps, agg.n_types * len(AGGREGATIONS)), y, agg.ids()[kept], agg.active[kept])
@@ -206,17 +213,18 @@ def build_part(job: PartJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
                                      schema=pa.schema([(name, pa.int64()) for name in SUMMARY_FIELDS]))
 
 
-def cells(ev: Any, p: Plan, session_type: str) -> Any:
+def cells(ev: Any, p: Plan, session_type: str | None) -> Any:
     """Pass 2's rows, from one scan: a cell per (customer, window day, type), and per customer with
-    sessions in the label window a row of day -1 whose `n` is their count. The windows do not overlap,
-    so an event lands in one row or none."""
+    sessions in the label window a row of day -1 whose `n` is their count (none if `session_type` is None,
+    as at predict time). The windows do not overlap, so an event lands in one row or none."""
     from pyspark.sql import functions as F
 
     w, ts = p.window, F.col("ts")
     type_of = F.create_map(*[F.lit(x) for i, name in enumerate(p.types) for x in (name, i)])
     other = p.types.index(OTHER)  # types outside the kept ones go where the type named OTHER does
     in_obs = (ts >= w.start_s) & (ts < p.cutoff_s)
-    in_label = (F.col("type") == session_type) & (ts >= p.cutoff_s) & (ts < p.label_end_s)
+    in_label = ((F.col("type") == session_type) & (ts >= p.cutoff_s) & (ts < p.label_end_s)
+                if session_type is not None else F.lit(False))
     finite = F.col("value").isNotNull() & ~F.isnan("value") & (F.abs("value") < float("inf"))
     return (ev.where(in_obs | in_label)
             .select("id",

@@ -97,7 +97,22 @@ def predict(model: str | os.PathLike | Any, events: EventSource, *, out: str | o
     `events` a DataFrame or a CSV/Parquet path; `out`, if given, also gets the scores as CSV. `spec` defaults
     to the one beside the model, `columns` to the names in the spec.
     """
-    from models.predict import PredictConfig, load_spec, model_file, score
+    from models.predict import score
+
+    events = events if isinstance(events, pd.DataFrame) else str(events)
+    scores, warning = score(predict_config(model, events, out=out, spec=spec, cutoff=cutoff, columns=columns,
+                                           custom_modules=custom_modules, batch_size=batch_size))
+    if warning:
+        warnings.warn(warning, UnseenTypesWarning, stacklevel=2)
+    return scores
+
+
+def predict_config(model: str | os.PathLike | Any, events: Any, *, out: str | os.PathLike | None = None,
+                   spec: str | os.PathLike | None = None, cutoff: str | None = None,
+                   columns: EventColumns | dict[str, str] | None = None, custom_modules: tuple[str, ...] = (),
+                   batch_size: int | None = None, engine: str = "local"):  # noqa: ANN201 - PredictConfig, lazily
+    """The PredictConfig `predict`'s arguments make; `events`: a path, or a pandas or Spark DataFrame kept as it is."""
+    from models.predict import PredictConfig, load_spec, model_file
 
     if hasattr(model, "model_path"):  # a FitResult
         model = model.model_path
@@ -107,11 +122,7 @@ def predict(model: str | os.PathLike | Any, events: EventSource, *, out: str | o
     if isinstance(columns, dict):  # the names given, the rest as in the spec
         spec_cols = load_spec(model_file(model), None if spec is None else str(spec))["columns"]
         cols = EventColumns(**{**spec_cols, **columns})
-    cfg = PredictConfig(model=str(model), events=events if isinstance(events, pd.DataFrame) else str(events),
-                        out=None if out is None else str(out), spec=None if spec is None else str(spec),
-                        cutoff=cutoff, columns=cols, custom_modules=tuple(custom_modules),
-                        **({} if batch_size is None else {"batch_size": batch_size}))
-    scores, warning = score(cfg)
-    if warning:
-        warnings.warn(warning, UnseenTypesWarning, stacklevel=2)
-    return scores
+    return PredictConfig(model=str(model), events=str(events) if isinstance(events, (str, os.PathLike)) else events,
+                         out=None if out is None else str(out), spec=None if spec is None else str(spec),
+                         cutoff=cutoff, columns=cols, custom_modules=tuple(custom_modules), engine=engine,
+                         **({} if batch_size is None else {"batch_size": batch_size}))

@@ -1,10 +1,12 @@
 """Training on Spark: `notpu train DIR --engine spark --workers N [--master URL]`, or from a notebook
 
     from runner.local import TrainConfig
-    from runner.spark import train
+    from runner.spark import predict, train
     summary = train(spark, TrainConfig(data_dir="data/", out_dir="run/", workers=4, rule="adag"))
+    scores = predict(spark, "run/", "s3a://logs/new/*.parquet")    # `notpu predict --engine spark`
 
-(the session's executors must run a Python that has notpu: `spark.pyspark.python`).
+(the session's executors must run a Python that has notpu: `spark.pyspark.python`). Scoring is
+`models.spark_predict`'s; the rest of this module is training.
 
 The coordinator, the shards and the evaluator run on the driver, as in
 local mode (runner.launcher.run); the server binds the driver's host
@@ -65,6 +67,34 @@ REJOIN_MARGIN_S = 30.0
 def train(spark, config) -> dict[str, Any]:
     """Train with the workers as tasks of `spark` (a SparkSession, left running); returns the summary."""
     return run(replace(config, engine="spark"), SparkLauncher(spark))
+
+
+def predict(spark, run_or_model, events, **options: Any):  # noqa: ANN201 - a pyspark DataFrame
+    """`notpu predict --engine spark` on `spark` (left running): a DataFrame `id, churn_probability`, sorted by id.
+
+    `run_or_model` is a RUN directory, RUN/model.keras or a FitResult, at a path every executor can read;
+    `events` a Spark DataFrame or any path or URI Spark reads (CSV or Parquet: a file, a directory, a glob).
+    `options` are `runner.predict`'s: out (a path ending .csv: one CSV file; else a Parquet directory), spec,
+    cutoff, columns, custom_modules, batch_size. Without `out` the frame is lazy and each action scores again;
+    with it the scores are written first and the frame holds them. Event types the training log never had
+    become an `UnseenTypesWarning`.
+    """
+    import inspect
+    import warnings
+
+    from models.errors import DataError
+    from models.spark_predict import predict_frame
+    from runner.frames import UnseenTypesWarning, predict_config
+
+    allowed = {name for name, p in inspect.signature(predict_config).parameters.items()
+               if p.kind is p.KEYWORD_ONLY} - {"engine"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise DataError(f"predict() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    scores, warning = predict_frame(spark, predict_config(run_or_model, events, engine="spark", **options))
+    if warning:
+        warnings.warn(warning, UnseenTypesWarning, stacklevel=2)
+    return scores
 
 
 def slots(sc) -> int:

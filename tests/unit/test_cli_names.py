@@ -63,8 +63,8 @@ CANONICAL_FLAGS = {
     "how long to wait for a lost server": ("--server-wait-s", [("worker", "start"), ("worker", "evaluate")]),
     "the precision of pushes and pulls": ("--wire", [("notpu", "train"), ("worker", "start")]),
     "the progress bar": ("--progress", [("notpu", "train")]),
-    "the Spark master": ("--master", [("notpu", "train"), ("notpu", "prepare")]),
-    "where the work runs": ("--engine", [("notpu", "train"), ("notpu", "prepare")]),
+    "the Spark master": ("--master", [("notpu", "train"), ("notpu", "prepare"), ("notpu", "predict")]),
+    "where the work runs": ("--engine", [("notpu", "train"), ("notpu", "prepare"), ("notpu", "predict")]),
 }
 
 #: Spellings retired for the canonical ones above; none may come back.
@@ -84,7 +84,7 @@ CANONICAL_METAVARS = {
     "CHECKPOINTS": [("pserver", "start", "checkpoint_dir"), ("pserver", "start", "restore")],
     "LOGDIR": [("notpu", "train", "tensorboard"), ("worker", "evaluate", "tensorboard")],
     "DATE": [("notpu", "prepare", "cutoff"), ("notpu", "predict", "cutoff")],
-    "URL": [("notpu", "train", "master"), ("notpu", "prepare", "master")],
+    "URL": [("notpu", "train", "master"), ("notpu", "prepare", "master"), ("notpu", "predict", "master")],
 }
 
 
