@@ -53,11 +53,12 @@ import numpy as np
 import zmq
 
 from pserver import applies, precision, protocol, security, shm, shm_reply
-from pserver.applies import PushApply, RoundApply, ShardKernels
+from pserver.applies import PushApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ConfigError, ProtocolError
 from pserver.norms import NormGuard
 from pserver.protocol import error, field as hfield, ok
+from pserver.rounds import ClosedRound, Round
 from pserver.ssp import StalenessGate
 from pserver.stats import ShardStats
 
@@ -156,16 +157,6 @@ class _Push:
     wire: str = "float32"  # the form of the centre in the reply (pserver.precision)
 
 
-@dataclass
-class _Round:
-    number: int = 0
-    mode: str = ""
-    apply: RoundApply | None = None  # the mode's, from the round's first contribution
-    opened_at: float = 0.0
-    rows: np.ndarray | None = None  # (world, n) float32, one row per contributor
-    contributors: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # worker -> (identity, row)
-
-
 class Shard:
     """The state machine of one shard, and its event loop.
 
@@ -203,13 +194,12 @@ class Shard:
         self.stats = ShardStats()
         self.lost: set[int] = set()
         self.left: set[int] = set()
-        self.round = _Round()
+        self.round = Round()
         self._pushes: dict[int, _PushRecord] = {}
         self._push_segments: dict[int, shm.Segment] = {}  # worker -> its push segment (co-located workers, SHM)
         self._segments: list[str] = []  # names this shard created, unlinked at close if still there
         self._init_rid: tuple[int, int] | None = None  # the request id of the INIT that set the slice
-        # The round that closed last: (number, reply header, worker -> its reply arrays), for retries of it.
-        self._closed: tuple[int, dict[str, Any], dict[int, list[np.ndarray]]] | None = None
+        self._closed: ClosedRound | None = None  # the round that closed last, for retries of it
         self._stopping = False
         self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
         self.fingerprint = ""  # the model's layout fingerprint, from INIT; kept in checkpoints
@@ -373,7 +363,7 @@ class Shard:
         self.centre = Centre(state.centre)
         self.start, self.end, self.total, self.world = state.start, state.end, state.total, state.world
         self.version = state.version
-        self.round = _Round(number=state.round)
+        self.round = Round(number=state.round)
         self.fingerprint = state.fingerprint
         self._pushes = {w: _PushRecord(seq=s, reply=ok(version=state.version, staleness=0, applied=True))
                         for w, s in state.seqs.items()}
@@ -647,34 +637,26 @@ class Shard:
         if worker >= self.world:
             raise ProtocolError("malformed", f"worker {worker} is outside the world of {self.world}")
         value = self._one_slice(msg)
-        rnd = self.round
-        closed = self._closed
-        if closed is not None and number == closed[0] and worker in closed[2]:
+        rnd, closed = self.round, self._closed
+        if closed is not None and closed.answers(number, worker):
             # A retry of the round that closed (its reply was lost): answer as then, with the centre as it is now.
-            self._reply_with_centre(identity, dict(closed[1], version=self.version), closed[2][worker])
+            self._reply_with_centre(identity, dict(closed.header, version=self.version), closed.extras[worker])
             return None
-        if number != rnd.number:
-            raise ProtocolError("round", f"worker {worker} sent round {number}, shard {self.config.index} is at round "
-                                         f"{rnd.number}; pull the centre and continue from round {rnd.number}")
-        if rnd.contributors and mode != rnd.mode:
-            raise ProtocolError("round", f"round {number} is a {rnd.mode!r} round, worker {worker} sent {mode!r}")
+        rnd.check(worker, number, mode, self.config.index)
         if worker in rnd.contributors:  # a retry from a new socket: answer there
             rnd.contributors[worker] = (identity, rnd.contributors[worker][1])
             return None
         finite, _ = self.kernels.check(value)
         if not finite:
             raise ProtocolError("not_finite", f"round {number} value from worker {worker} contains NaN or Inf")
-        if rnd.rows is None or not rnd.contributors:
-            rnd.rows = np.empty((self.world, centre.size), np.float32)  # (workers, n)
-            rnd.mode, rnd.apply = mode, apply
-            rnd.opened_at = time.monotonic()
-        row = len(rnd.contributors)
-        apply.row(centre.current, value, alpha, rnd.rows[row])  # against this round's centre
-        rnd.contributors[worker] = (identity, row)
+        rnd.add(worker, identity, apply, mode, centre.current, value, alpha, self.world, time.monotonic())
         self.lost.discard(worker)  # a worker declared lost that comes back rejoins here
-        if self.live_workers() <= set(rnd.contributors):
-            self._close_round()
+        self._close_round_if_complete()
         return None
+
+    def _close_round_if_complete(self) -> None:
+        if self.round.can_close(self.live_workers()):
+            self._close_round()
 
     def _close_round(self) -> None:
         rnd = self.round
@@ -691,7 +673,7 @@ class Shard:
             self.stats.refused["not_finite"] += 1
             log.warning("shard %d: round %d's result is not finite (float32 overflow); the centre is unchanged",
                         self.config.index, rnd.number)
-            self.round = _Round(number=rnd.number + 1)
+            self.round = rnd.next()
             # Answered as a round the worker missed: it pulls the unchanged centre and goes on from the next one.
             frames = protocol.encode(error("round", f"round {rnd.number}'s result is not finite (float32 overflow) "
                                                     f"and was not applied; pull the centre and continue from round "
@@ -706,10 +688,10 @@ class Shard:
             self.stats.updates[worker] += 1
             self.stats.record_staleness(worker, 0)
         log.debug("shard %d closed round %d with %d worker(s)", self.config.index, rnd.number, count)
-        self.round = _Round(number=rnd.number + 1)
+        self.round = rnd.next()
         header = ok(version=self.version, round=self.round.number, workers=count)
         extras = {worker: rnd.apply.reply_arrays(rows[row]) for worker, (_, row) in contributors.items()}
-        self._closed = (rnd.number, header, extras)  # keeps this round's rows until the next one closes
+        self._closed = ClosedRound(rnd.number, header, extras)
         for worker, (identity, _) in contributors.items():
             self._reply_with_centre(identity, header, extras[worker])
 
@@ -718,7 +700,7 @@ class Shard:
         if self.on_tick is not None:
             self.on_tick()
         rnd = self.round
-        if rnd.contributors and now - rnd.opened_at > self.config.round_timeout_s:
+        if rnd.overdue(now, self.config.round_timeout_s):
             missing = sorted(self.live_workers() - set(rnd.contributors))
             log.warning("shard %d: round %d closes without worker(s) %s after %.1f s; they are marked lost",
                         self.config.index, rnd.number, missing, self.config.round_timeout_s)
@@ -738,9 +720,7 @@ class Shard:
         segment = self._push_segments.pop(worker, None)
         if segment is not None:
             segment.close()
-        rnd = self.round
-        if rnd.contributors and self.live_workers() <= set(rnd.contributors):
-            self._close_round()
+        self._close_round_if_complete()
         self._release_parked()
         return protocol.encode(ok())
 
@@ -760,9 +740,7 @@ class Shard:
             log.info("shard %d: coordinator declared worker(s) %s lost", self.config.index, sorted(new))
         self.lost.update(lost)
         self.left.update(done)
-        rnd = self.round
-        if rnd.contributors and self.live_workers() <= set(rnd.contributors):
-            self._close_round()
+        self._close_round_if_complete()
         self._release_parked()
         return protocol.encode(ok())
 
