@@ -6,7 +6,7 @@ endpoint with the coordinator. The server is ready when every shard has
 registered; it then prints its address and, if asked, writes it to a ready
 file that scripts and tests wait for.
 
-Memory under hostile peers: ZeroMQ holds at most RCVHWM + 1 messages per
+Memory under hostile peers: ZeroMQ holds at most `pserver.router.RCVHWM` + 1 messages per
 connection of each socket, each frame at most its MAXMSGSIZE (the
 coordinator's `pserver.coordinator.MAX_MESSAGE_BYTES`, a shard's
 `ShardConfig.max_message_bytes` or less; see `pserver.shard`), and drops a
@@ -42,12 +42,12 @@ from typing import Any, Callable
 
 import zmq
 
-from pserver import applies, checkpoint, security, shm, supervisor
+from pserver import applies, checkpoint, router, security, shm, supervisor
 from pserver.coordinator import MAX_MESSAGE_BYTES, Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees
-from pserver.shard import RCVHWM, ShardConfig
+from pserver.shard import ShardConfig
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +172,8 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
         # the same address: the running workers and the evaluator look for the coordinator there
         config = replace(config, port=int(restored["address"].rsplit(":", 1)[1]))
     context = zmq.Context.instance()
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # the coordinator carries headers only
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)
-    if config.keys_dir:
-        security.secure_server_socket(sock, config.keys_dir)
-    try:
-        port = config.port or sock.bind_to_random_port(f"tcp://{config.host}")
-        if config.port:
-            sock.bind(f"tcp://{config.host}:{config.port}")
+    try:  # the coordinator carries headers only: MAX_MESSAGE_BYTES
+        sock, port = router.bind_router(context, config.host, config.port, MAX_MESSAGE_BYTES, config.keys_dir)
     except zmq.ZMQError as exc:
         raise ConfigError(f"cannot bind {config.host}:{config.port}: {exc}; pick another --port") from None
     address = f"{config.host}:{port}"
@@ -195,11 +187,11 @@ def run_server(config: ServerConfig, on_ready: Callable[[str], None] | None = No
     if config.keys_dir:
         coord.curve = security.internal_curve(config.keys_dir)
     if restored is not None:
-        supervisor.restore_coordinator(coord, restored, config.restore)
+        checkpoint.restore_coordinator(coord, restored, config.restore)
         if restored.get("address") and restored["address"] != address:
             log.warning("restored a run served at %s, now at %s: workers still looking for %s will not find it",
                         restored["address"], address, restored["address"])
-    saver = supervisor.CoordinatorCheckpointer(coord, config.checkpoint_dir, config.checkpoint_every_s) \
+    saver = checkpoint.CoordinatorCheckpointer(coord, config.checkpoint_dir, config.checkpoint_every_s) \
         if config.checkpoint_dir else None
     if saver is not None and restored is not None:
         saver.restored()

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pserver import applies, precision, protocol, security, shm, shm_reply
+from pserver import applies, precision, protocol, router, security, shm, shm_reply
 from pserver.applies import PushApply, ShardKernels
 from pserver.centre import Centre
 from pserver.errors import ConfigError, ProtocolError
@@ -64,9 +64,6 @@ from pserver.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
-#: Messages ZeroMQ queues per connection before it stops reading from it. A client has one request in flight
-#: per socket; the coordinator's LOST notices are sent without blocking, and dropped when a queue is full.
-RCVHWM = 2
 
 
 def numba_kernels() -> ShardKernels:
@@ -216,21 +213,9 @@ class Shard:
     def serve(self, ready: Callable[[], None] | None = None) -> None:
         if self.kernels is None:
             self.kernels = numba_kernels()
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
         if ready is not None:
             ready()
-        timeout_ms = int(self.config.poll_interval_s * 1000)
-        while not self._stopping:
-            if poller.poll(timeout_ms):
-                # Drain what is queued before looking at timers again.
-                for _ in range(64):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.handle(frames)
-            self.tick(time.monotonic())
+        router.serve(self.socket, self.handle, self.tick, lambda: self._stopping, self.config.poll_interval_s)
         log.info("shard %d stopping at version %d (largest update norm applied %.4g)", self.config.index,
                  self.version, self.stats.max_norm)
 
@@ -755,19 +740,5 @@ class Shard:
 
 
 def _bind(config: ShardConfig, context: zmq.Context) -> tuple[zmq.Socket, int]:
-    """The shard's ROUTER, bound as ``config`` says; returns it and its port."""
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_bytes))  # read now, at bind: see the module docstring
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-    try:
-        if config.keys_dir:
-            security.secure_server_socket(sock, config.keys_dir)
-        if config.port:
-            sock.bind(f"tcp://{config.host}:{config.port}")
-            return sock, config.port
-        return sock, sock.bind_to_random_port(f"tcp://{config.host}")
-    except BaseException:
-        sock.close(linger=0)
-        raise
+    """The shard's ROUTER, bound as ``config`` says (its frame limit read now: see the module docstring)."""
+    return router.bind_router(context, config.host, config.port, config.max_message_bytes, config.keys_dir)

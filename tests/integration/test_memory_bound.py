@@ -20,7 +20,7 @@ import zmq
 from pserver import coordinator
 from pserver.client import Client, ClientConfig
 from pserver.layout import Layout
-from pserver.shard import RCVHWM
+from pserver.router import RCVHWM
 
 pytestmark = pytest.mark.integration
 LAYOUT = Layout.from_shapes([(50, 30), (30,), (1001,)])  # 2531 floats: a slice of 10 KiB
