@@ -1,10 +1,15 @@
-"""Checkpoints: a shard's slice and the coordinator's model, written atomically, read back strictly.
+"""Checkpoints: a shard's slice and the coordinator's state, written atomically, read back strictly.
+
+`Checkpointer` writes a shard's, from the shard's tick, and `restore_newest`
+takes the newest good one back; `CoordinatorCheckpointer` writes the
+coordinator's, from `pserver start`'s loop, and `restore_coordinator` takes
+it back.
 
 Files in the checkpoint directory::
 
-    coordinator.json   the coordinator's state (`pserver.coordinator.Coordinator.snapshot`: ranks, names,
-                       done and lost workers, run config, model, shard endpoints, reply memory) with its
-                       format and a CRC32 of the state
+    coordinator.json   the coordinator's state (`pserver.coordinator_state.CoordinatorState`, its wire
+                       form: ranks, names, done and lost workers, run config, model, shard endpoints,
+                       reply memory) with its format and a CRC32 of the state
     shard-K.npz        shard K's slice and a JSON header, one .npz, no pickle: the header holds every field
                        of `pserver.shard.ShardState` but the centre, and the slice's CRC32, the time
                        it was written and the format
@@ -54,13 +59,17 @@ import zipfile
 import zlib
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pserver.coordinator_state import WIRE_KEYS, CoordinatorState
 from pserver.errors import CheckpointError
 from pserver.fileio import atomic_write, atomic_write_json, fsync_dir
 from pserver.shard import Shard, ShardState
+
+if TYPE_CHECKING:  # a shard process, which checkpoints too, never loads the coordinator
+    from pserver.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -258,18 +267,20 @@ def _crc(state: dict[str, Any]) -> int:
     return zlib.crc32(json.dumps(state, sort_keys=True, separators=(",", ":")).encode())
 
 
-def save_coordinator(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write the coordinator's state (`Coordinator.snapshot()`) atomically, with its format, the time and a
-    CRC32 of the state, as ``coordinator.json``."""
+def save_coordinator(directory: str | Path, state: CoordinatorState) -> Path:
+    """Write the coordinator's state (`Coordinator.snapshot()`) atomically, in its wire form, with its format,
+    the time and a CRC32 of the wire form, as ``coordinator.json``."""
     path = Path(directory) / COORDINATOR_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(path, {"format": COORDINATOR_FORMAT, "written_at": time.time(), "crc32": _crc(state),
-                                    "state": state}, indent=1)
+    wire = state.to_wire()
+    return atomic_write_json(path, {"format": COORDINATOR_FORMAT, "written_at": time.time(), "crc32": _crc(wire),
+                                    "state": wire}, indent=1)
 
 
 def load_coordinator(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``coordinator.json``: the state `save_coordinator` wrote. CheckpointError naming the file
-    if it is missing, torn, damaged (its CRC32), of another format or lacks a field."""
+    """Read and check ``coordinator.json``: the wire form `save_coordinator` wrote (`restore_coordinator`
+    checks it against the server restoring it). CheckpointError naming the file if it is missing, torn,
+    damaged (its CRC32), of another format or lacks a field."""
     path = Path(directory) / COORDINATOR_FILE
     hint = (f"restore from a complete copy of {directory}, or start without --restore (a new run: its workers "
             f"must be restarted too)")
@@ -290,27 +301,22 @@ def load_coordinator(directory: str | Path) -> dict[str, Any]:
     if doc.get("crc32") != _crc(state):
         raise CheckpointError(f"{path}: the state's CRC32 does not match its header (damaged on disk or in a "
                               f"copy, or edited without it); {hint}")
-    missing = [k for k in COORDINATOR_KEYS if k not in state]
+    missing = [k for k in WIRE_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; {hint}")
     return state
 
 
-#: The fields of the coordinator's state (`pserver.coordinator.Coordinator.STATE_KEYS`; this module does not
-#: import the coordinator, which restores them).
-COORDINATOR_KEYS = ("address", "shards", "world", "run", "endpoints", "layout", "architecture", "ranges", "total",
-                    "fingerprint", "workers", "stop", "observers", "memory", "refused", "repeats")
-
-
 def check_restore(directory: str | Path, shards: int, world: int | None = None) -> dict[str, Any]:
     """Check the whole directory before anything starts: the coordinator's file and every shard's.
 
-    Returns the coordinator state. ``shards`` and ``world`` must be the
-    checkpoint's (the run config is compared when the coordinator restores
-    it). A shard file that is missing is allowed (that shard starts empty and
-    says so); one that is torn, or whose range or fingerprint differs from the
-    coordinator's, is refused, and so is one beside a coordinator that holds
-    no model (they come from different runs).
+    Returns the coordinator's state in its wire form (`load_coordinator`).
+    ``shards`` and ``world`` must be the checkpoint's (the run config is
+    compared when `restore_coordinator` restores it). A shard file that is
+    missing is allowed (that shard starts empty and says so); one that is
+    torn, or whose range or fingerprint differs from the coordinator's, is
+    refused, and so is one beside a coordinator that holds no model (they
+    come from different runs).
     """
     state = load_coordinator(directory)
     path = Path(directory) / COORDINATOR_FILE
@@ -439,3 +445,72 @@ class Checkpointer:
         log.debug("shard %d checkpoint at version %d in %.1f ms", s.config.index, s.version,
                   (time.perf_counter() - t0) * 1e3)
         return path
+
+
+# ---- hooking the Coordinator up ------------------------------------------------
+
+def restore_coordinator(coord: Coordinator, wire: dict[str, Any], directory: str | Path) -> CoordinatorState:
+    """Check a `load_coordinator` state against the coordinator (`CoordinatorState.from_wire`) and restore it
+    (before it serves); returns the state restored. CheckpointError naming the file and what to do if it
+    does not match."""
+    path = Path(directory) / COORDINATOR_FILE
+    try:
+        state = CoordinatorState.from_wire(wire, coord.n_shards, coord.world, coord.run_config)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} cannot be restored by this server: {exc}; start with the options the run "
+                              f"was started with (its run config is the file's state.run), or restore from a "
+                              f"complete copy of {directory}") from None
+    coord.restore(state)
+    log.info("restored the coordinator from %s", path)
+    return state
+
+
+class CoordinatorCheckpointer:
+    """Writes the coordinator's state (`Coordinator.snapshot`) to ``directory/coordinator.json``: at once when
+    a reply reports a decision (`Coordinator.on_change`, which this installs), and from `tick` every
+    ``every_s`` seconds if anything else changed (heartbeat counts, lost workers, observers). Each write is
+    a few milliseconds (one fsynced JSON file); decisions come a few per worker per run."""
+
+    def __init__(self, coord: Coordinator, directory: str | Path, every_s: float) -> None:
+        self.coord = coord
+        self.directory = Path(directory)
+        self.every_s = every_s
+        self._saved: CoordinatorState | None = None
+        self._last = time.monotonic()
+        self._failing = False
+        coord.on_change = self.save
+
+    def restored(self) -> None:
+        """The coordinator was just restored from this directory: its state is on disk already, and what
+        changes from now on (the shards registering again, heartbeats) is written every ``every_s``."""
+        self._saved = self.coord.snapshot()
+
+    def save(self) -> Path | None:
+        """Write the state if it changed since the last write; the path written, or None (unchanged, or not
+        written: a warning, counted in the coordinator's summary, `checkpoint`, and tried again at the next
+        interval; the run goes on, the file on disk is the last one written)."""
+        self._last = time.monotonic()
+        state = self.coord.snapshot()
+        if state == self._saved:
+            return None
+        status = self.coord.checkpoint_status
+        try:
+            path = save_coordinator(self.directory, state)
+        except OSError as exc:
+            status["failures"] += 1
+            status["error"] = f"{type(exc).__name__}: {exc}"
+            self._failing = True
+            log.warning("coordinator: checkpoint not written (%s); the run goes on, trying again in %g s",
+                        status["error"], self.every_s)
+            return None
+        self._saved = state
+        status["ok_at"] = time.time()
+        if self._failing:
+            self._failing = False
+            log.warning("coordinator: checkpoints written again after %d failure(s)", status["failures"])
+        return path
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if (self._saved is not None or self._failing) and self.every_s > 0 and now - self._last >= self.every_s:
+            self.save()  # after the first decision only: before it there is nothing a restart would miss

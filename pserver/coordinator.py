@@ -27,16 +27,17 @@ the roles that may send it (`OP_ROLES`), and a worker's key holds one rank:
 its JOIN, heartbeats and DONE are that rank's only.
 
 Restarts. `snapshot()` is everything the coordinator knows that a client
-relies on: the ranks and names, done and lost workers and their reports, the
-run config, the model (layout, architecture, shard ranges), the shard
-endpoints, the stop reason, the observers and the reply memory; `restore()`
-takes it back into a fresh coordinator. `pserver start` writes it beside the
-shards' checkpoints (`pserver.supervisor.CoordinatorCheckpointer`): at once,
-before the reply leaves, whenever a reply reports a decision (a rank taken, the
-model fixed, a DONE, a STOP: ``on_change``), so that a client never holds an
-answer the restored server has forgotten; and every checkpoint interval for
-the rest (heartbeat counts, lost workers, observers). Round numbers are the
-shards' (`pserver.shard.ShardState`). Times are not kept: a restored worker or
+relies on (a `pserver.coordinator_state.CoordinatorState`): the ranks and
+names, done and lost workers and their reports, the run config, the model
+(layout, architecture, shard ranges), the shard endpoints, the stop reason,
+the observers and the reply memory; `restore()` takes it back into a fresh
+coordinator. `pserver start` writes it beside the shards' checkpoints
+(`pserver.checkpoint.CoordinatorCheckpointer`): at once, before the reply
+leaves, whenever a reply reports a decision (a rank taken, the model fixed,
+a DONE, a STOP: ``on_change``), so that a client never holds an answer the
+restored server has forgotten; and every checkpoint interval for the rest
+(heartbeat counts, lost workers, observers). Round numbers are the shards'
+(`pserver.shard.ShardState`). Times are not kept: a restored worker or
 observer counts as seen at the restore.
 
 Never waiting. The coordinator is one loop on one thread, and nothing in it
@@ -62,6 +63,7 @@ from typing import Any, Callable
 import zmq
 
 from pserver import protocol, security
+from pserver.coordinator_state import CoordinatorState, MemoryEntry, WorkerState
 from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
 from pserver.memory import HeapTrimmer
@@ -131,28 +133,15 @@ class ReplyMemory:
         while len(self._last) > self.limit:
             self._last.popitem(last=False)
 
-    def to_wire(self) -> list[list[Any]]:
-        """Every entry as [client, n, op, decision], least recently seen first (JSON: decisions are ints and bools)."""
-        return [[client, n, op, decision] for client, (n, op, decision) in self._last.items()]
+    def entries(self) -> tuple[MemoryEntry, ...]:
+        """Every entry as (client, n, op, decision), least recently seen first."""
+        return tuple((client, n, op, decision) for client, (n, op, decision) in self._last.items())
 
-    def load(self, entries: Any) -> None:
-        """Take `to_wire()`'s entries back (replacing any); ValueError naming the first bad one."""
-        if not isinstance(entries, list):
-            raise ValueError(f"memory must be a list of [client, n, op, decision], got {type(entries).__name__}")
-        last: OrderedDict[int, tuple[int, str, Any]] = OrderedDict()
-        for i, e in enumerate(entries):
-            if not (isinstance(e, list) and len(e) == 4 and all(_is_int(x) and x >= 0 for x in e[:2])
-                    and (e[2], type(e[3])) in (("JOIN", int), ("INIT", bool))):
-                raise ValueError(f"memory entry {i} must be [client, n, 'JOIN', rank] or [client, n, 'INIT', first], "
-                                 f"got {e!r}")
-            last[e[0]] = (e[1], e[2], e[3])
-        while len(last) > self.limit:
-            last.popitem(last=False)
-        self._last = last
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    def load(self, entries: tuple[MemoryEntry, ...]) -> None:
+        """Take `entries()` back, replacing any; the least recently seen beyond ``limit`` are forgotten."""
+        self._last = OrderedDict((client, (n, op, decision)) for client, n, op, decision in entries)
+        while len(self._last) > self.limit:
+            self._last.popitem(last=False)
 
 
 @dataclass
@@ -173,6 +162,21 @@ class WorkerInfo:
 
 
 class Coordinator:
+    """The coordinator's state machine, and its event loop.
+
+    Its state is who is who and where: the shards' ``endpoints``, the
+    ``workers`` by rank, the model (``layout``, ``architecture``, the shards'
+    ``ranges``), the ``observers``, the stop reason and the reply ``memory``;
+    no weights. ``handlers`` maps each op to the method that answers it.
+    `handle()` takes one request's frames (the requester's identity first)
+    and sends its reply on ``socket``, the ROUTER `pserver start` bound;
+    `serve()` is the loop that feeds it, gathers the shards' STATS and
+    declares silent workers lost. `snapshot()` returns the state a restarted
+    server needs (a `CoordinatorState`) and `restore()` takes one back, before
+    serving. Tests pass a stand-in socket and drive `handle()` with frames
+    built by `pserver.protocol`.
+    """
+
     def __init__(self, socket: zmq.Socket, shards: int, world: int, run_config: dict[str, Any],
                  shard_timeout_s: float = 5.0, worker_timeout_s: float = 0.0, max_slice_bytes: int = 0,
                  secret: bytes | None = None, roles: dict[str, str] | None = None) -> None:
@@ -189,7 +193,7 @@ class Coordinator:
         self.ranges: list[tuple[int, int]] = []
         self.workers: dict[int, WorkerInfo] = {}
         self.refused: dict[str, int] = {}
-        # Writes of this state to disk that failed (pserver.supervisor.CoordinatorCheckpointer): how many, the last
+        # Writes of this state to disk that failed (pserver.checkpoint.CoordinatorCheckpointer): how many, the last
         # error, and when (time.time()) the last one succeeded.
         self.checkpoint_status: dict[str, Any] = {"failures": 0, "error": "", "ok_at": 0.0}
         self.handlers: dict[str, Callable[[protocol.Message], list[Any] | None]] = {
@@ -515,95 +519,45 @@ class Coordinator:
 
     # ---- restarts ---------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a restarted coordinator must know (module docstring, Restarts), as one JSON-able dict."""
-        return {
-            "address": self.address, "shards": self.n_shards, "world": self.world, "run": self.run_config,
-            "endpoints": {str(k): e for k, e in sorted(self.endpoints.items())},
-            "layout": self.layout.to_wire() if self.layout else None, "architecture": self.architecture,
-            "ranges": [list(r) for r in self.ranges], "total": self.layout.total if self.layout else 0,
-            "fingerprint": self.layout.fingerprint() if self.layout else "",
-            "workers": [{"rank": w.rank, "name": w.name, "done": w.done, "lost": w.lost, "samples": w.samples,
-                         "nan_recoveries": w.nan_recoveries, "report": w.report, "incarnation": w.incarnation,
-                         "key": w.key}
-                        for w in sorted(self.workers.values(), key=lambda w: w.rank)],
-            "stop": self.stop_requested, "observers": sorted(self.observers), "memory": self.memory.to_wire(),
-            "refused": dict(self.refused), "repeats": self.memory.repeats,
-        }
+    def snapshot(self) -> CoordinatorState:
+        """Everything a restarted coordinator must know (module docstring, Restarts)."""
+        return CoordinatorState(
+            address=self.address, shards=self.n_shards, world=self.world,
+            run=json.loads(json.dumps(self.run_config)),  # as the checkpoint reads it back
+            endpoints=dict(sorted(self.endpoints.items())), layout=self.layout, architecture=self.architecture,
+            ranges=tuple(self.ranges),
+            workers=tuple(WorkerState(rank=w.rank, name=w.name, done=w.done, lost=w.lost, samples=w.samples,
+                                      nan_recoveries=w.nan_recoveries, report=dict(w.report),
+                                      incarnation=w.incarnation, key=w.key)
+                          for w in sorted(self.workers.values(), key=lambda w: w.rank)),
+            stop=self.stop_requested, observers=tuple(sorted(self.observers)), memory=self.memory.entries(),
+            refused=dict(self.refused), repeats=self.memory.repeats)
 
-    #: The keys of `snapshot()`.
-    STATE_KEYS = ("address", "shards", "world", "run", "endpoints", "layout", "architecture", "ranges", "total",
-                  "fingerprint", "workers", "stop", "observers", "memory", "refused", "repeats")
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Take a `snapshot()` back into this coordinator, before it serves. Shard endpoints are not taken:
-        the shards register again (`restored_endpoints` says where they were). ValueError naming the first
-        field that is malformed or does not match this coordinator's shards, world or run config; nothing
-        is changed then."""
-        missing = [k for k in self.STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        if state["shards"] != self.n_shards:
-            raise ValueError(f"written by a server with {state['shards']} shard(s), this one has {self.n_shards}")
-        if state["world"] != self.world:
-            raise ValueError(f"written by a server of {state['world']} worker(s), this one has {self.world}")
-        run, mine = state["run"], json.loads(json.dumps(self.run_config))  # compared as JSON reads them back
-        if not isinstance(run, dict):
-            raise ValueError(f"run must be a JSON object, got {type(run).__name__}")
-        if run != mine:
-            keys = sorted(k for k in {*run, *mine} if run.get(k) != mine.get(k))
-            raise ValueError(f"written for another run config (differing: {', '.join(keys)})")
-        if not (state["architecture"] is None or isinstance(state["architecture"], str)):
-            raise ValueError("architecture must be a string or null")
-        layout = None
-        if state["layout"] is not None:
-            layout = Layout.from_wire(state["layout"])
-            if layout.fingerprint() != state["fingerprint"] or layout.total != state["total"]:
-                raise ValueError("layout does not match its fingerprint or total")
-            if [tuple(r) for r in state["ranges"]] != shard_ranges(layout.total, self.n_shards):
-                raise ValueError(f"shard ranges {state['ranges']} are not those of {layout.total} floats over "
-                                 f"{self.n_shards} shard(s)")
-        elif state["ranges"]:
-            raise ValueError("shard ranges without a layout")
-        endpoints = state["endpoints"]
-        if not (isinstance(endpoints, dict) and all(isinstance(k, str) and k.isdigit() and int(k) < self.n_shards
-                                                    and isinstance(e, str) and ":" in e for k, e in endpoints.items())):
-            raise ValueError(f"endpoints must map shard indices to host:port, got {endpoints!r}")
+    def restore(self, state: CoordinatorState) -> None:
+        """Take a snapshot (checked by `CoordinatorState.from_wire` if it was read from disk) back into this
+        coordinator, before it serves. Shard endpoints are not taken: the shards register again
+        (`restored_endpoints` says where they were). Workers and observers count as seen now."""
+        if (state.shards, state.world) != (self.n_shards, self.world):
+            raise ValueError(f"a snapshot of {state.shards} shard(s) and {state.world} worker(s) cannot restore "
+                             f"a coordinator of {self.n_shards} and {self.world}")
         now = time.monotonic()
-        workers = {}
-        if not isinstance(state["workers"], list):
-            raise ValueError(f"workers must be a list, got {type(state['workers']).__name__}")
-        for i, w in enumerate(state["workers"]):
-            try:
-                info = WorkerInfo(rank=w["rank"], name=w["name"], joined_at=now, last_seen=now, done=w["done"],
-                                  lost=w["lost"], samples=w["samples"], nan_recoveries=w["nan_recoveries"],
-                                  report=w["report"], incarnation=w.get("incarnation", 1), key=w.get("key", ""))
-            except (TypeError, KeyError) as exc:
-                raise ValueError(f"worker entry {i}: {exc!r}") from None
-            if not (_is_int(info.rank) and 0 <= info.rank < self.world and info.rank not in workers
-                    and isinstance(info.name, str) and isinstance(info.done, bool) and isinstance(info.lost, bool)
-                    and _is_int(info.samples) and _is_int(info.nan_recoveries) and isinstance(info.report, dict)
-                    and _is_int(info.incarnation) and info.incarnation >= 1 and isinstance(info.key, str)):
-                raise ValueError(f"worker entry {i} is not a rank of [0, {self.world}) taken once with its "
-                                 f"name, done, lost, samples, nan_recoveries, report and incarnation: {w!r}")
-            workers[info.rank] = info
-        if not (isinstance(state["stop"], str) and isinstance(state["observers"], list)
-                and all(isinstance(o, str) for o in state["observers"]) and isinstance(state["refused"], dict)
-                and all(_is_int(n) for n in state["refused"].values()) and _is_int(state["repeats"])):
-            raise ValueError("stop, observers, refused or repeats is malformed")
         memory = ReplyMemory(self.memory.limit)
-        memory.load(state["memory"])
-        memory.repeats = state["repeats"]
-        self.layout, self.architecture = layout, state["architecture"] or None
-        self.ranges = [(int(a), int(b)) for a, b in state["ranges"]]
-        self.restored_endpoints = {int(k): e for k, e in endpoints.items()}
-        self.workers, self.memory = workers, memory
-        self.stop_requested = state["stop"]
-        self.observers = {name: now for name in state["observers"]}
-        self.refused = dict(state["refused"])
-        log.info("restored %d worker(s) (%s done, %s lost)%s", len(workers),
-                 sorted(w.rank for w in workers.values() if w.done) or "none",
-                 sorted(w.rank for w in workers.values() if w.lost) or "none",
+        memory.load(state.memory)
+        memory.repeats = state.repeats
+        self.layout, self.architecture, self.ranges = state.layout, state.architecture, list(state.ranges)
+        self.restored_endpoints = dict(state.endpoints)
+        self.workers = {w.rank: WorkerInfo(rank=w.rank, name=w.name, joined_at=now, last_seen=now, done=w.done,
+                                           lost=w.lost, samples=w.samples, nan_recoveries=w.nan_recoveries,
+                                           report=dict(w.report), incarnation=w.incarnation, key=w.key)
+                        for w in state.workers}
+        self.memory = memory
+        self.stop_requested = state.stop
+        self.observers = {name: now for name in state.observers}
+        self.refused = dict(state.refused)
+        layout = state.layout
+        log.info("restored %d worker(s) (%s done, %s lost)%s", len(self.workers),
+                 sorted(w.rank for w in state.workers if w.done) or "none",
+                 sorted(w.rank for w in state.workers if w.lost) or "none",
                  f" and the model ({len(layout.tensors)} tensors, {layout.total} floats)" if layout else ", no model yet")
 
     def _observe(self, msg: protocol.Message) -> None:

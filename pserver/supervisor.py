@@ -1,6 +1,7 @@
-"""What `pserver start` does around the coordinator's loop: persist and restore the
-coordinator's state, restart dead shards from their checkpoints, and tell shards
-which workers the coordinator has declared lost or done.
+"""What `pserver start` does around the coordinator's loop besides answering
+requests: restart dead shards from their checkpoints, and tell shards which
+workers the coordinator has declared lost or done. (The coordinator's own
+checkpoints are `pserver.checkpoint.CoordinatorCheckpointer`'s.)
 
 All of it runs in the server process, between two polls of the coordinator's
 socket, and never blocks: messages to shards are fire-and-forget on DEALERs
@@ -11,81 +12,14 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 
-from pserver import checkpoint, protocol
+from pserver import protocol
 from pserver.coordinator import Coordinator
-from pserver.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-# ---- the coordinator's state, on disk -----------------------------------------
-
-class CoordinatorCheckpointer:
-    """Writes the coordinator's state (`Coordinator.snapshot`) to ``directory/coordinator.json``: at once when
-    a reply reports a decision (`Coordinator.on_change`, which this installs), and from `tick` every
-    ``every_s`` seconds if anything else changed (heartbeat counts, lost workers, observers). Each write is
-    a few milliseconds (one fsynced JSON file); decisions come a few per worker per run."""
-
-    def __init__(self, coord: Coordinator, directory: str | Path, every_s: float) -> None:
-        self.coord = coord
-        self.directory = Path(directory)
-        self.every_s = every_s
-        self._saved: dict[str, Any] | None = None
-        self._last = time.monotonic()
-        self._failing = False
-        coord.on_change = self.save
-
-    def restored(self) -> None:
-        """The coordinator was just restored from this directory: its state is on disk already, and what
-        changes from now on (the shards registering again, heartbeats) is written every ``every_s``."""
-        self._saved = self.coord.snapshot()
-
-    def save(self) -> Path | None:
-        """Write the state if it changed since the last write; the path written, or None (unchanged, or not
-        written: a warning, counted in the coordinator's summary, `checkpoint`, and tried again at the next
-        interval; the run goes on, the file on disk is the last one written)."""
-        self._last = time.monotonic()
-        state = self.coord.snapshot()
-        if state == self._saved:
-            return None
-        status = self.coord.checkpoint_status
-        try:
-            path = checkpoint.save_coordinator(self.directory, state)
-        except OSError as exc:
-            status["failures"] += 1
-            status["error"] = f"{type(exc).__name__}: {exc}"
-            self._failing = True
-            log.warning("coordinator: checkpoint not written (%s); the run goes on, trying again in %g s",
-                        status["error"], self.every_s)
-            return None
-        self._saved = state
-        status["ok_at"] = time.time()
-        if self._failing:
-            self._failing = False
-            log.warning("coordinator: checkpoints written again after %d failure(s)", status["failures"])
-        return path
-
-    def tick(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        if (self._saved is not None or self._failing) and self.every_s > 0 and now - self._last >= self.every_s:
-            self.save()  # after the first decision only: before it there is nothing a restart would miss
-
-
-def restore_coordinator(coord: Coordinator, state: dict[str, Any], directory: str | Path) -> None:
-    """`Coordinator.restore`, its refusal a CheckpointError naming the file and what to do."""
-    path = Path(directory) / checkpoint.COORDINATOR_FILE
-    try:
-        coord.restore(state)
-    except ValueError as exc:
-        raise CheckpointError(f"{path} cannot be restored by this server: {exc}; start with the options the run "
-                              f"was started with (its run config is the file's state.run), or restore from a "
-                              f"complete copy of {directory}") from None
-    log.info("restored the coordinator from %s", path)
 
 
 # ---- shard processes ---------------------------------------------------------

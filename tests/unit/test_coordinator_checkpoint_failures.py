@@ -3,7 +3,7 @@ out of the coordinator's loop, and the state written once it can be."""
 import time
 
 from pserver import checkpoint
-from pserver.supervisor import CoordinatorCheckpointer
+from pserver.checkpoint import CoordinatorCheckpointer
 
 from test_coordinator_state import CLIENT, ask, ready  # noqa: E402
 

@@ -2,6 +2,7 @@
 out of a stand-in socket. No sockets are bound and no processes started."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -10,9 +11,10 @@ import pytest
 import zmq
 
 from pserver import checkpoint, protocol
+from pserver.checkpoint import CoordinatorCheckpointer, restore_coordinator
 from pserver.coordinator import OBSERVER_TIMEOUT_S, Coordinator
+from pserver.coordinator_state import WIRE_KEYS, CoordinatorState
 from pserver.errors import CheckpointError
-from pserver.supervisor import CoordinatorCheckpointer, restore_coordinator
 from pserver.layout import Layout, shard_ranges
 from wire import Wire  # noqa: E402
 
@@ -377,7 +379,7 @@ def test_stats_name_the_coordinators_pid():
 
 def on_disk(coord: Coordinator) -> dict:
     """The snapshot as it comes back from coordinator.json."""
-    return json.loads(json.dumps(coord.snapshot()))
+    return json.loads(json.dumps(coord.snapshot().to_wire()))
 
 
 def a_run_in_progress() -> Coordinator:
@@ -396,9 +398,13 @@ def a_run_in_progress() -> Coordinator:
     return coord
 
 
+def from_wire(state: dict, world: int = 3) -> CoordinatorState:
+    return CoordinatorState.from_wire(state, shards=2, world=world, run_config=CONFIG)
+
+
 def restored(state: dict, world: int = 3, **kw) -> Coordinator:
     coord = make(shards=2, world=world, worker_timeout_s=5.0, **kw)
-    coord.restore(state)
+    coord.restore(from_wire(state, world))
     return coord
 
 
@@ -486,6 +492,23 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_reply(caplog):
     assert "checkpoint not written" in caplog.text
 
 
+def test_a_snapshot_round_trips_through_its_wire_form():
+    for coord in (ready(world=2), initialised(), a_run_in_progress()):
+        snap = coord.snapshot()
+        assert list(snap.to_wire()) == list(WIRE_KEYS)
+        assert from_wire(on_disk(coord), world=coord.world) == snap
+
+
+def test_a_restore_applies_the_snapshot_and_nothing_else():
+    old = a_run_in_progress()
+    new = make(shards=2, world=3)
+    new.restore(old.snapshot())
+    assert new.endpoints == {} and new.restored_endpoints == old.endpoints  # the shards register again
+    assert new.snapshot() == dataclasses.replace(old.snapshot(), endpoints={})
+    with pytest.raises(ValueError, match="cannot restore a coordinator of 2 and 2"):
+        make(shards=2, world=2).restore(old.snapshot())
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(world=2), "this one has 3"),
     (lambda s: s.update(shards=3), "3 shard\\(s\\), this one has 2"),
@@ -499,13 +522,48 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_reply(caplog):
     (lambda s: s.pop("memory"), "missing memory"),
     (lambda s: s.update(endpoints={"9": "h:1"}), "endpoints"),
 ])
-def test_a_state_of_another_run_or_malformed_is_refused_and_changes_nothing(change, message):
+def test_a_state_of_another_run_or_malformed_is_refused(change, message):
     state = on_disk(a_run_in_progress())
     change(state)
-    coord = make(shards=2, world=3)
     with pytest.raises(ValueError, match=message):
-        coord.restore(state)
-    assert coord.workers == {} and coord.layout is None and len(coord.memory) == 0
+        from_wire(state)
+
+
+#: For each field of the wire form, a value of the wrong kind, and what the refusal says.
+MALFORMED = {
+    "address": (7000, "address must be a string"),
+    "shards": ("2", "written by a server with 2 shard"),
+    "world": (None, "written by a server of None worker"),
+    "run": ([], "run must be a JSON object"),
+    "endpoints": ([], "endpoints must map shard indices"),
+    "layout": ({}, "layout must be a non-empty list"),
+    "architecture": (1, "architecture must be a string or null"),
+    "ranges": ([[0, "10"], [10, 20]], "shard ranges"),
+    "total": (21, "layout does not match its fingerprint or total"),
+    "fingerprint": ("", "layout does not match its fingerprint or total"),
+    "workers": ({}, "workers must be a list"),
+    "stop": (None, "stop must be a string"),
+    "observers": (["eval", 1], "observers must be a list of names"),
+    "memory": ({}, "memory must be a list"),
+    "refused": ({"malformed": "1"}, "refused must map error codes to counts"),
+    "repeats": (1.5, "repeats must be an integer"),
+}
+
+
+def test_every_field_has_a_malformed_case():
+    assert set(MALFORMED) == set(WIRE_KEYS)
+
+
+@pytest.mark.parametrize("name", WIRE_KEYS)
+def test_each_malformed_field_is_refused_by_name(name):
+    value, message = MALFORMED[name]
+    state = on_disk(a_run_in_progress())
+    state[name] = value
+    with pytest.raises(ValueError, match=message):
+        from_wire(state)
+    del state[name]
+    with pytest.raises(ValueError, match=f"^missing {name}$"):
+        from_wire(state)
 
 
 # ---- coordinator.json ------------------------------------------------------------------------------------
@@ -612,7 +670,7 @@ def test_a_snapshot_keeps_the_key_each_rank_joined_with():
     ask(coord, {"op": "JOIN", "name": "a"})
     coord.workers[0].key = "K" * 40
     fresh = make()
-    fresh.restore(json.loads(json.dumps(coord.snapshot())))
+    fresh.restore(from_wire(on_disk(coord), world=2))
     assert fresh.workers[0].key == "K" * 40
 
 
