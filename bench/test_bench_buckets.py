@@ -48,7 +48,8 @@ from bench._data import prepared_retail
 from bench._procs import QUICK, keras_reference, read_history
 from bench._timing import numbers
 from optimizers import RECOMMENDED_RULE
-from runner.local import TrainConfig, train
+from runner.local import train
+from runner.train_config import TrainConfig
 
 CUSTOMERS = 400 if QUICK else 6_000
 SEED = 0  # the generator's default

@@ -49,7 +49,8 @@ import pytest
 from bench._data import prepared
 from bench._procs import QUICK, keras_reference, read_history
 from bench._timing import numbers
-from runner.local import TrainConfig, train
+from runner.local import train
+from runner.train_config import TrainConfig
 
 ALL_RULES = ("downpour", "adag", "dynsgd", "aeasgd", "eamsgd", "easgd", "averaging")
 RULES = ("downpour",) if QUICK else ALL_RULES  # quick: 3 trainings, each mostly TensorFlow start-up

@@ -33,7 +33,7 @@ PACKAGES = ("pserver", "optimizers", "models", "runner")
 PROGRAMS = (("notpu", "runner.cli"), ("pserver", "runner.pserver_cli"), ("worker", "runner.worker_cli"))
 #: The settings a user meets, by where they are used: (module, class).
 CONFIGS = (
-    ("runner.local", "TrainConfig"),
+    ("runner.train_config", "TrainConfig"),
     ("runner.run_config", "RunConfig"),
     ("models.prepare_plan", "PrepareConfig"),
     ("models.predict", "PredictConfig"),

@@ -25,7 +25,7 @@ import numpy as np
 
 from models.dataset import load_dataset, split_indices
 from models.features import AGGREGATIONS, BLOCK_ROWS, signed_expm1
-from models.fileio import write_text_atomic
+from pserver.fileio import atomic_write_text
 from models.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def baseline(cfg: BaselineConfig) -> dict:
         "customers": {"train": int(split.train.size), "val": int(split.val.size), "test": int(split.test.size)},
         "fit_s": round(time.perf_counter() - t0, 2),
     }
-    write_text_atomic(Path(cfg.data_dir) / "baseline.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(cfg.data_dir) / "baseline.json", json.dumps(result, indent=2) + "\n")
     log.info("baseline: %d features, %d rounds, val AUC %.4f, test AUC %.4f",
              feats.shape[1], result["best_iteration"], val_auc, test_auc)
     return result

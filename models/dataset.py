@@ -27,7 +27,6 @@ layout DIR has, and their AUCs can be compared.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -35,6 +34,7 @@ from typing import Iterable
 import numpy as np
 
 from models.errors import DataError
+from pserver.fileio import atomic_path, atomic_write_text
 
 TEST_FRACTION = 0.2  # of all customers
 VAL_FRACTION = 0.2   # of what is left after the test set
@@ -210,24 +210,22 @@ def write_part(directory: str | Path, X_blocks: Iterable[np.ndarray], X_shape: t
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".X.tmp-{os.getpid()}.npy"
-    X = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=X_shape)
-    i = 0
-    for block in X_blocks:
-        X[i:i + len(block)] = block
-        i += len(block)
-    if i != X_shape[0]:
-        raise ValueError(f"write_part: {i} rows of X for {X_shape[0]}")
-    X.flush()
-    del X
-    os.replace(tmp, d / "X.npy")
+    with atomic_path(d / "X.npy") as tmp:
+        X = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=X_shape)
+        i = 0
+        for block in X_blocks:
+            X[i:i + len(block)] = block
+            i += len(block)
+        if i != X_shape[0]:
+            raise ValueError(f"write_part: {i} rows of X for {X_shape[0]}")
+        X.flush()
+        del X
     for name, array in (("y", y), ("ids", ids.astype(str)), ("active", active)):
-        tmp = d / f".{name}.tmp-{os.getpid()}.npy"
-        np.save(tmp, array, allow_pickle=False)
-        os.replace(tmp, d / f"{name}.npy")
+        with atomic_path(d / f"{name}.npy") as tmp:
+            np.save(tmp, array, allow_pickle=False)
 
 
 def write_parts_index(directory: str | Path, rows: list[int]) -> None:
     """parts/index.json, the last file of a parts layout."""
     path = Path(directory) / PARTS_DIR / PARTS_INDEX
-    path.write_text(json.dumps({"format": PARTS_FORMAT, "parts": len(rows), "rows": [int(r) for r in rows]}) + "\n")
+    atomic_write_text(path, json.dumps({"format": PARTS_FORMAT, "parts": len(rows), "rows": [int(r) for r in rows]}) + "\n")

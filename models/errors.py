@@ -1,13 +1,14 @@
-"""The data pipeline's errors, under one base class.
+"""The data pipeline's error: a user's file, column or option that cannot be used as given.
 
-`models` imports nothing of the training side, so its errors live here; the
-`notpu` command line turns a `DataError` into one line on stderr and exit
-code 2, as it does pserver's `NotpuError`.
+It derives from `pserver.errors.NotpuError`, the one root of every error notpu raises on purpose, which
+the command lines turn into one line on stderr and exit code 2.
 """
 from __future__ import annotations
+
+from pserver.errors import NotpuError
 
 __all__ = ["DataError"]
 
 
-class DataError(Exception):
+class DataError(NotpuError):
     """A user's file, column or option cannot be used as given (what, where, and what to try)."""

@@ -26,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from models.events import DAY_S
-from models.fileio import atomic_path
+from pserver.fileio import atomic_path
 from models.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pandas as pd
 from models.errors import DataError
 from models.events import DAY_S, EventColumns, EventSource, check_columns, iter_events, last_timestamp, source_name
 from models.features import AGGREGATIONS, SCALING, DailyAggregator, Window, feature_names
-from models.fileio import atomic_path
+from pserver.fileio import atomic_path
 from models.outdir import check_file_out
 from models.outputs import churn_probability
 from models.prepare_plan import ENGINES, MAX_OBSERVATION_DAYS, OTHER, SPEC_FORMAT, iso, parse_cutoff, type_index

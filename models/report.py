@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.fileio import atomic_path, write_text_atomic
+from pserver.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -295,5 +295,5 @@ def write_report(out_dir: Path, spec: dict, baseline: dict | None, run_dir: Path
     else:  # the run could not draw it (its warning says why): try once more, and fail loudly this time
         write_run_report(run_dir, data_dir, out_dir / "report.png")
     text = summary_text(spec, baseline, summary)
-    write_text_atomic(out_dir / "report.txt", text)
+    atomic_write_text(out_dir / "report.txt", text)
     return text

@@ -300,8 +300,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def run_command(prog: str, args: argparse.Namespace, log_format: str = LOG_FORMAT,
                 expected: tuple[type[BaseException], ...] = (NotpuError,)) -> int:
-    """Run a parsed command of `prog`: logging set up, an `expected` error (NotpuError; programs that load
-    data add `models.errors.DataError`) as one line on stderr and exit code 2."""
+    """Run a parsed command of `prog`: logging set up, an `expected` error (NotpuError, the root of every error
+    notpu raises on purpose) as one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, datefmt="%H:%M:%S")
     try:
         return int(args.handler(args) or 0)

@@ -1,5 +1,9 @@
 """Every exception notpu raises, under one base class.
 
+`NotpuError` is the one root: the data pipeline's `models.errors.DataError`
+derives from it too, so a command line catches one class. This module imports
+only the standard library, so every layer may use it.
+
 Messages name what was wrong, where (host:port, shard, file, column, option),
 what was waited for and for how long, and what to try.
 """

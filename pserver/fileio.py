@@ -6,17 +6,21 @@ crashes. So every write goes to a temporary file in the same directory (a
 rename is atomic only within one file system), is flushed and fsynced, is
 renamed over the target, and the directory is fsynced so that the rename
 itself survives a power cut. A temporary file is removed if the write fails;
-one left by a crash is named ``NAME.<random>.tmp``.
+one left by a crash is named ``NAME.<random>.tmp`` (`atomic_path`: ``.NAME.<random>.tmpSUFFIX``).
+
+This module and `pserver.errors` import only the standard library: they are
+the foundation every layer may use, `models` included.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir"]
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -57,6 +61,26 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that opens files by name (np.save, Parquet,
+    matplotlib); once the block ends it is fsynced and renamed over ``path``, or removed if the block raised.
+
+    The temporary name keeps ``path``'s suffix, so writers that pick a format by it still do. The directory
+    must exist.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> Path:

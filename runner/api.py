@@ -139,7 +139,7 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
         **run_options) -> FitResult:
     """Train the compiled Keras `model` on `data` (a prepared DIR or `(X, y)`) through the parameter server.
 
-    `run_options` are `runner.local.TrainConfig`'s other fields: window, alpha, shards, threads, target_auc,
+    `run_options` are `runner.train_config.TrainConfig`'s other fields: window, alpha, shards, threads, target_auc,
     eval_interval_s, seed, progress, checkpoint_every_s, monitor, early_stopping_patience, ... (an unknown
     one is a ConfigError). OUT/model.keras is the trained centre (the best one with
     `EarlyStopping(restore_best_weights=True)` or `ModelCheckpoint(save_best_only=True)`). See the module
@@ -148,7 +148,8 @@ def fit(model, data, *, out, workers: int = 2, rule: str | None = None, epochs: 
     from runner.callbacks import settings_from_keras
     from runner.keras_model import describe, save_initial_weights
     from runner.launcher import run
-    from runner.local import LocalLauncher, TrainConfig
+    from runner.local import LocalLauncher
+    from runner.train_config import TrainConfig
     from runner.run_config import RunConfig
 
     from models.outdir import check_run_out

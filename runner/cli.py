@@ -3,7 +3,7 @@
 Each subcommand lives with the code it drives and registers itself here:
 data commands (generate, prepare, baseline, predict) in `models.cli`,
 training and the demo in `runner.train_cli`. Handlers take the parsed namespace and return
-an exit code; a `NotpuError` or a `models.errors.DataError` becomes a one-line message and exit code 2.
+an exit code; a `NotpuError` (a `models.errors.DataError` is one) becomes a one-line message and exit code 2.
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from models.errors import DataError
 from pserver.cli import program_parser, run_command
-from pserver.errors import NotpuError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("notpu", build_parser().parse_args(argv), expected=(NotpuError, DataError))
+    return run_command("notpu", build_parser().parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

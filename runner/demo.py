@@ -43,7 +43,8 @@ def demo(cfg: DemoConfig) -> int:
     spec = prepare(PrepareConfig(events=str(events), out=str(data_dir)))
     base = baseline(BaselineConfig(data_dir=str(data_dir)))
     print(f"baseline test AUC {base['test_auc']:.4f} ({time.perf_counter() - t0:.0f} s so far)")
-    from runner.local import TrainConfig, train
+    from runner.local import train
+    from runner.train_config import TrainConfig
 
     run_dir = out / "run"
     summary = train(TrainConfig(data_dir=str(data_dir), out_dir=str(run_dir), workers=2, rule=RECOMMENDED_RULE,

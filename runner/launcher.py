@@ -41,7 +41,7 @@ from runner.progress import Progress, bar_total
 from runner.worker import WorkerConfig
 
 if TYPE_CHECKING:
-    from runner.local import TrainConfig
+    from runner.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

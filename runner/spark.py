@@ -1,6 +1,6 @@
 """Training on Spark: `notpu train DIR --engine spark --workers N [--master URL]`, or from a notebook
 
-    from runner.local import TrainConfig
+    from runner.train_config import TrainConfig
     from runner.spark import predict, train
     summary = train(spark, TrainConfig(data_dir="data/", out_dir="run/", workers=4, rule="adag"))
     scores = predict(spark, "run/", "s3a://logs/new/*.parquet")    # `notpu predict --engine spark`

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from pserver import precision
 from runner.callbacks import MONITORS
-from runner.local import TrainConfig
+from runner.train_config import TrainConfig
 from runner.run_config import add_run_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = TrainConfig  # every default is the field's (runner.local imports no TensorFlow)
+    d = TrainConfig  # every default is the field's (runner.train_config imports no TensorFlow)
     t = sub.add_parser("train", help="train the GRU on one machine with N workers and a sharded parameter server")
     data = t.add_argument_group("data", "what the workers read, how often and in what order")
     model = t.add_argument_group("model")

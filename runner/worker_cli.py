@@ -15,10 +15,9 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-from models.errors import DataError
 from pserver import precision
 from pserver.cli import program_parser, run_command
-from pserver.errors import ConfigError, NotpuError
+from pserver.errors import ConfigError
 from pserver.server import config_from_json
 from runner.callbacks import MONITORS
 from runner.evaluator import EvaluatorConfig  # neither imports TensorFlow: configure_threads still comes first
@@ -132,8 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("worker", args, f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s",
-                       expected=(NotpuError, DataError))
+    return run_command("worker", args, f"%(asctime)s %(levelname)s {args.command}[{os.getpid()}] %(name)s: %(message)s")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -117,7 +117,7 @@ def test_the_defaults_help_shows_are_the_config_fields():
     assert shown("notpu", "baseline", "--threads").endswith(f"(default: {BaselineConfig.n_jobs})")
     from pserver.cli import MIB
     from pserver.server import ServerConfig
-    from runner.local import TrainConfig
+    from runner.train_config import TrainConfig
 
     assert shown("pserver", "start", "--workers").endswith(f"(default: {ServerConfig.workers})")
     assert shown("pserver", "start", "--max-message-mb").endswith(f"(default: {ServerConfig.max_message_bytes / MIB:g})")

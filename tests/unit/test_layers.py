@@ -2,8 +2,12 @@
 
     pserver     imports nothing of ours (wire, shards, coordinator, client)
     optimizers  imports only pserver
-    models      imports nothing of the training side (data, features, the network)
+    models      imports nothing of the training side (data, features, the network), but the foundation
     runner      may import all
+
+The foundation, `pserver.errors` (the one error root, `NotpuError`) and
+`pserver.fileio` (the one atomic write), imports only the standard library, so
+every layer may use it.
 
 Imports are read with `ast` from the source files, so a lazy import inside a
 function counts as much as one at the top, and so does a module named by a
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -31,25 +36,37 @@ FORBIDDEN = {
 }
 
 
+#: Modules of a forbidden package that every layer may import: they import only the standard library.
+FOUNDATION = ("pserver.errors", "pserver.fileio")
+
 DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
 
-def imported_packages(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import in the file, relative ones resolved, dynamic ones of a literal
-    name included."""
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted name) of every import in the file, relative ones resolved, dynamic ones of a literal name
+    included; ``from a.b import c`` is ``a.b.c``."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = path.relative_to(ROOT).parts[0]
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            found.append((node.lineno, package if node.level else (node.module or "").split(".")[0]))
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else (node.module or "")
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str) \
                 and getattr(node.func, "attr", getattr(node.func, "id", None)) in DYNAMIC_IMPORTS:
-            found.append((node.lineno, node.args[0].value.split(".")[0]))
+            found.append((node.lineno, node.args[0].value))
     return found
+
+
+def imported_packages(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import in the file but those of the foundation."""
+    return [(line, name.split(".")[0]) for line, name in imported_modules(path)
+            if not any(name == f or name.startswith(f + ".") for f in FOUNDATION)]
 
 
 def violations() -> list[str]:
@@ -62,6 +79,20 @@ def violations() -> list[str]:
     return out
 
 
+def test_the_foundation_imports_only_the_standard_library():
+    for module in FOUNDATION:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        tops = {name.split(".")[0] for _, name in imported_modules(path)}
+        assert tops <= set(sys.stdlib_module_names) | {"__future__"}, (module, tops - set(sys.stdlib_module_names))
+
+
+def test_one_error_root():
+    from models.errors import DataError
+    from pserver.errors import NotpuError
+
+    assert issubclass(DataError, NotpuError)
+
+
 def test_dependencies_point_one_way():
     assert violations() == []
 
@@ -70,13 +101,72 @@ def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
     """The walk itself works: a lazy, relative or aliased import of a forbidden package is found."""
     fake = tmp_path / "models"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    import pserver.errors as e\n    from optimizers import base\n"
+    (fake / "bad.py").write_text("def f():\n    import pserver.shard as e\n    from optimizers import base\n"
                                  "    importlib.import_module('runner.worker')\n")
-    (fake / "ok.py").write_text("from . import errors\nimport numpy\nimportlib.import_module(name)\n")
+    (fake / "ok.py").write_text("from . import errors\nimport numpy\nimportlib.import_module(name)\n"
+                                "from pserver.errors import NotpuError\nfrom pserver import fileio\n")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     monkeypatch.setattr(f"{__name__}.PACKAGES", ("models",))
     assert violations() == ["models/bad.py:2 imports pserver", "models/bad.py:3 imports optimizers",
                             "models/bad.py:4 imports runner"]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Our modules and, per module, those of ours it imports (lazily or not), packages' __init__ included."""
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def ours(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {m: {o for _, name in imported_modules(path) if (o := ours(name)) and o != m} for m, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or round about, even lazily (a lazy import inside a function
+    is still a dependency: one engine dispatching to another belongs in the command line)."""
+    assert cycles(_module_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 # ---- one default per setting ---------------------------------------------------------------------------------
@@ -125,7 +215,7 @@ def test_pserver_start_defaults_are_server_config_defaults():
 
 def test_notpu_train_defaults_are_train_config_defaults():
     from runner.cli import build_parser
-    from runner.local import TrainConfig
+    from runner.train_config import TrainConfig
     from runner.run_config import RunConfig
 
     train = _field_defaults(TrainConfig)
@@ -142,7 +232,7 @@ def test_notpu_train_defaults_are_train_config_defaults():
 def test_round_timeout_is_defined_once():
     from pserver.server import ServerConfig
     from pserver.shard import ShardConfig
-    from runner.local import TrainConfig
+    from runner.train_config import TrainConfig
 
     assert ServerConfig.round_timeout_s == ShardConfig.round_timeout_s == TrainConfig.round_timeout_s
     assert ServerConfig(round_timeout_s=7.0).run_for_workers()["round_timeout_s"] == 7.0
@@ -217,7 +307,7 @@ def test_worker_config_json(tmp_path):
     from pserver.errors import ConfigError
     from runner.worker import WorkerConfig
     from runner.worker_cli import _from_options, build_parser
-    from runner.local import _json
+    from runner.launcher import child_json as _json
 
     cfg = WorkerConfig(ps="127.0.0.1:1", data_dir=str(tmp_path), threads=3, name="local-0", seed=4)
     args = build_parser().parse_args(["start", "--config-json", _json(cfg)])

@@ -1,7 +1,7 @@
 """`notpu train` guards the centre by default: a push whose update norm is far above anything a real run of
 ours pushes is refused by the shard (ShardConfig.max_delta_norm), not applied."""
 from runner.cli import build_parser
-from runner.local import TrainConfig
+from runner.train_config import TrainConfig
 
 from pserver.shard import ShardConfig
 
