@@ -210,19 +210,63 @@ def query_shard_stats(endpoint: str, context: zmq.Context | None = None, timeout
 
 
 @dataclass(frozen=True)
-class _SharedSegments:
-    """A co-located shard's segments, as this worker mapped them."""
-
-    centre: shm.CentreSegment
-    push: shm.Segment
-
-
-@dataclass(frozen=True)
 class ShardInfo:
     index: int
     endpoint: str
     start: int
     end: int
+
+
+class _Frames:
+    """The path to a shard over ZeroMQ: arrays travel as frames, pushes and pulled centres in the wire form
+    (`ClientConfig.wire`)."""
+
+    shared = False
+
+    def __init__(self, shard: ShardInfo, wire: str) -> None:
+        self.shard = shard
+        self.wire = wire
+
+    def request(self, header: dict[str, Any], piece: np.ndarray | None) -> list[Any]:
+        """``header`` and this shard's ``piece`` of the array (if any) as frames; the header asks for the
+        centre in the wire form."""
+        if self.wire != "float32":
+            header = {**header, "wire": self.wire}
+        return protocol.encode(header, [] if piece is None else [piece])
+
+    def slice_of(self, msg: protocol.Message, index: int) -> np.ndarray:
+        """The reply's array ``index`` (as float32), checked to be this shard's slice."""
+        s = self.shard
+        arr = precision.widen(msg.arrays[index]) if msg.arrays else None
+        if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
+            raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
+                                        f"for its range [{s.start}, {s.end})")
+        return arr
+
+    def close(self) -> None:
+        pass
+
+
+class _SharedMemory(_Frames):
+    """The path to a shard on this host: arrays through the segments both map (`pserver.shm`), ZeroMQ
+    carrying the headers; replies that carry frames anyway (a round's) are read as `_Frames` reads them."""
+
+    shared = True
+
+    def __init__(self, shard: ShardInfo, centre: shm.CentreSegment, push: shm.Segment) -> None:
+        super().__init__(shard, "float32")  # shared memory is always float32
+        self.centre, self.push = centre, push
+
+    def request(self, header: dict[str, Any], piece: np.ndarray | None) -> list[Any]:
+        """``piece`` written to the push area (unless it is the area itself), and the header naming it."""
+        area = self.push.buffers[0]
+        if piece is not None and piece.ctypes.data != area.ctypes.data:
+            np.copyto(area, piece)
+        return protocol.encode({**header, "shm": self.push.token})
+
+    def close(self) -> None:
+        self.centre.close()
+        self.push.close()
 
 
 class Client:
@@ -257,8 +301,9 @@ class Client:
         self.client_id = secrets.randbits(63)
         self._requests = 0  # requests numbered so far (the n of the last request id)
         self._retired_retries = 0  # `retries` of shard connections that use_shards replaced
-        self._shared: list[_SharedSegments | None] = []  # per shard: its segments if it is on this host (shared memory)
-        self._shared_asked = False  # whether SHM was asked of this set of shards
+        # Per shard, how this client reaches it: chosen once per set of shards, at the first exchange
+        # (`_choose_paths`); [] until then.
+        self._paths: list[_Frames] = []
         self._feedback: precision.ErrorFeedback | None = None  # the push residual, for a half-precision wire
 
     # ---- coordinator --------------------------------------------------------
@@ -341,10 +386,8 @@ class Client:
             self._retired_retries += sum(p.retries for p in self._peers)
             self._peers = [_Peer(self.context, i.endpoint, self.curve) for i in infos]
             self.versions = [0] * len(infos)
-            self._unmap_shared_memory()
+            self._drop_paths()
         self.shards = infos
-
-    _set_shards = use_shards  # the old private name; tests/integration (netns_client.py, test_reliability.py) use it
 
     @property
     def retries(self) -> int:
@@ -361,40 +404,49 @@ class Client:
     @property
     def shared_memory(self) -> list[bool]:
         """For each shard, whether this client exchanges with it through shared memory."""
-        return [shared is not None for shared in self._shared] if self._shared else [False] * len(self.shards)
+        return [p.shared for p in self._paths] if self._paths else [False] * len(self.shards)
 
-    def _map_shared_memory(self) -> None:
-        """Map shared memory with every shard on this host, once per set of shards; a worker's only (an
-        observer, without a rank, has no push segment). A shard that cannot is reached over ZeroMQ."""
-        if self._shared_asked:
-            return
-        self._shared_asked = True
-        self._shared = [None] * len(self.shards)
-        if not (self.config.shared_memory and 0 <= self.rank < self.world and shm.available()):
-            return
-        for i, s in enumerate(self.shards):
-            host = s.endpoint.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-            if not shm.is_local(host):
-                continue
-            try:
-                reply = fan_out([self._peers[i]], [protocol.encode({"op": "SHM", **self.who()})],
-                                 self.config, "SHM")[0].header
-                n = s.end - s.start
-                if reply.get("n") != n:
-                    raise ValueError(f"segments of {reply.get('n')!r} floats for a slice of {n}")
-                centre = shm.CentreSegment.open(str(reply["centre"]), n, int(reply["centre_token"]))
-                try:
-                    push = shm.Segment.open(str(reply["push"]), n, int(reply["push_token"]))
-                except BaseException:
-                    centre.close()
-                    raise
-                push.unlink()  # mapped at both ends: nothing is left behind if either process dies
-                self._shared[i] = _SharedSegments(centre, push)
-            except (RemoteError, ValueError, TypeError, KeyError, OSError) as exc:
-                log.info("shard %d at %s: exchanging over ZeroMQ, not shared memory (%s)", s.index, s.endpoint, exc)
-        if any(self._shared):
+    def _choose_paths(self) -> list[_Frames]:
+        """How to reach each shard, chosen once per set of shards: shared memory with every shard on this host
+        that grants it, to a worker only (an observer, without a rank, has no push segment); ZeroMQ frames
+        for the others."""
+        if self._paths:
+            return self._paths
+        self._paths = [self._shared_path(i, s) or _Frames(s, self.config.wire) for i, s in enumerate(self.shards)]
+        if any(p.shared for p in self._paths):
             log.info("worker %d: shared memory with shard(s) %s", self.worker,
-                     [s.index for s, shared in zip(self.shards, self._shared) if shared is not None])
+                     [p.shard.index for p in self._paths if p.shared])
+        return self._paths
+
+    def _shared_path(self, i: int, s: ShardInfo) -> _SharedMemory | None:
+        """Shared memory with shard ``s`` if it is on this host and grants it (SHM); None: ZeroMQ it is."""
+        if not (self.config.shared_memory and 0 <= self.rank < self.world and shm.available()):
+            return None
+        if not shm.is_local(s.endpoint.split("://")[-1].rsplit(":", 1)[0].strip("[]")):
+            return None
+        try:
+            reply = fan_out([self._peers[i]], [protocol.encode({"op": "SHM", **self.who()})],
+                            self.config, "SHM")[0].header
+            n = s.end - s.start
+            if reply.get("n") != n:
+                raise ValueError(f"segments of {reply.get('n')!r} floats for a slice of {n}")
+            centre = shm.CentreSegment.open(str(reply["centre"]), n, int(reply["centre_token"]))
+            try:
+                push = shm.Segment.open(str(reply["push"]), n, int(reply["push_token"]))
+            except BaseException:
+                centre.close()
+                raise
+            push.unlink()  # mapped at both ends: nothing is left behind if either process dies
+            return _SharedMemory(s, centre, push)
+        except (RemoteError, ValueError, TypeError, KeyError, OSError) as exc:
+            log.info("shard %d at %s: exchanging over ZeroMQ, not shared memory (%s)", s.index, s.endpoint, exc)
+            return None
+
+    def _drop_paths(self) -> None:
+        """Unmap the shards' segments; `_choose_paths` chooses again at the next exchange."""
+        for path in self._paths:
+            path.close()
+        self._paths = []
 
     @property
     def residual(self) -> np.ndarray | None:
@@ -405,18 +457,10 @@ class Client:
         """Where to compute the next push's (total,) float32 array so that `push` copies nothing: with one
         shard, through shared memory, the worker's push area itself; else None. Write it only between
         exchanges (the shard reads it while it serves a push)."""
-        self._map_shared_memory()
-        if len(self.shards) == 1 and self._shared and self._shared[0] is not None:
-            return self._shared[0].push.buffers[0]
+        paths = self._choose_paths()
+        if len(paths) == 1 and isinstance(paths[0], _SharedMemory):
+            return paths[0].push.buffers[0]
         return None
-
-    def _unmap_shared_memory(self) -> None:
-        """Unmap the shards' segments; `_map_shared_memory` asks for new ones at the next exchange."""
-        for shared in self._shared:
-            if shared is not None:
-                shared.centre.close()
-                shared.push.close()
-        self._shared, self._shared_asked = [], False
 
     def _collect(self, replies: list[protocol.Message], out: np.ndarray | None, centre: bool) -> np.ndarray:
         """The shards' arrays as one (total,) vector: the centre (``centre``, each reply's last array) or the
@@ -427,90 +471,74 @@ class Client:
         valid until this client's next push."""
         index = -1 if centre else 0
         flags = [shm_reply.decode(m.header) for m in replies]
-        if out is None and len(self.shards) == 1 and not flags[0].shared:
-            view = self._check_slice(self.shards[0], replies[0], index)
-            view.flags.writeable = False
-            return view
-        if out is None and len(self.shards) == 1 and centre and flags[0].centre_in_area \
-                and self._shared and self._shared[0] is not None:
-            view = self._shared[0].push.buffers[1].view()
-            view.flags.writeable = False
-            return view
+        paths = self._paths or [_Frames(s, self.config.wire) for s in self.shards]
+        if out is None and len(paths) == 1:
+            path, via = paths[0], flags[0]
+            view = None
+            if not via.shared:
+                view = path.slice_of(replies[0], index)
+            elif centre and via.centre_in_area and isinstance(path, _SharedMemory):
+                view = path.push.buffers[1].view()
+            if view is not None:
+                view.flags.writeable = False
+                return view
         if out is None:
             out = np.empty(self.total, np.float32)
-        for i, (s, msg, via) in enumerate(zip(self.shards, replies, flags)):
-            shared = self._shared[i] if self._shared else None
+        for i, (path, msg, via) in enumerate(zip(paths, replies, flags)):
+            s = path.shard
             target = out[s.start:s.end]
-            if not via.shared or shared is None:
-                target[:] = self._check_slice(s, msg, index)
+            if not via.shared or not isinstance(path, _SharedMemory):
+                target[:] = path.slice_of(msg, index)
             elif not centre or via.centre_in_area:
                 if not centre and not via.array_in_area:
                     raise ProtocolError("frames", f"shard {s.index} at {s.endpoint} wrote no array to the reply area")
-                np.copyto(target, shared.push.buffers[1])
+                np.copyto(target, path.push.buffers[1])
             else:
-                version = shared.centre.read(target)
+                version = path.centre.read(target)
                 if version is None:  # rewritten under us again and again: ask for a copy instead
                     reply = fan_out([self._peers[i]], [protocol.encode({"op": "PULL", **self._puller()})],
-                                     self.config, "PULL")[0]
-                    target[:] = self._check_slice(s, reply, -1)
+                                    self.config, "PULL")[0]
+                    target[:] = path.slice_of(reply, -1)
                     version = int(reply.header["version"])
                 self.versions[i] = version
         return out
 
-    @staticmethod
-    def _check_slice(s: ShardInfo, msg: protocol.Message, index: int) -> np.ndarray:
-        """The reply's array ``index``, checked to be shard ``s``'s slice."""
-        arr = precision.widen(msg.arrays[index]) if msg.arrays else None
-        if arr is None or arr.shape[0] != s.end - s.start or arr.dtype != np.float32:
-            raise ProtocolError("size", f"shard {s.index} at {s.endpoint} replied with {None if arr is None else arr.shape} "
-                                        f"for its range [{s.start}, {s.end})")
-        return arr
-
-    def _shard_requests(self, header: dict[str, Any], array: np.ndarray | None,
-                        pieces: dict[int, np.ndarray] | None = None) -> list[list[Any]]:
-        """One request per shard: ``header`` and the shard's range of ``array`` (if any) as a frame (``pieces``:
-        shard → what to send instead, in wire form), or, through shared memory, written to the worker's push
-        segment and named by its token. Over ZeroMQ, the header asks for the centre in the wire form."""
-        reqs = []
-        for i, s in enumerate(self.shards):
-            shared = self._shared[i] if self._shared else None
-            h = {**header, "pulled": self.versions[i]} if "pulled" in header else header
-            if shared is not None:
-                area = shared.push.buffers[0]
-                if array is not None and not (len(self.shards) == 1 and array.ctypes.data == area.ctypes.data):
-                    np.copyto(area, array[s.start:s.end])
-                reqs.append(protocol.encode({**h, "shm": shared.push.token}))
-                continue
-            if self.config.wire != "float32":
-                h = {**h, "wire": self.config.wire}
-            piece = pieces[i] if pieces and i in pieces else None if array is None else array[s.start:s.end]
-            reqs.append(protocol.encode(h, [] if piece is None else [piece]))
-        return reqs
-
-    def _narrow(self, delta: np.ndarray) -> dict[int, np.ndarray] | None:
-        """The push's pieces for shards reached over ZeroMQ, in the wire form, with error feedback."""
-        if self.config.wire == "float32":
-            return None
-        if self._feedback is None or self._feedback.residual.shape != (self.total,):
+    def _pieces(self, array: np.ndarray | None) -> list[np.ndarray | None]:
+        """Each shard's piece of ``array``: its range, or for a shard reached over a half-precision wire the
+        range narrowed with error feedback. Made once per push, so a push re-sent keeps its pieces and the
+        residual counts its rounding once."""
+        if array is None:
+            return [None] * len(self._paths)
+        if self.config.wire != "float32" and (self._feedback is None or self._feedback.residual.shape != (self.total,)):
             self._feedback = precision.ErrorFeedback(self.total, self.config.wire)
-        return {i: self._feedback.encode(delta[s.start:s.end], s.start, s.end) for i, s in enumerate(self.shards)
-                if not (self._shared and self._shared[i] is not None)}
+        return [array[p.shard.start:p.shard.end] if p.shared or self._feedback is None
+                else self._feedback.encode(array[p.shard.start:p.shard.end], p.shard.start, p.shard.end)
+                for p in self._paths]
 
-    def _send(self, header: dict[str, Any], array: np.ndarray | None = None) -> list[protocol.Message]:
-        """Ask every shard; a shard that no longer knows this worker's segments (it restarted) is asked for new
-        ones, once, and the request re-sent (a push keeps its seq, so none is applied twice)."""
-        self._map_shared_memory()
-        pieces = self._narrow(array) if array is not None else None
+    def _send(self, header: dict[str, Any], array: np.ndarray | None = None,
+              pulled: bool = False) -> list[protocol.Message]:
+        """Ask every shard, each by its path (``pulled``: with the centre version this client last saw of it);
+        a shard that no longer knows this worker's segments (it restarted) is asked for new ones, once, and the
+        request re-sent (a push keeps its seq, so none is applied twice)."""
+        self._choose_paths()
+        pieces = self._pieces(array)
+
+        def requests() -> list[list[Any]]:  # a shard whose path changed kind since the pieces were cut: its range
+            return [p.request({**header, "pulled": self.versions[i]} if pulled else header,
+                              piece if p.shared == was or array is None else array[p.shard.start:p.shard.end])
+                    for i, (p, piece, was) in enumerate(zip(self._paths, pieces, chosen))]
+
+        chosen = [p.shared for p in self._paths]
         try:
-            return fan_out(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
+            return fan_out(self._peers, requests(), self.config, header["op"])
         except RemoteError as exc:
-            if exc.code != "shm" or not any(self._shared):
+            if exc.code != "shm" or not any(chosen):
                 raise
             log.info("worker %d: %s; mapping shared memory again", self.worker, exc.reason)
-            self._unmap_shared_memory()
-            self._map_shared_memory()
+            self._drop_paths()
+            self._choose_paths()
             self._resent += 1  # to every shard: those that took the first one answer this copy "not applied"
-            return fan_out(self._peers, self._shard_requests(header, array, pieces), self.config, header["op"])
+            return fan_out(self._peers, requests(), self.config, header["op"])
 
     def pull(self, out: np.ndarray | None = None) -> np.ndarray:
         """The whole centre as one float32 vector (total,): copied into ``out`` if given; else, from one shard
@@ -535,8 +563,8 @@ class Client:
             raise ValueError(f"delta must be float32 ({self.total},), got {delta.dtype} {delta.shape}")
         self.seq += 1
         sent = self.retries + self._resent
-        replies = self._send({"op": "PUSH", **self.who(), "seq": self.seq, "pulled": 0, "mode": mode,
-                              "scale": float(scale), "pull": pull}, delta)
+        replies = self._send({"op": "PUSH", **self.who(), "seq": self.seq, "mode": mode, "scale": float(scale),
+                              "pull": pull}, delta, pulled=True)
         voided = [k for k, m in enumerate(replies) if m.header.get("applied") is False]
         if voided and self.retries + self._resent == sent:
             # Sent once and not applied: the shard holds a later seq of this rank than ours, pushed by another
@@ -585,4 +613,4 @@ class Client:
     def close(self) -> None:
         for p in [self.coordinator, *self._peers]:
             p.close()
-        self._unmap_shared_memory()
+        self._drop_paths()
