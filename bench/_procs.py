@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from pserver.layout import Layout
-from runner.procs import kill_tree
+from pserver.procs import stop_tree
 
 #: The talk's network (GRU 512 on 50 features), 2,447,562 float32, BatchNorm statistics included.
 TALK_LAYOUT = Layout.from_shapes([
@@ -53,7 +53,7 @@ def _process(cmd: list[str], ready: Path, log_path: Path, what: str, timeout_s: 
     try:
         yield _wait_file(ready, proc, log_path, timeout_s, what)
     finally:
-        kill_tree(proc)
+        stop_tree(proc)
 
 
 @contextlib.contextmanager
@@ -104,7 +104,7 @@ def keras_reference(data: Path, out: Path, *, threads: int, epochs: int, hidden:
         try:
             proc.wait(timeout=timeout_s)
         finally:
-            kill_tree(proc, grace_s=5)
+            stop_tree(proc, grace_s=5)
     if proc.returncode != 0:
         raise RuntimeError(f"plain Keras run failed ({proc.returncode}): {log_path.read_text()[-2000:]}")
     return json.loads((out / "summary.json").read_text()), read_history(out / "history.jsonl")
@@ -124,5 +124,5 @@ def run_all(cmds: Sequence[list[str]], timeout_s: float, env: dict[str, str] | N
             outs.append(out.decode())
     finally:
         for p in procs:
-            kill_tree(p, grace_s=2.0)
+            stop_tree(p, grace_s=2.0)
     return outs

@@ -37,8 +37,9 @@ import numpy as np
 import psutil
 import pytest
 
-from bench._procs import QUICK, TALK_LAYOUT, echo_servers, kill_tree, pserver
+from bench._procs import QUICK, TALK_LAYOUT, echo_servers, pserver
 from pserver.client import Client
+from pserver.procs import stop_tree
 
 WORKERS = 8
 REPS, PHASE_S, GAP_S = (1, 0.3, 0.3) if QUICK else (3, 4.0, 0.5)
@@ -102,7 +103,7 @@ def _run_workers(plan: dict, tmp: Path, timeout_s: float,
         return counts, cpu
     finally:
         for p in procs:
-            kill_tree(p, grace_s=2.0)
+            stop_tree(p, grace_s=2.0)
 
 
 @pytest.mark.timeout(1800)

@@ -55,8 +55,7 @@ from bench._procs import QUICK
 from bench._timing import numbers
 from pserver import checkpoint
 from pserver.client import Client, ClientConfig
-from pserver.procs import wait_until
-from runner.procs import kill_tree
+from pserver.procs import stop_tree, wait_until
 
 SOAK_S = float(os.environ.get("NOTPU_SOAK_S", 1800))
 KILL_EVERY_S = float(os.environ.get("NOTPU_SOAK_KILL_EVERY_S", 180))
@@ -156,7 +155,7 @@ class Job:
     def close(self) -> None:
         self.client.close()
         for p in self.procs:
-            kill_tree(p, grace_s=5.0)
+            stop_tree(p, grace_s=5.0)
 
 
 def rss_slope(samples: list[tuple[float, int]]) -> tuple[float, float]:

@@ -33,7 +33,7 @@ import pytest
 
 from bench import _netns as netns
 from bench._procs import QUICK, TALK_LAYOUT, pserver
-from runner.procs import kill_tree
+from pserver.procs import stop_tree
 
 ROUNDS = 2 if QUICK else 5
 WIRES = ("float32", "float16", "bfloat16")
@@ -130,7 +130,7 @@ def test_transport_wire_convergence(benchmark) -> None:
                 aucs[wire] = json.loads((run / "out" / "summary.json").read_text())["test_auc"]
             finally:
                 for p in procs:
-                    kill_tree(p)
+                    stop_tree(p)
     info = {f"test_auc_{w}": round(a, 4) for w, a in aucs.items()}
     info.update({f"auc_{w}_minus_float32": round(aucs[w] - aucs["float32"], 4) for w in WIRES[1:]})
     info["target"] = "auc_float16 - auc_float32 >= -0.005"

@@ -48,21 +48,10 @@ LONG_WINDOW_BUCKET_DAYS = 7
 def auto_bucket_days(observation_days: int) -> int:
     """The default step: a day up to LONG_WINDOW_DAYS, a week beyond.
 
-    Measured with plain Keras (GRU 64, 3 epochs, 2 threads, seeds 0-2) on
-    generated logs of 20,000 customers:
-
-    - retail purchases over 273 days (99.5% of day cells empty): daily steps
-      test AUC 0.709 / 0.685 / 0.678 in 162-192 s; weekly steps 0.750 /
-      0.753 / 0.745 in 24-36 s. A GRU three epochs into 273 mostly empty
-      days is still far from what it can learn; 39 weekly steps carry the
-      same purchases and train six times faster.
-    - MMO sessions over 90 days: daily 0.927 in 90 s, weekly 0.924 in 20 s
-      (seed 0): churners fade over their last days and weeks, which daily
-      steps resolve. The talk's 90-day window keeps daily steps.
-
-    The threshold lies between those two windows; 120 days keeps daily steps
-    for the windows this kind of model was designed for (up to about four
-    months) and buckets the 6-18 months of history a shop brings.
+    Weekly steps train a long, sparse window (a shop's 6-18 months) several
+    times faster and score higher; up to about four months, daily steps
+    resolve how churners fade (bench/RESULTS.md, "Why the defaults are what
+    they are").
     """
     return 1 if observation_days <= LONG_WINDOW_DAYS else LONG_WINDOW_BUCKET_DAYS
 

@@ -6,53 +6,24 @@ The table (`RULES`) is the rules' own entries: each module of
 import; there is no other list. `make_rule` builds a rule's worker side,
 `effective_settings` resolves its λ, α and learning rate for a run.
 
-Defaults, and why. Each was measured with `notpu train --workers 2` against
-one plain Keras process on the same model, data, split, batch and epochs
-(docs/guides/rules.md, "Which rule when", has the figures); the causes:
+Defaults, and why (the figures, and what they were measured on:
+bench/RESULTS.md, "Why the defaults are what they are"):
 
-- **λ is capped by the data.** A λ larger than the steps in an epoch means
-  almost no exchanges on small data (1,500 players, λ = 32: the AEASGD centre
-  received 2 updates in 3 epochs and stayed near its initial AUC). The rule's
-  λ is an upper bound: a worker exchanges at least 4 times an epoch and 12
-  times a run. An explicit `--window` is taken as given.
-- **The learning rate is the one a single process would use**; each rule
-  scales it so that the centre advances per sample as fast as plain Keras:
-  - DOWNPOUR adds every worker's whole Δ: per sample the centre moves as
-    plain Keras does. Scale 1.
-  - ADAG moves the centre by Δ/λ, one mean local step per λ steps: per
-    sample λ times slower than plain Keras (λ = 12: test AUC 0.647 against
-    0.824 on 1,500 players). Its local rate is λ × the base, and λ is 2:
-    Adam at 12 × 0.001 is too coarse for the GRU (20,000 players: 0.897
-    against 0.927 at λ = 12, 0.920 at λ = 4, 0.925 at λ = 2).
-  - DynSGD divides Δ by staleness + 1, and with n asynchronous workers the
-    staleness is about n − 1: per sample n times slower. Scale n.
-  - Averaging keeps the centre at the mean of the workers, and a mean of n
-    workers moves as one worker does: n times slower. Scale n (the linear
-    scaling rule of large-batch SGD); rounds every quarter epoch.
-  - The elastic rules keep the centre at the elastic mean of the workers,
-    which moves as one worker does: scale n, as averaging. The steady-state
-    picture says the pull towards a trailing centre costs another 1/(n + 1)
-    of the progress (centre nα·gap = u, worker λv − α·gap = u, so
-    u = λv · n/(n + 1)), which scale n + 1 would pay for; on sparse retail
-    logs it loses instead (20,000 customers, 5 seeds: AEASGD 0.737, EASGD
-    0.739 at n + 1 against 0.748 and 0.748 at n; plain Keras 0.750).
-    Measured at each exchange, the faster local rate did not carry the
-    workers further: after 3 epochs a worker was 7.7–8.0 from where it began
-    at n + 1 and 7.3–7.7 at n, while it stood 30% further from the centre
-    (|W − C| 1.10–1.16 against 0.88, mean of the middle exchanges). The
-    extra rate is motion the pull takes back, not progress, and the centre,
-    the mean of workers further apart, scores lower. On 20,000 game players
-    n + 1 was worth 0.003 (AEASGD 0.922 against 0.918; plain Keras 0.927),
-    within the 0.01 both keep. λ = 8 (the EASGD paper's τ ≈ 10;
-    8 and 24 scored the same).
-- **α = 0.9/n** for every elastic rule (the EASGD paper's β = pα = 0.9):
-  with the old asynchronous α = 0.05 and n = 2 the centre trailed the
-  workers by about λ/(nα) = 10 windows.
-- **EAMSGD's local optimizer is Nadam** (Adam with Nesterov momentum):
-  the rule's point is momentum in the local steps, and SGD with Nesterov
-  momentum, the paper's choice, trains this GRU far worse than Adam does in
-  the same epochs (20,000 players: 0.909; a 1,500-player log at SGD's default
-  0.001: 0.504).
+- λ is an upper bound: a worker exchanges at least 4 times an epoch and 12
+  times a run, so small data still gets many exchanges. An explicit
+  `--window` is taken as given.
+- The learning rate is the one a single process would use; each rule scales
+  it (``Rule.lr_scale``: 1, λ or n) so that the centre advances per sample
+  as fast as plain Keras does. The elastic rules take n, not n + 1: the
+  extra rate is motion the pull towards the centre takes back.
+- ADAG's λ is 2: its local rate is λ × the base, and Adam at larger local
+  rates is too coarse for the GRU. The elastic rules' λ is 8, near the
+  EASGD paper's τ ≈ 10.
+- α = 0.9/n for every elastic rule (the EASGD paper's β = pα = 0.9), so the
+  centre does not trail the workers by many windows.
+- EAMSGD's local optimizer is Nadam (Adam with Nesterov momentum): the
+  rule's point is momentum in the local steps, and SGD with Nesterov
+  momentum, the paper's choice, trains this GRU far worse in the same epochs.
 """
 from __future__ import annotations
 

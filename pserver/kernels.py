@@ -36,11 +36,10 @@ from numba.extending import intrinsic
 # The one-pass apply kernels run on one thread and let LLVM reassociate (only
 # that: no nnan/ninf, so NaN and Inf are still seen, and no contraction, so
 # every element of ``out`` is bit-for-bit the numpy expression). Reassociation
-# is what lets the float64 sum of squares vectorise: 2.4M floats take ~0.4 ms,
-# the speed of a bare numpy add, against ~1.5 ms strictly in order. Threads do
-# not pay here: the pass is memory-bound, and on a 2-core machine a second
-# thread takes the core ZeroMQ's I/O thread needs to move the same bytes
-# (bench/test_bench_transport.py, bench/test_bench_kernels.py).
+# is what lets the float64 sum of squares vectorise, to the speed of a bare
+# numpy add. Threads do not pay here: the pass is memory-bound, and on a 2-core
+# machine a second thread takes the core ZeroMQ's I/O thread needs to move the
+# same bytes (bench/RESULTS.md, "Why the defaults are what they are").
 _JIT = dict(parallel=False, fastmath={"reassoc"}, cache=True, nogil=True)
 
 # sum_round adds each element's workers in order, in float64, so it keeps
@@ -162,8 +161,8 @@ def warm_up() -> None:
 
 # float32 ↔ float16 by LLVM's fptrunc / fpext: one instruction per 8 values where the CPU has one (x86 F16C, ARM),
 # rounding to nearest even as numpy's cast does, bit for bit except a NaN's payload (a NaN stays a NaN). The
-# bit-twiddling kernels below branch on the exponent and do not vectorise: 4 ms for 2.4M floats of normal size and
-# 13 ms for a worker's small deltas (half subnormals), against 0.4-0.5 ms here. Without such an instruction LLVM
+# bit-twiddling kernels below branch on the exponent and do not vectorise: several times slower, and slowest on a
+# worker's small deltas (bench/RESULTS.md, "Why the defaults are what they are"). Without such an instruction LLVM
 # calls a library function the JIT does not link; `half_instructions` tries the pair once and says which to use.
 
 @intrinsic

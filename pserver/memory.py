@@ -1,16 +1,15 @@
 """Giving freed heap memory back to the OS: what a server process calls between requests.
 
-ZeroMQ allocates each connection's pipes and encoder/decoder buffers (about 23 KiB a connection that
-completed its handshake, measured with 10,000 idle ones) from glibc's heap, mostly in its I/O thread's
-arena. When the connections close, ZeroMQ frees all of it, but glibc keeps freed chunks in the middle of
-an arena for reuse, and a new round of connections is not laid out where the old one was: a shard grew
-by about 200 MiB a round of 10,000 connections and kept it (229 -> 730 MiB over four rounds), while
-``malloc_trim(0)`` took the same process from 682 MiB back to 167 MiB. `HeapTrimmer` calls it every
-``every_s``: what a burst of connections cost is back with the OS within that time after they close.
+ZeroMQ allocates each connection's pipes and encoder/decoder buffers from glibc's heap, mostly in its
+I/O thread's arena. When the connections close, ZeroMQ frees all of it, but glibc keeps freed chunks in
+the middle of an arena for reuse, and a new round of connections is not laid out where the old one was:
+a server's heap grows with every burst of connections and keeps what it grew, until ``malloc_trim(0)``
+hands it back. `HeapTrimmer` calls it every ``every_s``: what a burst of connections cost is back with
+the OS within that time after they close.
 
 ``malloc_trim`` walks the arenas' free chunks and gives their whole pages back; the next allocation that
-lands there takes a page fault. A trim with nothing much to give back takes about a millisecond on a
-shard's heap, one giving back 50 MiB some 13 ms: once every few seconds, noise next to a server's requests.
+lands there takes a page fault. A trim costs milliseconds: once every few seconds, noise next to a
+server's requests (the figures: bench/RESULTS.md, "Why the defaults are what they are").
 Elsewhere than glibc (musl, macOS) there is no ``malloc_trim`` and this does nothing.
 """
 from __future__ import annotations

@@ -33,8 +33,8 @@ def check(wire: str) -> str:
 def narrow(x: np.ndarray, wire: str) -> np.ndarray:
     """float32 (n,) → its wire form: float16 (as numpy's cast: beyond ±65504 is Inf, which `fits` lets a caller
     avoid; a NaN stays a NaN), bfloat16 as uint16 (round to nearest even), or x itself. One Numba pass
-    (`pserver.kernels`: the CPU's conversion instruction where it has one; numpy's float16 cast takes 8-100 ms
-    for the talk's 2.4M floats, depending on how many are small)."""
+    (`pserver.kernels`: the CPU's conversion instruction where it has one, many times faster than numpy's
+    float16 cast; bench/RESULTS.md, "Why the defaults are what they are")."""
     if wire == "float32":
         return x
     from pserver import kernels  # Numba: loaded by the workers that use a half-precision wire only

@@ -21,7 +21,8 @@ from pserver import checkpoint, security, shm
 from pserver.client import ClientConfig, request
 from pserver.errors import ConfigError, NotpuError
 from pserver.memory import HeapTrimmer
-from pserver.shard import Shard, ShardConfig
+from pserver.shard import Shard
+from pserver.shard_state import ShardConfig
 
 log = logging.getLogger("pserver.shard")
 
@@ -52,8 +53,8 @@ class ShardProcessConfig:
 
 #: A restarted shard serves only once registered, and its REGISTER can queue at the coordinator behind STATS
 #: requests (an evaluator sends one every 0.5 s) that each wait up to 5 s for this very shard. A retry goes on a
-#: fresh socket, so an answer later than the timeout is lost: with 2 s the shard never heard one while an
-#: evaluator was polling. Long enough for a few STATS ahead of it.
+#: fresh socket, so an answer later than the timeout is lost. Long enough for a few STATS ahead of it
+#: (bench/RESULTS.md, "Why the defaults are what they are").
 REGISTER_TIMEOUT_S = 20.0
 
 

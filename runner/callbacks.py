@@ -51,9 +51,9 @@ class CallbackSettings:
     min_delta: float = 0.0  # an improvement must exceed this to reset the patience
     # RUN/model.keras and the test scores from the best centre of the run, not the last. On by default for
     # `notpu train` (--no-restore-best turns it off): a centre is scored every few seconds, and the last one of an
-    # asynchronous run is one noisy step of many (ADAG, 10 epochs, 3 seeds on 20,000 retail customers and one on
-    # 20,000 game players: the best evaluation's val AUC was 0.002-0.0035 above the last's). `fit()` follows Keras:
-    # the last weights unless EarlyStopping(restore_best_weights=True) or ModelCheckpoint(save_best_only=True).
+    # asynchronous run is one noisy step of many (bench/RESULTS.md, "Why the defaults are what they are").
+    # `fit()` follows Keras: the last weights unless EarlyStopping(restore_best_weights=True) or
+    # ModelCheckpoint(save_best_only=True).
     restore_best: bool = True
     checkpoint: str | None = None  # ModelCheckpoint's filepath
     checkpoint_best_only: bool = False

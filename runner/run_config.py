@@ -26,13 +26,9 @@ class RunConfig:
     window: int | None = None
     alpha: float | None = None
     learning_rate: float | None = None  # what one plain Keras process would use; the rule scales it
-    # 10 epochs: at 3 the GRU is still on the steep part of its curve on a few thousand customers (ADAG, GRU 64,
-    # 2 workers, 20,000 retail customers of whom 7,982 train: 3 epochs are ~190 Adam steps per worker, test AUC
-    # 0.7483 over 3 seeds; 10 epochs with the best centre kept: 0.7674, where boosting scores 0.7659; 20,000
-    # game players: 0.9248 -> 0.9348 over 3 seeds, boosting 0.9306). The rules' rate and λ defaults
-    # (optimizers.base) were measured over 3 epochs and hold per sample, so more epochs only help them
-    # (every rule on that retail log, one seed: 0.009-0.020 above its 3-epoch mean). A worker handed a run config
-    # without epochs (a hand-written --run-json) takes this default too.
+    # 10 epochs: at 3 the GRU is still on the steep part of its curve on a few thousand customers
+    # (bench/RESULTS.md, "Why the defaults are what they are"). A worker handed a run config without epochs
+    # (a hand-written --run-json) takes this default too.
     epochs: int = 10
     batch_size: int = 64  # Keras' usual mini-batch; the rules' defaults were measured with it
     hidden: int = 64  # GRU width: small enough for CPUs (the talk's model: 512)

@@ -46,11 +46,8 @@ class TrainConfig:
     finish_timeout_s: float = 300.0  # after the last worker exits, how long the evaluator may take
     checkpoint_every_s: float = ServerConfig.checkpoint_every_s  # shards checkpoint to RUN/checkpoints. 0: off
     # A push whose update norm (per shard slice) exceeds this is refused (too_large): a guard against one
-    # exploding worker, on by default here (`pserver start` leaves it off). The largest norm our own runs pushed
-    # (2 workers, 1 shard, 2 epochs of 400 generated players, unguarded): default GRU on the MMO log 0.48
-    # downpour, 0.48 adag, 0.61 dynsgd, 0.34 aeasgd, 0.29 eamsgd (0.48 over 10 epochs of downpour); on the
-    # retail log 0.23, 0.42, 0.28, 0.24 (downpour, dynsgd, aeasgd, eamsgd); a user model (a Conv1D, Adam 0.01)
-    # on the MMO log 0.38, 0.38, 0.77, 0.35, 0.37. 1000 is 1300 times the largest; 0 turns it off.
+    # exploding worker, on by default here (`pserver start` leaves it off). 1000 is over a thousand times the
+    # largest norm any rule pushed in our runs (bench/RESULTS.md, "Why the defaults are what they are"); 0: off.
     max_delta_norm: float = 1000.0
     progress: bool = True
     # RUN may be absent, empty or a previous run; any other directory is written into only when this is set,

@@ -9,6 +9,8 @@ from optimizers.rules.downpour import Downpour
 class Adag(Downpour):
     """As DOWNPOUR, pushing Δ/λ.  Shard: C ← C + Δ/λ. Its local rate is λ × the base (`optimizers.base`)."""
 
+    # λ = 2: Adam at larger local rates is too coarse for the GRU (bench/RESULTS.md, "Why the defaults are what
+    # they are")
     spec = Rule("adag", sync=False, window=2, mode="scaled", lr_scale="window",
                 doc="push Δ/λ, pull C; C ← C + Δ/λ (accumulated gradient normalisation)")
 
