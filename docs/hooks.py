@@ -43,7 +43,7 @@ CONFIGS = (
     ("runner.demo", "DemoConfig"),
     ("models.gru", "ModelConfig"),
     ("pserver.server", "ServerConfig"),
-    ("pserver.shard", "ShardConfig"),
+    ("pserver.shard_state", "ShardConfig"),
     ("pserver.client", "ClientConfig"),
     ("runner.worker", "WorkerConfig"),
     ("runner.evaluator", "EvaluatorConfig"),

@@ -11,7 +11,7 @@ Files in the checkpoint directory::
                        form: ranks, names, done and lost workers, run config, model, shard endpoints,
                        reply memory) with its format and a CRC32 of the state
     shard-K.npz        shard K's slice and a JSON header, one .npz, no pickle: the header holds every field
-                       of `pserver.shard.ShardState` but the centre, and the slice's CRC32, the time
+                       of `pserver.shard_state.ShardState` but the centre, and the slice's CRC32, the time
                        it was written and the format
 
     shard-K.prev.npz   the shard's checkpoint before the last one, kept until the next one is verified
@@ -66,7 +66,8 @@ import numpy as np
 from pserver.coordinator_state import WIRE_KEYS, CoordinatorState
 from pserver.errors import CheckpointError
 from pserver.fileio import atomic_write, atomic_write_json, fsync_dir
-from pserver.shard import Shard, ShardState
+from pserver.shard import Shard
+from pserver.shard_state import ShardState
 
 if TYPE_CHECKING:  # a shard process, which checkpoints too, never loads the coordinator
     from pserver.coordinator import Coordinator

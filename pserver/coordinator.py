@@ -37,7 +37,7 @@ leaves, whenever a reply reports a decision (a rank taken, the model fixed,
 a DONE, a STOP: ``on_change``), so that a client never holds an answer the
 restored server has forgotten; and every checkpoint interval for the rest
 (heartbeat counts, lost workers, observers). Round numbers are the shards'
-(`pserver.shard.ShardState`). Times are not kept: a restored worker or
+(`pserver.shard_state.ShardState`). Times are not kept: a restored worker or
 observer counts as seen at the restore.
 
 Never waiting. The coordinator is one loop on one thread, and nothing in it

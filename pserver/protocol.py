@@ -178,7 +178,7 @@ MAX_WORLD = 1 << 16
 #: world shrinks for the rest of the run. 60 s, not local mode's former 30 s: dropping a slow but live worker
 #: (a GC pause, a busy or slower host, a long averaging window) costs it for good, waiting for a dead one costs
 #: the seconds once. A JOIN's run config hands the server's value to workers (the wait for a ROUND's reply).
-#: The one default: `pserver.shard.ShardConfig`, ServerConfig, `pserver start` and `notpu train` take it from here.
+#: The one default: `pserver.shard_state.ShardConfig`, ServerConfig, `pserver start` and `notpu train` take it from here.
 ROUND_TIMEOUT_S = 60.0
 
 #: A push's seq is below 2^63 (an int64, as msgpack and the checkpoints' JSON carry it).

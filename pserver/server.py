@@ -47,7 +47,7 @@ from pserver.coordinator import MAX_MESSAGE_BYTES, Coordinator
 from pserver.errors import ConfigError, ServerUnreachable
 from pserver.fileio import atomic_write_json
 from pserver.procs import stop_trees
-from pserver.shard import ShardConfig
+from pserver.shard_state import ShardConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,22 +23,11 @@ socket, so every op must be safe to receive twice:
   as it is now), not refused as out of order.
 - BYE and LOST add workers to sets; PULL, STATS and PING change nothing.
 
-Memory. ZeroMQ's frame limit (MAXMSGSIZE) is read when the socket binds and
-holds for every connection made through that bind; setting it later changes
-nothing, for old peers or new. It is therefore ``max_message_bytes``, which
-must hold the largest slice a shard may be given in its INIT, fixed before
-the layout is known (the coordinator refuses an INIT whose slices exceed it).
-Once the shard holds its slice, a message with an array frame larger than
-the slice (at 8 bytes a value, the widest dtype) is refused (``size``) before it is decoded: nothing legitimate is
-larger (frame 0, the header, is held to `pserver.protocol.MAX_HEADER_BYTES`
-by the decoder, before msgpack reads it). That bounds work, not memory: the
-message was received whole. What bounds memory is ZeroMQ's: per connection,
-at most RCVHWM queued messages and one being received, each frame at most
-``max_message_bytes`` (a peer sending a larger one is disconnected). ZeroMQ
-limits neither the connections nor the frames of one multipart message, so
-without ``--keys`` a stranger who can reach the port can still make a shard
-hold more; with ``--keys`` a peer without a listed key never gets past the
-CurveZMQ handshake to send a frame.
+Memory. The frame limit ZeroMQ enforces (`pserver.router`) is fixed at bind, before the layout is known:
+``max_message_bytes`` must hold the largest slice an INIT may carry (the coordinator refuses an INIT
+whose slices exceed it). Once the shard holds its slice, a message with an array frame larger than the
+slice at the widest dtype is refused (``size``) before it is decoded: that bounds work; what bounds
+memory is ZeroMQ's per-connection queue (`pserver.router.RCVHWM`), and against strangers only ``--keys``.
 """
 from __future__ import annotations
 
@@ -46,7 +35,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -60,6 +48,7 @@ from pserver.norms import NormGuard
 from pserver.protocol import error, field as hfield, ok
 from pserver.rounds import ClosedRound, Round
 from pserver.ssp import StalenessGate
+from pserver.shard_state import PushRecord, ShardConfig, ShardState, PendingPush
 from pserver.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -77,81 +66,6 @@ def numba_kernels() -> ShardKernels:
 
     kernels.warm_up()
     return kernels
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    index: int = 0
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: a port chosen by the OS
-    advertise_host: str | None = None  # the host workers should dial, if not `host`
-    # ZeroMQ drops a peer that sends a larger frame. It must hold the largest slice (4 bytes a float) a shard will
-    # own, as the INIT carries it in one frame, and is fixed before that is known: 256 MiB, 64 million floats a
-    # shard. The coordinator refuses the INIT of a model whose slices are larger, naming this setting.
-    max_message_bytes: int = 256 << 20
-    max_delta_norm: float = 0.0  # 0: no limit; else larger updates are refused
-    round_timeout_s: float = protocol.ROUND_TIMEOUT_S  # a round closes without its missing workers after this
-    poll_interval_s: float = 0.1  # how often timers (round timeout, checkpoints) are looked at
-    max_delta_norm_factor: float = 0.0  # 0: off; else refuse norms over F × running median (pserver.norms)
-    max_staleness: int = -1  # -1: off; else SSP bound on clock gaps (pserver.ssp)
-    keys_dir: str | None = None  # CurveZMQ server keys and allow-list (pserver.security)
-    # The server's world, which an INIT must repeat; 0: whatever the first INIT says, up to protocol.MAX_WORLD
-    # (a shard started by hand, or in a test).
-    world: int = 0
-    # Modules the shard imports at start, by name, that register shard-side applies (pserver.applies) beyond
-    # the built-ins: how a rule with its own apply reaches the shards. `pserver` names none itself.
-    plugins: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "plugins", tuple(self.plugins))  # a JSON list, as handed to a shard process
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """What a shard needs to resume serving: its range, clocks, per-worker seq table and weights.
-
-    `Shard.snapshot()` returns one; `Shard.restore()` takes one. ``centre`` is
-    a read-only copy, so a snapshot stays valid while the shard goes on. A
-    checkpoint file (`pserver.checkpoint`) holds these fields: the centre as
-    its array, every other one in its JSON header.
-    """
-
-    index: int
-    start: int
-    end: int
-    total: int
-    world: int
-    version: int
-    round: int  # the number of the synchronous round now open
-    fingerprint: str  # the model's layout fingerprint, from INIT
-    seqs: dict[int, int]  # worker -> seq of the last push applied
-    updates: dict[int, int]  # worker -> updates applied (the SSP clocks)
-    lost: tuple[int, ...]
-    left: tuple[int, ...]
-    centre: np.ndarray  # (end − start,) float32
-
-
-@dataclass
-class _PushRecord:
-    seq: int
-    reply: dict[str, Any]
-    extra: list[np.ndarray] = field(default_factory=list)  # the apply's reply arrays (elastic: E), re-sent on a retry
-
-
-@dataclass(frozen=True)
-class _Push:
-    """A PUSH that passed every check, ready to apply (now, or when the SSP gate releases it)."""
-
-    identity: bytes
-    worker: int
-    seq: int
-    pulled: int
-    apply: PushApply  # the mode's
-    scale: float
-    pull: bool
-    delta: np.ndarray  # a view on the received frame, or on the worker's push segment
-    segment: shm.Segment | None = None  # the worker's push segment if it came through shared memory
-    wire: str = "float32"  # the form of the centre in the reply (pserver.precision)
 
 
 class Shard:
@@ -192,16 +106,15 @@ class Shard:
         self.lost: set[int] = set()
         self.left: set[int] = set()
         self.round = Round()
-        self._pushes: dict[int, _PushRecord] = {}
-        self._push_segments: dict[int, shm.Segment] = {}  # worker -> its push segment (co-located workers, SHM)
-        self._segments: list[str] = []  # names this shard created, unlinked at close if still there
+        self._pushes: dict[int, PushRecord] = {}
+        self.segments = shm.ShardSegments(config.index)  # co-located workers' shared memory (SHM)
         self._init_rid: tuple[int, int] | None = None  # the request id of the INIT that set the slice
         self._closed: ClosedRound | None = None  # the round that closed last, for retries of it
         self._stopping = False
         self.on_tick: Callable[[], Any] | None = None  # called from the loop's timer (parent watch, checkpoints)
         self.fingerprint = ""  # the model's layout fingerprint, from INIT; kept in checkpoints
         self.norm_guard = NormGuard(config.max_delta_norm_factor) if config.max_delta_norm_factor else None
-        self.gate: StalenessGate[_Push] | None = \
+        self.gate: StalenessGate[PendingPush] | None = \
             StalenessGate(config.max_staleness) if config.max_staleness >= 0 else None
         self.handlers: dict[str, Callable[[bytes, protocol.Message], list[Any] | None]] = {
             "INIT": self._init, "PULL": self._pull, "PUSH": self._push, "ROUND": self._round_push,
@@ -228,12 +141,7 @@ class Shard:
 
     def close_segments(self) -> None:
         """Unmap the shared-memory segments and remove every name this shard created that is still there."""
-        for segment in self._push_segments.values():
-            segment.close()
-        self._push_segments.clear()
-        for name in self._segments:
-            shm._unlink(name)
-        self._segments.clear()
+        self.segments.close()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -350,7 +258,7 @@ class Shard:
         self.version = state.version
         self.round = Round(number=state.round)
         self.fingerprint = state.fingerprint
-        self._pushes = {w: _PushRecord(seq=s, reply=ok(version=state.version, staleness=0, applied=True))
+        self._pushes = {w: PushRecord(seq=s, reply=ok(version=state.version, staleness=0, applied=True))
                         for w, s in state.seqs.items()}
         for w, n in state.updates.items():
             self.stats.updates[w] = n
@@ -480,21 +388,10 @@ class Shard:
         if not shm.available():
             raise ProtocolError("shm", f"shard {self.config.index} has no {shm.SHM_DIR}; exchange over ZeroMQ")
         try:
-            if centre.segment is None:
-                segment = shm.CentreSegment.create(shm.centre_name(self.config.index), centre.size)
-                self._segments.append(segment.name)
-                centre.share(segment, self.version)
-            segment = shm.Segment.create(shm.push_name(self.config.index, worker), centre.size)
+            segment = self.segments.grant(worker, centre, self.version)
         except OSError as exc:
             raise ProtocolError("shm", f"shard {self.config.index} cannot create a shared-memory segment "
                                        f"({exc}); exchange over ZeroMQ") from None
-        self._segments.append(segment.name)
-        old = self._push_segments.pop(worker, None)
-        if old is not None:  # asked again (its reply was lost, or it restarted): the old one is never mapped again
-            old.unlink()
-            self._segments.remove(old.name)
-            old.close()
-        self._push_segments[worker] = segment
         assert centre.segment is not None
         return protocol.encode(ok(n=centre.size, centre=centre.segment.name, centre_token=centre.segment.token,
                                   push=segment.name, push_token=segment.token))
@@ -503,8 +400,8 @@ class Shard:
         """The worker's push segment for a request that names it by token (0: none, over ZeroMQ)."""
         if not token:
             return None
-        segment = self._push_segments.get(worker)
-        if segment is None or segment.token != token:
+        segment = self.segments.find(worker, token)
+        if segment is None:
             raise ProtocolError("shm", f"worker {worker} has no push segment {token:#x} at shard {self.config.index} "
                                        f"(restarted?); ask for one with SHM, or send the arrays as frames")
         return segment
@@ -538,12 +435,12 @@ class Shard:
             extra = last.extra if seq == last.seq else []
             return self._push_reply(identity, header, extra, want_pull, segment, wire)
 
-        push = _Push(identity, worker, seq, pulled, apply, scale, want_pull, delta, segment, wire)
+        push = PendingPush(identity, worker, seq, pulled, apply, scale, want_pull, delta, segment, wire)
         if self.gate is not None and not self.gate.admit(worker, push, self.live_workers(), self.stats.updates):
             return None  # SSP: parked; applied and answered when the slowest live worker has caught up
         return self._apply_push(push)
 
-    def _apply_push(self, push: _Push) -> list[Any] | None:
+    def _apply_push(self, push: PendingPush) -> list[Any] | None:
         centre = self._require_ready()
         worker = push.worker
         staleness = max(self.version - push.pulled, 0)
@@ -577,7 +474,7 @@ class Shard:
         self.stats.last_norm[worker] = norm
         self.stats.max_norm = max(self.stats.max_norm, norm)
         reply = ok(version=self.version, staleness=staleness, applied=True, norm=norm)
-        self._pushes[worker] = _PushRecord(seq=push.seq, reply=reply, extra=extra)
+        self._pushes[worker] = PushRecord(seq=push.seq, reply=reply, extra=extra)
         if self.norm_guard is not None:
             self.norm_guard.accept(norm)
         if self.gate is not None:
@@ -702,9 +599,7 @@ class Shard:
     def _bye(self, identity: bytes, msg: protocol.Message) -> list[Any]:
         worker = self._worker(msg.header)
         self.left.add(worker)
-        segment = self._push_segments.pop(worker, None)
-        if segment is not None:
-            segment.close()
+        self.segments.drop(worker)
         self._close_round_if_complete()
         self._release_parked()
         return protocol.encode(ok())

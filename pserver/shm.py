@@ -44,7 +44,7 @@ import re
 import secrets
 import socket
 from functools import lru_cache
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -180,6 +180,52 @@ class CentreSegment(Segment):
             if int(h[4 + b]) == seq:
                 return version
         return None
+
+
+class ShardSegments:
+    """A shard's side of shared memory: the centre's segment (made at the first SHM) and one push segment per
+    co-located worker; every name it created is removed at `close` if still there."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._push: dict[int, Segment] = {}  # worker -> its push segment
+        self._names: list[str] = []  # names this shard created
+
+    def grant(self, worker: int, centre: "Any", version: int) -> Segment:
+        """A new push segment for ``worker`` (the centre shared first if it is not yet); a segment it had is
+        never mapped again. OSError if a segment cannot be made."""
+        if centre.segment is None:
+            shared = CentreSegment.create(centre_name(self.index), centre.size)
+            self._names.append(shared.name)
+            centre.share(shared, version)
+        segment = Segment.create(push_name(self.index, worker), centre.size)
+        self._names.append(segment.name)
+        old = self._push.pop(worker, None)
+        if old is not None:  # asked again (its reply was lost, or it restarted)
+            old.unlink()
+            self._names.remove(old.name)
+            old.close()
+        self._push[worker] = segment
+        return segment
+
+    def find(self, worker: int, token: int) -> Segment | None:
+        """The worker's push segment if its token is ``token``; None if it has none or another."""
+        segment = self._push.get(worker)
+        return segment if segment is not None and segment.token == token else None
+
+    def drop(self, worker: int) -> None:
+        """The worker left: unmap its push segment."""
+        segment = self._push.pop(worker, None)
+        if segment is not None:
+            segment.close()
+
+    def close(self) -> None:
+        for segment in self._push.values():
+            segment.close()
+        self._push.clear()
+        for name in self._names:
+            _unlink(name)
+        self._names.clear()
 
 
 def centre_name(index: int) -> str:

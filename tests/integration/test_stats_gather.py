@@ -8,7 +8,8 @@ import zmq
 
 from pserver import protocol
 from pserver.coordinator import Coordinator
-from pserver.shard import Shard, ShardConfig
+from pserver.shard import Shard
+from pserver.shard_state import ShardConfig
 
 from conftest import wait_for
 

@@ -190,7 +190,7 @@ def _field_defaults(cls) -> dict[str, object]:
 def test_pserver_start_defaults_are_server_config_defaults():
     from pserver.cli import DEFAULT_PORT, MIB, build_parser
     from pserver.server import ServerConfig
-    from pserver.shard import ShardConfig
+    from pserver.shard_state import ShardConfig
     from runner.pserver_cli import build_parser as full_parser
     from runner.run_config import RunConfig
 
@@ -231,7 +231,7 @@ def test_notpu_train_defaults_are_train_config_defaults():
 
 def test_round_timeout_is_defined_once():
     from pserver.server import ServerConfig
-    from pserver.shard import ShardConfig
+    from pserver.shard_state import ShardConfig
     from runner.train_config import TrainConfig
 
     assert ServerConfig.round_timeout_s == ShardConfig.round_timeout_s == TrainConfig.round_timeout_s
@@ -321,7 +321,7 @@ def test_worker_config_json(tmp_path):
 def test_worker_waits_for_a_round_as_long_as_the_server_keeps_it_open():
     from pserver.client import Client, ClientConfig
     from pserver.server import ServerConfig
-    from pserver.shard import ShardConfig
+    from pserver.shard_state import ShardConfig
 
     client = Client("127.0.0.1:1", ClientConfig(timeout_s=2.0))
     try:

@@ -3,7 +3,7 @@ ours pushes is refused by the shard (ShardConfig.max_delta_norm), not applied.""
 from runner.cli import build_parser
 from runner.train_config import TrainConfig
 
-from pserver.shard import ShardConfig
+from pserver.shard_state import ShardConfig
 
 
 def test_notpu_train_has_a_norm_guard_on_by_default():

@@ -16,7 +16,8 @@ import zmq
 from pserver import protocol
 from pserver.coordinator import Coordinator
 from pserver.layout import Layout
-from pserver.shard import Shard, ShardConfig, numba_kernels
+from pserver.shard import Shard, numba_kernels
+from pserver.shard_state import ShardConfig
 from wire import Wire  # noqa: E402
 
 N = 8

@@ -14,7 +14,8 @@ import zmq
 
 from pserver import applies, checkpoint, protocol
 from pserver.errors import ConfigError
-from pserver.shard import Shard, ShardConfig, numba_kernels
+from pserver.shard import Shard, numba_kernels
+from pserver.shard_state import ShardConfig
 from wire import Wire  # noqa: E402
 
 N = 10  # floats in the test shard's slice

@@ -12,7 +12,8 @@ import pytest
 import zmq
 
 from pserver import protocol, shm
-from pserver.shard import Shard, ShardConfig, numba_kernels
+from pserver.shard import Shard, numba_kernels
+from pserver.shard_state import ShardConfig
 from wire import Wire
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm")

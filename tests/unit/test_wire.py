@@ -6,7 +6,8 @@ import pytest
 import zmq
 
 from pserver import precision, protocol
-from pserver.shard import Shard, ShardConfig, numba_kernels
+from pserver.shard import Shard, numba_kernels
+from pserver.shard_state import ShardConfig
 from wire import Wire
 
 N = 4097
