@@ -294,6 +294,9 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
                   f"Keras process with {tw['threads']} threads {tw['keras_samples_per_s']:.1f}: **{tw['speedup']:.2f}×** "
                   f"(test AUC {tw['notpu_test_auc']:.4f} and {tw['keras_test_auc']:.4f} after one epoch of "
                   f"2,000 players, about 20 steps: a speed figure, not a trained model).", ""]
+    be = [v["backends"] for n, v in b.items() if n.startswith("test_backend_steps") and "backends" in v]
+    if be:
+        lines += _backends_section(be)
     st = b.get("test_staleness_histograms")
     if st:
         lines += [
@@ -334,6 +337,12 @@ def write_markdown(data: dict[str, Any], command: str, out: Path, plot: Path | N
             "logs that outgrow it or already live on a cluster.",
             "",
         ]
+    sp = b.get("test_spark_predict_throughput")
+    if sp:
+        lines += _spark_predict_section(sp)
+    defaults = HERE / "defaults.md"  # hand-written: the measurements behind each default, named in the code
+    if defaults.is_file():
+        lines += [defaults.read_text().rstrip(), ""]
     out.write_text("\n".join(lines))
 
 
@@ -393,6 +402,94 @@ def _samples_section(sm: dict[str, Any]) -> list[str]:
         lines += ["", "Runs that failed: " + "; ".join(f"{r}: {e}" for r, e in sm["errors"].items())]
     return lines + [""]
 
+
+
+def _backends_section(runs: list[dict[str, Any]]) -> list[str]:
+    """bench/test_bench_backends.py: a worker's local samples/s per Keras backend, threads and way of driving it."""
+    first = runs[0]
+    windows = first["windows"]
+    lines = [
+        "## Keras backends: a worker's local steps",
+        "",
+        f"Each cell (backend × threads) is its own process; all of a model's cells start together, then "
+        f"round-robin rounds ask each in turn for one timing per mode (medians). Batches of {first['batch']}, the "
+        f"same made-up data and starting weights in every cell. `train_on_batch`: today's path, "
+        f"λ = {first['window']} calls each followed by `float(loss)`; one call, λ = n: the n steps of a window in "
+        "one compiled call (TensorFlow a `tf.function` loop, JAX `jax.lax.scan` over Keras' stateless API, PyTorch "
+        "the plain loop); exchange: `flatten(get_weights())` + `set_weights(unflatten(...))`, once per window. "
+        f"In parentheses: × {first['reference']} `train_on_batch` at the same threads, same model. Cores: CPU ÷ wall "
+        "seconds of `train_on_batch` / of the longest one-call window.",
+        "",
+    ]
+    head = ("| backend | threads | train_on_batch (samples/s) | "
+            + " | ".join(f"one call, λ = {n} (samples/s)" for n in windows)
+            + " | exchange (ms) | cores | set-up (s) | loss before training |")
+    for f in runs:
+        lines += [f"### {_backends_model(f)}", "", f"{f['rounds']} round{'s' if f['rounds'] != 1 else ''}; load "
+                  f"average {f['loadavg'][0]} at the start, {f['loadavg'][-1]} at the end.", "",
+                  head, "|" + " --- |" * (7 + len(windows))]
+        for c in f["cells"].values():
+            sps, ratio = c["samples_per_s"], c["ratio_vs_tf"]
+            modes = ["train_on_batch", *(f"window{n}" for n in windows)]
+            cells = " | ".join(_backends_rate(sps.get(m), ratio.get(m)) for m in modes)
+            cores = " / ".join(_f(c["cores"].get(m)) for m in (modes[0], modes[-1]))
+            lines.append(f"| {_BACKEND_LABELS.get(c['backend'], c['backend'])} | {c['threads']} | {cells} | "
+                         f"{c['exchange_ms']:.2f} | {cores} | {c['first_steps_s'] + c['compile_s']:.1f} | "
+                         f"{c['check_loss']:.7f} |")
+        lines.append("")
+        if f.get("errors"):
+            lines += ["Cells that failed: " + "; ".join(f"{k}: {e[:300]}" for k, e in f["errors"].items()), ""]
+    missing = {b: why for f in runs for b, why in sorted(f.get("unavailable", {}).items(),
+                                                          key=lambda kv: list(_BACKEND_LABELS).index(kv[0]))}
+    methods = {f"{_BACKEND_LABELS.get(c['backend'], c['backend'])} × {c['threads']}": c["thread_method"]
+               for f in runs for c in f["cells"].values()}
+    if missing:
+        lines += ["not installed: " + ", ".join(f"{_BACKEND_LABELS.get(b, b)} ({why})" for b, why in missing.items()),
+                  ""]
+    lines += ["Threads: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".",
+              "Set-up: the first steps and each window's compilation, while all the model's cells started at once. "
+              "Loss before training: the same weights and first batch in every cell (inference mode); spread "
+              + ", ".join(f"{_backends_model(f)} {_f(f['check_loss_spread'], '{:.1e}')}" for f in runs) + ".", ""]
+    return lines
+
+
+_BACKEND_LABELS = {"tensorflow": "TensorFlow", "tensorflow-xla": "TensorFlow + XLA", "jax": "JAX", "torch": "PyTorch"}
+
+
+def _backends_model(f: dict[str, Any]) -> str:
+    what = f"GRU {f['hidden']}" if f["kind"] == "gru" else "user Conv1D"
+    return f"{what} on {f['steps']} × {f['features']} ({_f(f['floats'], '{:,}')} floats)"
+
+
+def _backends_rate(sps: float | None, ratio: float | None) -> str:
+    if sps is None:
+        return "–"
+    r = _f(ratio, "{:.2f}×")
+    return f"{sps:,.0f} ({f'**{r}**' if ratio is not None and ratio >= 1.1 else r})"
+
+
+def _spark_predict_section(sp: dict[str, Any]) -> list[str]:
+    """bench/test_bench_spark_predict.py: scoring customers, local `notpu predict` against Spark."""
+    return [
+        "## Scoring customers: local against Spark",
+        "",
+        f"{sp['customers']:,} customers ({sp['events']:,} events of {sp['players']:,} generated players) scored by the "
+        f"default GRU, each engine as `notpu predict` from the interpreter's start to its exit (TensorFlow's import "
+        f"and Spark's JVM included), on this one machine; the scores equal per id (max abs difference "
+        f"{sp['max_abs_diff']:.1g}).",
+        "",
+        "| engine | seconds | customers/s | customers/s per core |",
+        "| --- | --- | --- | --- |",
+        f"| local (1 process, {sp['local_cores']} TensorFlow threads) | {sp['local_s']} | "
+        f"{sp['local_customers_per_s']:,} | {sp['local_customers_per_s_per_core']:,} |",
+        f"| Spark `{sp['master']}` | {sp['spark_s']} | {sp['spark_customers_per_s']:,} | "
+        f"{sp['spark_customers_per_s_per_core']:,} |",
+        f"| the talk: 10,000 customers a minute | – | {sp['talk_customers_per_s']} | – |",
+        "",
+        f"Spark / local speed: **{sp['spark_vs_local']}×** (load average {sp['load_1min']} at the end). On one "
+        "machine the local engine is the one to use; Spark scores logs that live on a cluster or outgrow a machine.",
+        "",
+    ]
 
 
 def _demo_section(d: dict[str, Any]) -> list[str]:
