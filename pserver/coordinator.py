@@ -62,7 +62,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pserver import protocol, security
+from pserver import protocol, router, security
 from pserver.coordinator_state import CoordinatorState, MemoryEntry, WorkerState
 from pserver.errors import ProtocolError
 from pserver.layout import Layout, shard_ranges
@@ -244,24 +244,15 @@ class Coordinator:
 
     def serve(self, until: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
         """Answer requests until stopped or ``until()``; never waits on a shard (STATS: `ShardStatsGather`)."""
-        while not self._stopping and not (until and until()):
-            poller = zmq.Poller()
-            poller.register(self.socket, zmq.POLLIN)
-            for s in self.gather.sockets() if self._gather else ():
-                poller.register(s, zmq.POLLIN)
-            wait_s = poll_s
-            if self._gather and (gather_s := self._gather.wait_s(time.monotonic())) is not None:
-                wait_s = min(wait_s, gather_s)
-            if dict(poller.poll(int(wait_s * 1000))).get(self.socket):
-                for _ in range(64):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.handle(frames)
-            self.answer_stats(time.monotonic())
-            self.check_liveness(time.monotonic())
-            self.trimmer.tick()
+        router.serve(self.socket, self.handle, self.tick, lambda: self._stopping or bool(until and until()), poll_s,
+                     also=lambda: self._gather.sockets() if self._gather else (),
+                     wake_in_s=lambda now: self._gather.wait_s(now) if self._gather else None)
+
+    def tick(self, now: float) -> None:
+        """Timers, after each wake-up: STATS answered once gathered, silent workers declared lost, heap trimmed."""
+        self.answer_stats(now)
+        self.check_liveness(now)
+        self.trimmer.tick()
 
     def handle(self, frames: list[Any]) -> None:
         """One request: decode, dispatch, reply. Never raises."""
