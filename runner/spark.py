@@ -213,6 +213,7 @@ class SparkLauncher(Launcher):
         out: dict[str, Any] = {"spark_master": self.sc.master}
         if self._results:
             out["task_attempts"] = {str(r["rank"]): r["attempt"] + 1 for r in self._results}
+            out["task_executors"] = {str(r["rank"]): r.get("executor") for r in self._results}
         return out
 
 
@@ -240,6 +241,7 @@ def run_task(common: dict[str, Any], records: Iterator[tuple[int, str, str]]) ->
     ctx = BarrierTaskContext.get() if common["sync"] else TaskContext.get()
     (rank, worker_json, key_secret), = list(records)
     attempt = ctx.attemptNumber()
+    executor = executor_id()
     cfg = json.loads(worker_json)
     cfg["threads"] = cfg["threads"] or max(int(ctx.cpus()), 1)
     if common["sync"]:
@@ -254,7 +256,8 @@ def run_task(common: dict[str, Any], records: Iterator[tuple[int, str, str]]) ->
         log_dir = Path(common["log_dir"])
         log_path = log_dir / f"worker{rank}.log" if log_dir.is_dir() else Path(keys, "worker.log")
         with open(log_path, "ab") as out:
-            out.write(f"--- Spark task attempt {attempt} of partition {rank} on {os.uname().nodename}\n".encode())
+            out.write(f"--- Spark task attempt {attempt} of partition {rank} on {os.uname().nodename}, "
+                      f"executor {executor}\n".encode())
             out.flush()
             proc = subprocess.Popen([sys.executable, "-m", "runner.worker_cli", "start", "--config-json",
                                      json.dumps(cfg)], stdout=subprocess.PIPE, stderr=out,
@@ -274,7 +277,30 @@ def run_task(common: dict[str, Any], records: Iterator[tuple[int, str, str]]) ->
         raise RuntimeError(f"worker {rank} (task attempt {attempt}) exited with code {proc.returncode}:\n{tail}")
     report = next((json.loads(line) for line in reversed(stdout.decode(errors="replace").splitlines())
                    if line.startswith("{")), {})
-    yield json.dumps({"rank": rank, "attempt": attempt, "code": proc.returncode, "report": report, "tail": tail})
+    yield json.dumps({"rank": rank, "attempt": attempt, "code": proc.returncode, "report": report, "tail": tail,
+                      "executor": executor})
+
+
+def executor_id() -> str | None:
+    """The id of the Spark executor this task runs in: the `--executor-id` of the executor JVM above this
+    Python worker (every cluster manager starts executors that way), "driver" in local mode (the driver's
+    JVM runs the tasks), None if no JVM is found. PySpark's TaskContext does not say."""
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        for _ in range(4):  # Python worker <- PySpark daemon <- JVM
+            if proc is None:
+                break
+            cmd = proc.cmdline()
+            if "--executor-id" in cmd[:-1]:
+                return cmd[cmd.index("--executor-id") + 1]
+            if cmd and os.path.basename(cmd[0]).startswith("java"):
+                return "driver"
+            proc = proc.parent()
+    except psutil.Error:
+        pass
+    return None
 
 
 #: A task that fails is tried this often in all with the default master, local[N, 4]: Spark's cluster default.
