@@ -417,7 +417,8 @@ def _backends_section(runs: list[dict[str, Any]]) -> list[str]:
         f"λ = {first['window']} calls each followed by `float(loss)`; one call, λ = n: the n steps of a window in "
         "one compiled call (TensorFlow a `tf.function` loop, JAX `jax.lax.scan` over Keras' stateless API, PyTorch "
         "the plain loop); exchange: `flatten(get_weights())` + `set_weights(unflatten(...))`, once per window. "
-        f"In parentheses: × {first['reference']} `train_on_batch` at the same threads, same model. Cores: CPU ÷ wall "
+        f"In parentheses: × {_BACKEND_LABELS.get(first['reference'], first['reference'])} `train_on_batch` at the "
+        "same threads, same model. Cores: CPU ÷ wall "
         "seconds of `train_on_batch` / of the longest one-call window.",
         "",
     ]
