@@ -56,17 +56,22 @@ def pserver(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         stop_tree(s.proc)
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
-    """Fail a test that leaves child processes of the test runner behind."""
-    yield
-    me = psutil.Process()
-    left = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+def fail_on_leftovers(exempt: set[int] = frozenset()) -> None:
+    """Fail (after killing them) if child processes of the test runner are left, but those in ``exempt``."""
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in exempt and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     if left:
         for p in left:
             p.kill()
         psutil.wait_procs(left, timeout=5)
         pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail a test that leaves child processes of the test runner behind."""
+    yield
+    fail_on_leftovers()
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ import pytest
 pytest.importorskip("pyspark")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import wait_for  # noqa: E402
+from conftest import fail_on_leftovers, wait_for  # noqa: E402
+from spark_local import processes_mentioning  # noqa: E402
 from spark_cluster import Cluster, Namespaces, driver_submit_args  # noqa: E402
 
 from models.dataset import load_dataset, num_parts  # noqa: E402
@@ -99,14 +100,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster | Fallback]:
 def no_leftover_processes(cluster) -> Iterator[None]:
     """The suite's check for child processes left behind, but for the cluster's own (checked when it stops)."""
     yield
-    ours = {p.pid for c in CLUSTERS for p in c.members()}
-    left = [p for p in psutil.Process().children(recursive=True)
-            if p.pid not in ours and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    if left:
-        for p in left:
-            p.kill()
-        psutil.wait_procs(left, timeout=5)
-        pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")
+    fail_on_leftovers({p.pid for c in CLUSTERS for p in c.members()})
 
 
 def cli_env(host: str) -> dict[str, str]:
@@ -130,17 +124,6 @@ def notpu(*args: str, host: str = "127.0.0.1") -> str:
     assert proc.returncode == 0, f"notpu {' '.join(args)} exited with {proc.returncode}:\n{stderr[-4000:]}"
     print(f"\nnotpu {args[0]}{' --engine spark' if 'spark' in args else ''}: {time.monotonic() - t0:.0f} s")
     return stdout
-
-
-def processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in a for a in p.info["cmdline"] or ()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 def assert_app_gone(cluster, run: Path | None = None) -> None:

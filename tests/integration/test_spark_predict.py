@@ -16,7 +16,6 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -24,13 +23,15 @@ import pytest
 
 pytest.importorskip("pyspark")
 
+from conftest import fail_on_leftovers  # noqa: E402
+from spark_local import spark, spark_processes  # noqa: E402,F401 - the module's session fixture
+
 from models.errors import DataError  # noqa: E402
 from models.generate import GeneratorConfig, generate_events, write_events  # noqa: E402
 from models.generate_retail import RetailConfig, generate_retail_events  # noqa: E402
 from models.predict import PredictConfig, score  # noqa: E402
 from models.prepare import PrepareConfig, prepare  # noqa: E402
 from models.spark_predict import predict_frame, predict_spark, whole_customers  # noqa: E402
-from models.spark_session import spark_session, stop_spark  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -38,32 +39,11 @@ TOLERANCE = 1e-5  # float32 features summed in another order, the same model
 CLI_TIMEOUT_S = 150
 
 
-@pytest.fixture(scope="module")
-def spark() -> Iterator[object]:
-    session = spark_session("local[2]", app="notpu-test")
-    session.conf.set("spark.sql.shuffle.partitions", "4")  # tiny logs: 200 shuffle tasks would be all overhead
-    jvm = psutil.Process(session.sparkContext._jvm.ProcessHandle.current().pid())
-    try:
-        yield session
-    finally:
-        stop_spark(session)
-        assert not jvm.is_running() or jvm.status() == psutil.STATUS_ZOMBIE, "the Spark JVM outlived stop_spark"
-
-
 @pytest.fixture(autouse=True)
 def no_leftover_processes(spark) -> Iterator[None]:
     """The suite's check for child processes left behind, but for the module's JVM and its Python workers."""
     yield
-    me = psutil.Process()
-    jvm = spark.sparkContext._jvm.ProcessHandle.current().pid()
-    spark_tree = {jvm} | {p.pid for p in psutil.Process(jvm).children(recursive=True)}
-    left = [p for p in me.children(recursive=True)
-            if p.pid not in spark_tree and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    if left:
-        for p in left:
-            p.kill()
-        psutil.wait_procs(left, timeout=5)
-        pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")
+    fail_on_leftovers(spark_processes(spark))
 
 
 def run_dir(tmp: Path, spec: dict, data: Path, units: int = 2, seed: int = 0) -> Path:

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import psutil
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("pyspark")
+
+from conftest import fail_on_leftovers  # noqa: E402
+from spark_local import spark, spark_processes  # noqa: E402,F401 - the module's session fixture
 
 from models.dataset import load_dataset, load_part, num_parts, split_indices  # noqa: E402
 from models.errors import DataError  # noqa: E402
@@ -29,21 +31,8 @@ from models.events import EventColumns  # noqa: E402
 from models.generate import GeneratorConfig, generate_events, write_events  # noqa: E402
 from models.prepare import PrepareConfig, prepare  # noqa: E402
 from models.spark_prepare import prepare_spark  # noqa: E402
-from models.spark_session import spark_session, stop_spark  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[object]:
-    session = spark_session("local[2]", app="notpu-test")
-    session.conf.set("spark.sql.shuffle.partitions", "4")  # tiny logs: 200 shuffle tasks would be all overhead
-    jvm = psutil.Process(session.sparkContext._jvm.ProcessHandle.current().pid())
-    try:
-        yield session
-    finally:
-        stop_spark(session)
-        assert not jvm.is_running() or jvm.status() == psutil.STATUS_ZOMBIE, "the Spark JVM outlived stop_spark"
 
 
 @pytest.fixture(autouse=True)
@@ -53,16 +42,7 @@ def no_leftover_processes(spark) -> Iterator[None]:
     They live until the module ends; the `spark` fixture then checks that the JVM is gone.
     """
     yield
-    me = psutil.Process()
-    jvm = spark.sparkContext._jvm.ProcessHandle.current().pid()
-    spark_tree = {jvm} | {p.pid for p in psutil.Process(jvm).children(recursive=True)}
-    left = [p for p in me.children(recursive=True)
-            if p.pid not in spark_tree and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    if left:
-        for p in left:
-            p.kill()
-        psutil.wait_procs(left, timeout=5)
-        pytest.fail(f"processes left behind: {[(p.pid, p.name()) for p in left]}")
+    fail_on_leftovers(spark_processes(spark))
 
 
 @pytest.fixture(scope="module")

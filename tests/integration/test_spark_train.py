@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import wait_for  # noqa: E402
+from spark_local import processes_mentioning  # noqa: E402
 from datasets import write_fading  # noqa: E402
 
 from models.dataset import part_dir, split_indices, write_part, write_parts_index  # noqa: E402
@@ -64,17 +65,6 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
         stop_tree(proc)
     assert proc.returncode == 0, stderr[-4000:]
     return stdout, stderr
-
-
-def processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in a for a in p.info["cmdline"] or ()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 def assert_nothing_left(run: Path) -> None:
