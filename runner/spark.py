@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -106,6 +107,30 @@ def slots(sc) -> int:
         return sc.defaultParallelism // max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
 
 
+def registered_slots(sc, want: int) -> int:
+    """`slots`, once it reaches ``want`` or Spark's own wait for executors to register has passed
+    (spark.scheduler.maxRegisteredResourcesWaitingTime, 30 s): a cluster's executors register with the driver
+    after the session is made, one at a time, so a count taken at once can see only the first."""
+    have = slots(sc)
+    if have >= want or local_slots(sc.master) is not None:
+        return have
+    wait_s = _seconds(sc.getConf().get("spark.scheduler.maxRegisteredResourcesWaitingTime", "30s"))
+    deadline = time.monotonic() + wait_s
+    while have < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        have = slots(sc)
+    return have
+
+
+def _seconds(text: str) -> float:
+    """A Spark duration ("30s", "500ms", "2min"; a bare number is milliseconds) in seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h)?\s*", text)
+    if m is None:
+        return 30.0
+    scale = {"ms": 1e-3, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, None: 1e-3}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
 def local_slots(master: str) -> int | None:
     """The task slots of a local master (local, local[N], local[N,F], local[*]); None for a cluster's URL."""
     m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip())
@@ -153,7 +178,8 @@ class SparkLauncher(Launcher):
         if config.worker_timeout_s <= 0 and not sync:
             raise ConfigError("--engine spark restarts a failed worker once the server has declared it lost; "
                               "--worker-timeout-s must be above 0")
-        check_slots(config, sync, slots(self.sc), self.sc.master, self.sc.getConf().get("spark.task.cpus", "1"))
+        check_slots(config, sync, registered_slots(self.sc, config.workers), self.sc.master,
+                    self.sc.getConf().get("spark.task.cpus", "1"))
 
     def start_server(self, config: ServerConfig, children: Children, startup_timeout_s: float) -> Endpoints:
         self._keys = tempfile.mkdtemp(prefix="notpu-keys-")  # mode 0700: the secrets stay on the driver
